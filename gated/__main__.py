@@ -1,0 +1,7 @@
+"""`python -m gated`."""
+
+import sys
+
+from gated.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""The `gated` command: run, check, scan, queue, lookup. Exit codes are a contract (DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from gated import __version__
+from gated import config as configmod
+from gated.errors import ConfigError, DriverError, StoreError
+
+EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
+
+
+def _load(path: str | None):
+    try:
+        return configmod.load(path)
+    except ConfigError as e:
+        print(configmod.report(e), file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    paths = args.files or [args.config]
+    worst = EXIT_OK
+    for path in paths:
+        try:
+            config = configmod.load(path)
+        except ConfigError as e:
+            print(configmod.report(e), file=sys.stderr)
+            worst = EXIT_ERROR
+            continue
+        if len(paths) > 1:
+            print(f"{config.path}: OK")
+        else:
+            print(configmod.dump(config), end="")
+            print(f"# {config.path}: OK", file=sys.stderr)
+    return worst
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gated import logs
+
+    config = _load(args.config)
+    if config is None:
+        logs.setup()
+        logging.getLogger("gated").error("configuration invalid; nothing was started (see above)")
+        return EXIT_ERROR
+    logs.setup(config.log.journal, args.debug or config.log.debug)
+    from gated.daemon import Daemon
+
+    return asyncio.run(Daemon(config, simulate=args.simulate).run())
+
+
+class _NoScanLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "gated.scan"
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from gated import logs
+    from gated.daemon import one_scan
+    from gated.drivers.base import DEFAULT_INPUT
+    from gated.model import InputKind, Scan
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_ERROR
+    journal = logs.setup(config.log.journal, args.debug or config.log.debug)
+    if not journal:  # the verdict line goes to stdout; do not print it twice
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_NoScanLines())
+    token = sys.stdin.readline().rstrip("\r\n") if args.token == "-" else args.token
+    reader = args.reader or "cli"
+    section = config.readers.get(reader)
+    if args.reader and section is None:
+        print(f"gated: no reader named {args.reader!r} in {config.path}; readers: "
+              f"{', '.join(config.readers)}", file=sys.stderr)
+        return EXIT_ERROR
+    kind = InputKind(args.input) if args.input else (
+        InputKind(section.get("input") or DEFAULT_INPUT[section.type]) if section else InputKind.BARCODE)
+    label = f"{section.type}:{reader}" if section else "cli"
+    scan = Scan(token=token, reader=reader, input=kind, raw_length=len(token))
+    try:
+        code, line = asyncio.run(one_scan(config, scan, label))
+    except (StoreError, DriverError) as e:
+        print(f"gated: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(line)
+    return code
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gated.store import Store
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_ERROR
+    try:
+        store = Store(config.store.path)
+    except StoreError as e:
+        print(f"gated: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        if args.action == "retry":
+            n = store.retry_parked()
+            print(f"{n} parked scans queued again; the running daemon uploads them at its next round "
+                  "(or: systemctl reload gated)")
+        elif args.action == "export":
+            for row in store.db.query("SELECT * FROM scans WHERE upload IN ('pending', 'parked') ORDER BY id"):
+                row.pop("token", None)  # an export leaves the Pi: no ticket secrets in it
+                print(json.dumps(row, sort_keys=True))
+        else:
+            stats = store.queue_stats()
+            oldest = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats.oldest_pending))
+                      if stats.oldest_pending else "-")
+            print(f"queued for upload: {stats.pending}\noldest queued: {oldest}\nparked: {stats.parked}")
+            for row in store.parked():
+                print(f"  parked {row['nonce']} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['wall']))} "
+                      f"{row['verdict']} {row['reason']}: {row['upload_error']}")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from gated.store import Store
+    from gated.tokens import redact
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_ERROR
+    store = Store(config.store.path)
+    try:
+        ticket = store.ticket(config.backend.type, args.token)
+        if ticket is None:
+            print(f"{redact(args.token)}: not in the offline ticket data of backend {config.backend.type}")
+        else:
+            shown = {k: v for k, v in ticket.items() if k not in ("backend", "token", "data") and v is not None}
+            print(f"{redact(args.token)}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        history = store.history(args.token)
+        print(f"scans recorded here: {len(history)}")
+        for h in history:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["wall"]))
+            print(f"  {stamp} {h['lane']} {h['scan_mode']} {h['verdict'].upper()} {h['reason']} {h['source']}")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gated", description="Turnstile and ticket-reader daemon.")
+    parser.add_argument("--version", action="version", version=f"gated {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", metavar="PATH", default=None,
+                       help=f"config file (default: $GATED_CONFIG or {configmod.DEFAULT_PATH})")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", cmd_run, "Run the gate daemon (journald under systemd, stderr otherwise).")
+    p.add_argument("--debug", action="store_true", help="log gated's own debug lines")
+    p.add_argument("--simulate", action="store_true",
+                   help="bench mode: mock GPIO and codes typed on stdin instead of the configured readers")
+    p = command("check", cmd_check, "Check config files; print the resolved config (exit 0) or every problem "
+                "(exit 2).")
+    p.add_argument("files", nargs="*", metavar="FILE", help="check these files instead of --config")
+    p = command("scan", cmd_scan, "Decide, record, act on and log one token, as the daemon would; exit 0 admit, "
+                "1 deny, 2 error.")
+    p.add_argument("--reader", metavar="NAME", help="act as this configured reader (its prefix/suffix rules)")
+    p.add_argument("--input", choices=("barcode", "qr", "nfc"), help="what kind of code it is")
+    p.add_argument("--debug", action="store_true", help="log gated's own debug lines")
+    p.add_argument("token", metavar="TOKEN", help='the ticket code, or "-" to read it from stdin')
+    p = command("queue", cmd_queue, "Show the upload queue and parked scans; retry parked; export as JSON lines.")
+    p.add_argument("action", nargs="?", choices=("show", "retry", "export"), default="show")
+    p = command("lookup", cmd_lookup, "Show what this gate knows of a ticket: offline data and scan history.")
+    p.add_argument("token", metavar="TOKEN")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Load the installer's TOML file, check every key, and report every problem at once.
+
+The section and key names are a contract (DESIGN.md): installers' files, docs and outside checks
+rely on them. Defaults live in the schemas below, next to the rule each value must follow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gated.errors import ConfigError
+from gated.schema import Key, Section, check_table, did_you_mean, fmt
+
+DEFAULT_PATH = "/etc/gated/gated.toml"
+
+BACKEND_TYPES = ("entry", "cm", "tibillet", "pretix", "pretixdroid", "local")
+READER_TYPES = ("hid", "serial", "nfc", "stdin")
+# Backends and readers whose code ships in this version; the others are named in the contract
+# but refused with a clear message rather than half-working.
+AVAILABLE_BACKENDS = {"local": "gated.policy.local"}
+AVAILABLE_READERS = {"stdin": "gated.drivers.stdin"}
+
+
+def _machine_serial() -> str:
+    """The Pi's own serial number (as the Pi Foundation's tools read it), else the machine id."""
+    for path in ("/sys/firmware/devicetree/base/serial-number", "/proc/device-tree/serial-number"):
+        try:
+            value = Path(path).read_bytes().strip(b"\x00\n ").decode()
+            if value:
+                return value
+        except OSError:
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("Serial") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        return Path("/etc/machine-id").read_text().strip()[:16]
+    except OSError:
+        return socket.gethostname()
+
+
+LANE = {
+    "name": Key("str", default=socket.gethostname(), help="the lane's name, first in every log line"),
+    "serial": Key("str", default="", help="device serial sent to APIs (default: the Pi's serial)"),
+    "scan_mode": Key("str", default="entry", choices=("entry", "exit")),
+    "mode": Key("str", default="normal", choices=("normal", "free", "locked")),
+    "debounce_seconds": Key("float", default=2.0, minimum=0,
+                            help="the same code on the same reader within this time is one scan"),
+}
+
+BACKEND = {
+    "type": Key("str", default="local", choices=BACKEND_TYPES),
+    "url": Key("url", default="", help="the ticketing API's base URL"),
+    "timeout_seconds": Key("float", default=0.8, above=0, maximum=30,
+                           help="online deadline; after it the offline rules decide"),
+    "sync_interval_seconds": Key("float", default=300.0, above=0),
+    "offline_first": Key("bool", default=False, help="decide offline and only upload"),
+    "ca_file": Key("path", default="", help="extra CA bundle (PEM) to trust for the API"),
+    "breaker_failures": Key("int", default=2, minimum=1,
+                            help="failures within the last breaker_window calls that open the breaker"),
+    "breaker_window": Key("int", default=5, minimum=1),
+    "probe_interval_seconds": Key("float", default=5.0, above=0,
+                                  help="how often an open breaker asks the API whether it is back"),
+}
+
+READER_COMMON = {
+    "type": Key("str", choices=READER_TYPES, help='one of "hid", "serial", "nfc", "stdin"'),
+    "prefix": Key("str", default="", help="text the scanner adds before each code, removed"),
+    "suffix": Key("str", default="", help="text the scanner adds after each code, removed"),
+    "strip_aim": Key("bool", default=True, help='remove AIM symbology identifiers such as "]Q1"'),
+    "max_length": Key("int", default=4096, minimum=1, maximum=65536),
+    "input": Key("str", default="", choices=("", "barcode", "qr", "nfc"),
+                 help="what the reader reads; default by type: hid barcode, serial qr, nfc nfc"),
+}
+
+GPIO = {
+    "pin_factory": Key("str", default="auto", choices=("auto", "mock", "lgpio", "rpigpio", "native")),
+}
+RELAY = {
+    "pin": Key("pin", default=17),
+    "active_high": Key("bool", default=True),
+    "pulse_seconds": Key("float", default=0.2, above=0, maximum=60),
+    "safe_state": Key("str", default="locked", choices=("locked", "open"),
+                      help="relay state on stop: locked (fail-secure) or open (fail-safe)"),
+}
+LED = {
+    "pin": Key("pin", help="the BCM GPIO number"),
+    "active_high": Key("bool", default=True),
+    "shows": Key("str", default="", choices=("", "admit", "deny"),
+                 help='what lights it; default by name: green "admit", red "deny"'),
+    "on_seconds": Key("float", default=1.5, above=0),
+}
+BUZZER = {
+    "pin": Key("pin", help="the BCM GPIO number"),
+    "active_high": Key("bool", default=True),
+    "admit_beep_seconds": Key("float", default=0.1, above=0),
+    "deny_beep_seconds": Key("float", default=0.6, above=0),
+}
+INPUT = {
+    "pin": Key("pin", help="the BCM GPIO number"),
+    "active_when": Key("str", default="closed", choices=("closed", "open"),
+                       help="closed: active when the contact connects the pin to ground"),
+    "bounce_seconds": Key("float", default=0.02, minimum=0),
+}
+PASSAGE = INPUT | {"timeout_seconds": Key("float", default=5.0, above=0)}
+OFFLINE = {
+    "fallback": Key("str", default="policy", choices=("policy", "deny", "admit")),
+    "max_age_seconds": Key("float", default=86400.0, above=0),
+    "antipassback": Key("bool", default=True),
+}
+STORE = {
+    "path": Key("path", default="/var/lib/gated/gated.db", must_exist=False),
+    "retention_seconds": Key("float", default=30 * 86400.0, above=0,
+                             help="how long uploaded scans are kept for audit"),
+}
+LOG = {
+    "journal": Key("str", default="auto", choices=("auto", "yes", "no"),
+                   help="auto: journald when started by systemd, plain stderr otherwise"),
+    "debug": Key("bool", default=False),
+}
+
+FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
+         "store": STORE, "log": LOG}
+OPTIONAL = ("buzzer",)
+SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input"])
+
+
+@dataclass
+class Config:
+    path: str
+    lane: Section
+    backend: Section
+    backend_options: Section  # the [backend.TYPE] table
+    readers: dict[str, Section]
+    gpio: Section
+    relay: Section
+    leds: dict[str, Section]
+    buzzer: Section | None
+    passage: Section | None
+    emergency: Section | None
+    offline: Section
+    store: Section
+    log: Section
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def sections(self) -> list[Section]:
+        out = [self.lane, self.backend, self.backend_options, *self.readers.values(), self.gpio,
+               self.relay, *self.leds.values()]
+        out += [s for s in (self.buzzer, self.passage, self.emergency) if s is not None]
+        return out + [self.offline, self.store, self.log]
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("GATED_CONFIG") or DEFAULT_PATH
+
+
+def module_schema(module: str) -> dict[str, Key]:
+    return getattr(importlib.import_module(module), "SCHEMA", {})
+
+
+def load(path: str | None = None) -> Config:
+    """Read and check a config file; raise ConfigError listing every problem."""
+    path = config_path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, [f"{path}: file not found. Copy config/gated.example.toml there, "
+                                 "or pass --config PATH."]) from None
+    except PermissionError:
+        raise ConfigError(path, [f"{path}: permission denied; run as root or a member of the "
+                                 "gated group."]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, [f"{path}: not valid TOML: {e}"]) from None
+    return from_dict(raw, path)
+
+
+def from_dict(raw: dict[str, Any], path: str) -> Config:
+    base = Path(path).resolve().parent
+    problems: list[str] = []
+
+    for name in raw:
+        if name not in SECTIONS:
+            problems.append(f"[{name}]: unknown section.{did_you_mean(name, SECTIONS)} "
+                            f"Sections: {', '.join(SECTIONS)}.")
+
+    def fixed(name: str) -> Section:
+        return check_table(f"[{name}]", raw.get(name, {}), FIXED[name], base, problems)
+
+    lane = fixed("lane")
+    if not lane.serial:
+        lane["serial"] = _machine_serial()
+
+    backend_raw = raw.get("backend", {})
+    backend_raw = backend_raw if isinstance(backend_raw, dict) else {}
+    sub = {k for k, v in backend_raw.items() if isinstance(v, dict)}
+    backend = check_table("[backend]", backend_raw, BACKEND, base, problems, ignore=tuple(sub))
+    btype = backend.get("type", "local")
+    options = Section(f"[backend.{btype}]", {})
+    for name in sub:
+        if name not in BACKEND_TYPES:
+            problems.append(f"[backend.{name}]: unknown backend table.{did_you_mean(name, list(BACKEND_TYPES))}")
+        elif name != btype:
+            problems.append(f"[backend.{name}]: [backend] type is {fmt(btype)}, so this table is unused; "
+                            f"remove it or set type = {fmt(name)}.")
+    if btype in AVAILABLE_BACKENDS:
+        options = check_table(f"[backend.{btype}]", backend_raw.get(btype, {}),
+                              module_schema(AVAILABLE_BACKENDS[btype]), base, problems)
+        if btype != "local" and not backend.get("url"):
+            problems.append(f'[backend] url: missing; type {fmt(btype)} needs the API\'s base URL, '
+                            'e.g. "https://tickets.example.com".')
+    elif btype in BACKEND_TYPES:
+        problems.append(f"[backend] type = {fmt(btype)}: this version of gated has no {btype} backend yet; "
+                        f"available: {', '.join(sorted(AVAILABLE_BACKENDS))}.")
+
+    readers: dict[str, Section] = {}
+    for name, table in _named(raw, "reader", problems).items():
+        where = f"[reader.{name}]"
+        rtype = table.get("type") if isinstance(table, dict) else None
+        schema = dict(READER_COMMON)
+        if rtype in AVAILABLE_READERS:
+            schema |= module_schema(AVAILABLE_READERS[rtype])
+        elif rtype in READER_TYPES:
+            problems.append(f"{where} type = {fmt(rtype)}: this version of gated has no {rtype} reader yet; "
+                            f"available: {', '.join(sorted(AVAILABLE_READERS))}.")
+            continue
+        readers[name] = check_table(where, table, schema, base, problems)
+    if not readers:
+        problems.append('[reader.NAME]: no reader configured; add one, e.g. [reader.front] with type = "hid".')
+
+    leds: dict[str, Section] = {}
+    for name, table in _named(raw, "led", problems).items():
+        led = check_table(f"[led.{name}]", table, LED, base, problems)
+        if not led.get("shows"):
+            default = {"green": "admit", "red": "deny"}.get(name)
+            if default is None:
+                problems.append(f'[led.{name}] shows: missing; say "admit" or "deny" (only [led.green] '
+                                'and [led.red] have a default).')
+            led["shows"] = default or "admit"
+        leds[name] = led
+
+    inputs = _named(raw, "input", problems)
+    passage = emergency = None
+    for name in inputs:
+        if name not in ("passage", "emergency"):
+            problems.append(f"[input.{name}]: unknown input.{did_you_mean(name, ['passage', 'emergency'])} "
+                            "Inputs: passage, emergency.")
+    if "passage" in inputs:
+        passage = check_table("[input.passage]", inputs["passage"], PASSAGE, base, problems)
+    if "emergency" in inputs:
+        emergency = check_table("[input.emergency]", inputs["emergency"], INPUT, base, problems)
+
+    buzzer = fixed("buzzer") if "buzzer" in raw else None
+    config = Config(
+        path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
+        gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
+        emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"), raw=raw,
+    )
+    _cross_check(config, problems)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def _named(raw: dict[str, Any], section: str, problems: list[str]) -> dict[str, Any]:
+    tables = raw.get(section, {})
+    if not isinstance(tables, dict):
+        problems.append(f"[{section}] must hold named tables such as [{section}.front].")
+        return {}
+    out = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            problems.append(f"[{section}] {name} = {fmt(table)}: expected a table [{section}.{name}] "
+                            f"with its own keys, e.g. [{section}.front].")
+        else:
+            out[name] = table
+    return out
+
+
+def _cross_check(config: Config, problems: list[str]) -> None:
+    used: dict[int, str] = {}
+    outputs = [(config.relay.where, config.relay.get("pin"))]
+    outputs += [(s.where, s.get("pin")) for s in config.leds.values()]
+    outputs += [(s.where, s.get("pin")) for s in (config.buzzer, config.passage, config.emergency) if s]
+    for where, pin in outputs:
+        if pin is None:
+            continue
+        if pin in used:
+            problems.append(f"{where} pin = {pin}: GPIO{pin} is already used by {used[pin]}.")
+        else:
+            used[pin] = where
+    if config.backend.get("breaker_failures", 0) > config.backend.get("breaker_window", 5):
+        problems.append(f"[backend] breaker_failures = {config.backend.breaker_failures}: must be at most "
+                        f"breaker_window ({config.backend.breaker_window}).")
+    stdin = [n for n, r in config.readers.items() if r.get("type") == "stdin"]
+    if len(stdin) > 1:
+        problems.append(f"[reader.{stdin[1]}] type = \"stdin\": only one reader can read the terminal "
+                        f"(already [reader.{stdin[0]}]).")
+
+
+def report(error: ConfigError) -> str:
+    """The text `gated check` prints and `gated run` logs for an invalid config."""
+    n = len(error.problems)
+    head = f"gated: {error.path} has {n} problem{'s' if n != 1 else ''}; nothing was started."
+    return "\n".join([head, *(f"  {p}" for p in error.problems), "Fix the file, then run: gated check"])
+
+
+def dump(config: Config) -> str:
+    """The resolved config as TOML, secrets masked, for `gated check`."""
+    lines = [f"# resolved from {config.path}"]
+    for section in config.sections():
+        lines.append("")
+        lines.append(section.where)
+        for key, value in section.items():
+            masked = "\"***\"" if _is_secret(key) and value else fmt(value)
+            lines.append(f"{key} = {masked}")
+    return "\n".join(lines) + "\n"
+
+
+def _is_secret(key: str) -> bool:
+    return key in ("password", "token", "api_key", "secret", "key")

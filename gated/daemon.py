@@ -1,0 +1,301 @@
+"""`gated run`: build everything from the config, start in dependency order, stop in reverse.
+
+Start: store -> backend -> decider -> outputs (relay idle first) -> uploader/syncer -> readers,
+then READY=1. Stop (SIGTERM): readers first, the scans already read are still decided, relay holds
+finish, outputs go to their safe state, the store is closed last. SIGHUP reloads the config between
+two scans; scans read meanwhile wait in the queue, none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from gated import __version__
+from gated import config as configmod
+from gated.config import Config
+from gated.drivers import build_reader
+from gated.drivers.base import Reader
+from gated.drivers.gpio import Outputs, make_pin_factory
+from gated.errors import ConfigError, DriverError, StoreError, Unreachable
+from gated.model import Scan
+from gated.notify import Notifier
+from gated.pipeline import Gate
+from gated.policy import build_backend
+from gated.policy.base import Backend
+from gated.policy.decider import Decider
+from gated.schema import Section
+from gated.store import Store, StoreThread
+from gated.upload import Syncer, Uploader
+
+log = logging.getLogger("gated")
+
+_RELOAD = object()  # queue sentinel: reload the config between two scans
+
+
+@dataclass
+class Parts:
+    """What a running gate is made of; the daemon and `gated scan` build it the same way."""
+
+    store: StoreThread
+    backend: Backend
+    decider: Decider
+    outputs: Outputs
+    gate: Gate
+
+    async def close(self) -> None:
+        await self.gate.drain()
+        await self.decider.close()
+        self.outputs.safe_state()
+        self.outputs.close()
+        await self.backend.close()
+        self.store.close()
+
+
+async def build(config: Config, *, simulate: bool = False) -> Parts:
+    """Store -> backend -> decider -> outputs -> gate. Raises StoreError or DriverError."""
+    store = StoreThread(config.store.path, "store")
+    try:
+        backend = build_backend(config)
+        try:
+            await backend.start(store)
+        except Unreachable as e:
+            log.warning("ticket API not reachable at start (%s); deciding offline until it answers", e,
+                        extra={"GATED_EVENT": "backend_down"})
+        decider = Decider(config, backend, store)
+        factory = make_pin_factory("mock" if simulate else config.gpio.pin_factory)
+        outputs = Outputs(config, pin_factory=factory, on_emergency=lambda active: setattr(decider, "emergency", active))
+        decider.emergency = outputs.emergency_active
+    except BaseException:
+        store.close()
+        raise
+    return Parts(store, backend, decider, outputs, Gate(config, decider, store, outputs))
+
+
+class Daemon:
+    def __init__(self, config: Config, *, simulate: bool = False):
+        self.config = config
+        self.simulate = simulate
+        self.notifier = Notifier()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.readers: dict[str, tuple[Section, asyncio.Task]] = {}
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> int:
+        c = self.config
+        started = time.monotonic()
+        log.info("gated %s starting: config %s, lane %s (%s, %s mode)", __version__, c.path, c.lane.name,
+                 c.lane.scan_mode, c.lane.mode)
+        try:
+            self.parts = await build(c, simulate=self.simulate)
+        except (StoreError, DriverError) as e:
+            log.error("cannot start: %s", e, extra={"GATED_EVENT": "start_failed"})
+            return 1
+        p = self.parts
+        self.uploader = Uploader(p.backend, p.store)
+        self.uploader.can_upload = lambda: p.decider.breaker.allows()
+        self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
+        p.gate.on_queued = self.uploader.wake
+        p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(self.uploader.run(), name="uploader"),
+                      loop.create_task(self.syncer.run(), name="syncer"),
+                      loop.create_task(self._housekeeping(), name="housekeeping")]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.queue.put_nowait(_RELOAD))
+        self._start_readers(c.readers)
+
+        stats = await p.store.call(Store.queue_stats)
+        log.info("readers: %s", ", ".join(r.describe() for r in self._reader_objs.values()))
+        log.info("outputs: %s", p.outputs.describe())
+        log.info("policy: %s; offline fallback %s; queue: %d", self._policy_text(), c.offline.fallback,
+                 stats.pending)
+        self.notifier.ready(self._status(stats.pending))
+        log.info("ready in %.0f ms", (time.monotonic() - started) * 1000, extra={"GATED_EVENT": "ready"})
+
+        await self._decision_loop()
+
+        log.info("stopping: readers first, then outputs to their safe state (%s)", c.relay.safe_state)
+        self.notifier.stopping()
+        for _, task in self.readers.values():
+            task.cancel()
+        await asyncio.gather(*(t for _, t in self.readers.values()), return_exceptions=True)
+        while not self.queue.empty():  # scans already read are decided, not dropped
+            item = self.queue.get_nowait()
+            if item is not _RELOAD:
+                await p.gate.handle(*item)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await p.close()
+        self.syncer.store.close()
+        log.info("stopped")
+        return 0
+
+    def _policy_text(self) -> str:
+        p = self.parts
+        if not p.backend.online:
+            return p.backend.describe()
+        mode = "offline-first" if p.decider.offline_first else f"online (deadline {p.decider.timeout:g}s)"
+        return f"{p.backend.describe()} {mode} -> offline"
+
+    def _status(self, queued: int) -> str:
+        d = self.parts.decider
+        if d.emergency:
+            state = "EMERGENCY: free passage"
+        elif d.offline_first:
+            state = "offline-first" if self.parts.backend.online else "local"
+        elif d.breaker.is_open:
+            state = "OFFLINE since " + time.strftime("%H:%M", time.localtime(time.time() - (
+                time.monotonic() - (d.breaker.opened_at or time.monotonic()))))
+        else:
+            state = "online"
+        last = f", last {self.parts.gate.last_scan}" if self.parts.gate.last_scan else ""
+        return f"{state}, {queued} queued{last}"
+
+    async def _decision_loop(self) -> None:
+        """Take scans one at a time; the watchdog is fed from here, so a stuck scan path is noticed."""
+        ping = (self.notifier.watchdog_seconds or 20.0) / 3
+        stop = asyncio.get_running_loop().create_task(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                get = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({get, stop}, timeout=ping, return_when=asyncio.FIRST_COMPLETED)
+                self.notifier.watchdog()
+                if get not in done:
+                    get.cancel()
+                    if get.done() and not get.cancelled():  # raced: keep the scan
+                        self.queue.put_nowait(get.result())
+                    continue
+                item = get.result()
+                if item is _RELOAD:
+                    await self._reload()
+                    continue
+                await self.parts.gate.handle(*item)
+                stats = await self.parts.store.call(Store.queue_stats)
+                self.notifier.status(self._status(stats.pending))
+        finally:
+            stop.cancel()
+
+    async def _housekeeping(self) -> None:
+        """Status refresh, WAL checkpoints and pruning, away from the scan path."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(5)
+            ticks += 1
+            stats = await self.syncer.store.call(Store.queue_stats)
+            self.notifier.status(self._status(stats.pending))
+            if ticks % 12 == 0:  # every minute
+                try:
+                    await self.syncer.store.call(Store.checkpoint)
+                    if ticks % 720 == 0:  # hourly
+                        await self.syncer.store.call(Store.prune, self.config.store.retention_seconds)
+                except StoreError as e:
+                    log.warning("store maintenance failed: %s", e, extra={"GATED_EVENT": "store_error"})
+
+    # --- readers ---------------------------------------------------------------------------
+
+    def _start_readers(self, sections: dict[str, Section]) -> None:
+        self._reader_objs: dict[str, Reader] = getattr(self, "_reader_objs", {})
+        loop = asyncio.get_running_loop()
+        for name, section in sections.items():
+            if self.simulate and section.type != "stdin":
+                section = Section(section.where, {**section, "type": "stdin"})
+                if any(s.type == "stdin" for s, _ in self.readers.values()):
+                    continue
+            reader = build_reader(name, section)
+            self._reader_objs[name] = reader
+            self.readers[name] = (section, loop.create_task(self._pump(reader), name=f"reader-{name}"))
+
+    async def _pump(self, reader: Reader) -> None:
+        while True:
+            try:
+                async for scan in reader.scans():
+                    self.queue.put_nowait((scan, reader.label))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reader %s failed unexpectedly; restarting it in 2 s", reader.name,
+                              extra={"GATED_EVENT": "reader_lost", "GATED_READER": reader.name})
+                await asyncio.sleep(2)
+
+    # --- reload ----------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = configmod.load(self.config.path)
+        except ConfigError as e:
+            log.error("configuration not reloaded, the running one stays:\n%s", configmod.report(e),
+                      extra={"GATED_EVENT": "config_rejected"})
+            self.notifier.status(self._status(0))
+            return
+        old, p, changed = self.config, self.parts, []
+        if new.store.path != old.store.path:
+            log.warning("[store] path changed; it takes effect at the next restart")
+            new.store = old.store
+        if new.backend != old.backend or new.backend_options != old.backend_options:
+            backend = build_backend(new)
+            try:
+                await backend.start(p.store)
+            except Unreachable as e:
+                log.warning("new backend not reachable yet (%s); deciding offline", e)
+            await p.backend.close()
+            p.backend = p.decider.backend = self.uploader.backend = self.syncer.backend = backend
+            self.syncer.wake()
+            changed.append("backend")
+        hardware = ("gpio", "relay", "leds", "buzzer", "passage", "emergency")
+        if any(getattr(new, k) != getattr(old, k) for k in hardware):
+            await p.gate.drain()
+            p.outputs.close()
+            try:
+                p.outputs = Outputs(new, pin_factory=make_pin_factory("mock" if self.simulate else new.gpio.pin_factory),
+                                    on_emergency=lambda active: setattr(p.decider, "emergency", active))
+            except DriverError as e:
+                log.error("outputs not rebuilt (%s); keeping the previous wiring", e)
+                p.outputs = Outputs(old, pin_factory=make_pin_factory("mock" if self.simulate else old.gpio.pin_factory),
+                                    on_emergency=lambda active: setattr(p.decider, "emergency", active))
+                new.gpio, new.relay, new.leds, new.buzzer = old.gpio, old.relay, old.leds, old.buzzer
+                new.passage, new.emergency = old.passage, old.emergency
+            p.gate.outputs = p.outputs
+            p.decider.emergency = p.outputs.emergency_active
+            changed.append("outputs")
+        gone = [n for n, (s, _) in self.readers.items() if new.readers.get(n) != s]
+        for name in gone:
+            _, task = self.readers.pop(name)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._reader_objs.pop(name, None)
+        self._start_readers({n: s for n, s in new.readers.items() if n not in self.readers})
+        if gone or len(new.readers) != len(old.readers):
+            changed.append("readers")
+        p.decider.apply(new)
+        p.gate.apply(new)
+        self.config = new
+        log.info("configuration reloaded from %s (%s)", new.path, ", ".join(changed) or "settings only",
+                 extra={"GATED_EVENT": "config_reloaded"})
+        stats = await p.store.call(Store.queue_stats)
+        self.notifier.status(self._status(stats.pending))
+
+
+async def one_scan(config: Config, scan: Scan, label: str) -> tuple[int, str]:
+    """`gated scan`: the daemon's own pipeline for one token. Returns (exit code, verdict line)."""
+    parts = await build(config)
+    try:
+        if not parts.backend.online or await parts.store.call(
+                lambda s: parts.backend.data_age(s, time.time())) is None:
+            try:
+                await parts.backend.sync(parts.store)
+            except Unreachable as e:
+                log.warning("offline data not refreshed: %s", e, extra={"GATED_EVENT": "sync_failed"})
+        decision = await parts.gate.handle(scan, label)
+        await parts.outputs.settle()  # a relay pulse cut short lets nobody through
+    finally:
+        await parts.close()
+    line = parts.gate.last_line
+    return (0 if decision is not None and decision.admitted else 1), line

@@ -1,0 +1,55 @@
+"""The `stdin` reader: codes typed on the terminal (or piped in), one per line. For the demo and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import AsyncIterator
+from typing import TextIO
+
+from gated.drivers.base import Reader
+from gated.model import Scan
+from gated.schema import Section
+
+log = logging.getLogger(__name__)
+
+SCHEMA: dict = {}
+
+
+class StdinReader(Reader):
+    def __init__(self, name: str, section: Section, stream: TextIO | None = None):
+        super().__init__(name, section)
+        self.stream = stream or sys.stdin
+
+    async def scans(self) -> AsyncIterator[Scan]:
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        # A daemon thread, not the loop's executor: a read blocked on a terminal must not keep
+        # the process from exiting on SIGTERM (asyncio waits for executor threads, not daemons).
+        threading.Thread(target=self._pump, args=(loop, lines), name=f"stdin-{self.name}",
+                         daemon=True).start()
+        if self.stream.isatty():
+            log.info("reader %s: type a ticket code and press Enter", self.name)
+        while (line := await lines.get()) is not None:
+            text = line.rstrip("\r\n")
+            if text:
+                yield Scan(token=text, reader=self.name, input=self.input, raw_length=len(text))
+        log.info("reader %s: end of input; it stops, the gate keeps running", self.name)
+
+    def _pump(self, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
+        try:
+            for line in iter(self.stream.readline, ""):
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+        except (OSError, ValueError) as e:  # closed or unreadable stdin
+            log.warning("reader %s: stdin unreadable (%s)", self.name, e)
+        finally:
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, None)
+            except RuntimeError:  # the loop is already closed: nobody is listening
+                pass
+
+
+def create(name: str, section: Section) -> Reader:
+    return StdinReader(name, section)

@@ -1,0 +1,120 @@
+"""One scan, start to finish: normalise -> debounce -> decide -> record -> act -> log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from gated.config import Config
+from gated.debounce import Debouncer
+from gated.drivers.gpio import Outputs
+from gated.errors import StoreError
+from gated.logs import NOTICE
+from gated.model import Decision, Reason, Scan, ScanMode, Source, deny
+from gated.policy.decider import Decider
+from gated.store import Store, StoreThread
+from gated.tokens import Malformed, normalise, redact, redact_field
+
+log = logging.getLogger("gated.scan")
+
+
+class Gate:
+    def __init__(self, config: Config, decider: Decider, store: StoreThread, outputs: Outputs,
+                 on_queued: Callable[[], None] = lambda: None):
+        self.decider = decider
+        self.store = store
+        self.outputs = outputs
+        self.on_queued = on_queued
+        self.tasks: set[asyncio.Task] = set()
+        self.last_scan = ""
+        self.last_line = ""
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        self.lane = config.lane.name
+        self.scan_mode = ScanMode(config.lane.scan_mode)
+        self.readers = config.readers
+        self.debouncer = Debouncer(config.lane.debounce_seconds)
+
+    async def handle(self, scan: Scan, label: str | None = None) -> Decision | None:
+        """Decide, record, act on and log one scan; None when it was a debounced repeat."""
+        section = self.readers.get(scan.reader, {})
+        label = label or scan.reader
+        try:
+            scan = scan.with_token(normalise(
+                scan.token, prefix=section.get("prefix", ""), suffix=section.get("suffix", ""),
+                strip_aim=section.get("strip_aim", True), max_length=section.get("max_length", 4096)))
+        except Malformed as e:
+            # Keep a bounded, printable trace of what arrived, never the whole blob.
+            scan = scan.with_token(scan.token[:64].encode("unicode_escape").decode("ascii"))
+            decision = deny(Reason.MALFORMED, backend=self.decider.backend.name, detail=str(e))
+        else:
+            if self.debouncer.is_repeat(scan.reader, scan.token, time.monotonic()):
+                log.debug("%s repeat of %s on %s within the debounce window; ignored",
+                          self.lane, redact(scan.token), label)
+                return None
+            decision = await self.decider.decide(scan, self.scan_mode)
+
+        decided_ms = (time.monotonic() - scan.received) * 1000
+        queue = self.decider.backend.online and decision.source is Source.OFFLINE \
+            and decision.reason is not Reason.MALFORMED
+        try:
+            await self.store.call(Store.record, scan, decision, lane=self.lane, scan_mode=self.scan_mode,
+                                  latency_ms=decided_ms, queue_upload=queue)
+        except StoreError as e:
+            # Not recorded means not admitted: an admission nobody can account for is the worse fault.
+            log.error("scan not recorded, so not admitted: %s", e,
+                      extra={"GATED_EVENT": "store_error"})
+            decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
+            queue = False
+
+        self.outputs.signal(decision.admitted)
+        if decision.admitted:
+            self._spawn(self._release(scan, decision))
+        acted_ms = (time.monotonic() - scan.received) * 1000
+        self._log(scan, decision, label, acted_ms)
+        if queue:
+            self.on_queued()
+        return decision
+
+    async def _release(self, scan: Scan, decision: Decision) -> None:
+        passed = await self.outputs.release()
+        if passed is None:
+            return
+        try:
+            await self.store.call(Store.mark_passed, scan.nonce, passed)
+        except StoreError as e:
+            log.error("passage of %s not recorded: %s", redact(scan.token), e,
+                      extra={"GATED_EVENT": "store_error"})
+        if not passed:
+            log.info("%s nobody passed for %s within the passage timeout; check-in marked not_passed",
+                     self.lane, redact(scan.token), extra={"GATED_EVENT": "not_passed", "GATED_NONCE": scan.nonce})
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for relay holds still running (used on stop and by `gated scan`)."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+
+    def _log(self, scan: Scan, d: Decision, label: str, ms: float) -> None:
+        word = "ADMIT" if d.admitted else "DENY"
+        text = f"{self.lane} {word} {d.reason} {d.source} {d.backend} {label} {redact(scan.token)} {ms:.0f}ms"
+        if d.message:
+            text += f' "{d.message}"'
+        if d.detail:
+            text += f" ({d.detail})"
+        self.last_scan = f"{word} {time.strftime('%H:%M:%S')}"
+        self.last_line = text
+        log.log(logging.INFO if d.admitted else NOTICE, "%s", text, extra={
+            "GATED_EVENT": "scan", "GATED_VERDICT": str(d.verdict), "GATED_REASON": str(d.reason),
+            "GATED_SOURCE": str(d.source), "GATED_BACKEND": d.backend, "GATED_READER": scan.reader,
+            "GATED_INPUT": str(scan.input), "GATED_LANE": self.lane, "GATED_TOKEN": redact_field(scan.token),
+            "GATED_LATENCY_MS": f"{ms:.1f}", "GATED_NONCE": scan.nonce, "GATED_SCAN_MODE": str(self.scan_mode),
+            "GATED_BACKEND_CODE": d.backend_code,
+        })

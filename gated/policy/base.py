@@ -1,0 +1,68 @@
+"""The one small interface every ticketing API implements, and what an upload round returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from gated.config import Config
+from gated.model import Decision, Scan, ScanMode
+from gated.store import Store, StoreThread
+
+
+@dataclass
+class UploadResult:
+    """What became of a batch: uploaded, parked for good (with the reason), or left for later."""
+
+    sent: list[str] = field(default_factory=list)
+    parked: dict[str, str] = field(default_factory=dict)
+    retry: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A ticketing API: online validation within a deadline, offline data, upload of queued scans.
+
+    The online methods are coroutines on the event loop and raise `Unreachable` when the API
+    does not answer usefully; the offline ones run on the store's thread with its Store.
+    """
+
+    name: str = ""
+    online: bool = True  # False for backends that only decide from local data
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.options = config.backend_options
+
+    async def start(self, store: StoreThread) -> None:  # noqa: B027 (optional hook)
+        """Log in, load sessions; may raise Unreachable (the gate then starts offline)."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections."""
+
+    @abstractmethod
+    async def validate(self, scan: Scan, scan_mode: ScanMode) -> Decision:
+        """Ask the API; the answer is final. Raise Unreachable on timeout, network error or 5xx."""
+
+    async def probe(self) -> None:  # noqa: B027 (optional hook)
+        """Cheap request that proves the API is back; raise Unreachable if not."""
+
+    @abstractmethod
+    def decide_offline(self, store: Store, scan: Scan, scan_mode: ScanMode, now: float,
+                       clock_trusted: bool) -> Decision:
+        """Decide from offline data alone (no I/O but the store). Anti-passback is added by the caller."""
+
+    def data_age(self, store: Store, now: float) -> float | None:
+        """Seconds since offline data was refreshed; None when there is none yet."""
+        return 0.0
+
+    async def sync(self, store: StoreThread) -> None:  # noqa: B027 (optional hook)
+        """Refresh offline data; never blocks scans (the store is a separate connection)."""
+
+    async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
+        """Upload scans decided offline; each row is a `scans` table row."""
+        return UploadResult(sent=[r["nonce"] for r in rows])
+
+    def describe(self) -> str:
+        """One phrase for the start-up banner."""
+        return self.name

@@ -1,0 +1,191 @@
+"""Decide a Scan: lane mode first, then the API within its deadline, then the offline rules.
+
+Failure cases, and why each ends where it does:
+- The API answers (admit or deny) in time: its verdict is final, even a deny; it knows more.
+- The API times out, refuses the connection, or answers 5xx/garbage: decide offline with the
+  same nonce, so the later upload and any late server-side effect refer to one scan.
+- Repeated failures open the breaker: decide offline at once (no timeout per visitor) until the
+  background probe sees the API answer again.
+- Offline data missing or older than `max_age_seconds`, or the clock untrusted: the configured
+  `[offline] fallback` decides (`policy` keeps the rules but skips time windows when the clock is
+  untrusted; `deny` fails secure; `admit` keeps the queue moving). Each is logged on its edge.
+- Anti-passback applies to every offline entry: a ticket already admitted as often as it may
+  enter is denied `already_used`, whichever lane or source admitted it before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from gated.config import Config
+from gated.errors import Unreachable
+from gated.model import Decision, Reason, Scan, ScanMode, Source, Verdict, admit, deny
+from gated.policy.base import Backend
+from gated.policy.breaker import Breaker
+from gated.store import Store, StoreThread
+
+log = logging.getLogger(__name__)
+
+EARLIEST_TRUSTED = 1704067200.0  # 2024-01-01T00:00:00Z: a clock before this never synced
+
+
+class Decider:
+    def __init__(self, config: Config, backend: Backend, store: StoreThread,
+                 clock: Callable[[], float] = time.time):
+        self.backend = backend
+        self.store = store
+        self.clock = clock
+        self.emergency = False
+        self.on_reconnect: list[Callable[[], None]] = []
+        self.apply(config)
+        self.breaker = Breaker(config.backend.breaker_failures, config.backend.breaker_window,
+                               slow_seconds=0.75 * self.timeout)
+        self._clock_ok = True
+        self._degraded: Reason | None = None
+        self._probe_task: asyncio.Task | None = None
+
+    def apply(self, config: Config) -> None:
+        """Take the settings that a reload may change without rebuilding anything."""
+        self.mode = config.lane.mode
+        self.timeout = config.backend.timeout_seconds
+        self.offline_first = config.backend.offline_first or not self.backend.online
+        self.fallback = config.offline.fallback
+        self.max_age = config.offline.max_age_seconds
+        self.antipassback = config.offline.antipassback
+        self.probe_interval = config.backend.probe_interval_seconds
+
+    @property
+    def online(self) -> bool:
+        return not self.offline_first and self.breaker.allows()
+
+    async def decide(self, scan: Scan, scan_mode: ScanMode) -> Decision:
+        if self.emergency:
+            return admit(Reason.EMERGENCY, Source.MODE, backend=self.backend.name)
+        if self.mode == "locked":
+            return deny(Reason.LOCKED, Source.MODE, backend=self.backend.name)
+        if self.mode == "free":
+            return admit(Reason.FREE, Source.MODE, backend=self.backend.name)
+        why = "offline-first" if self.backend.online else ""
+        if not self.offline_first:
+            if self.breaker.allows():
+                decision, why = await self._online(scan, scan_mode)
+                if decision is not None:
+                    return decision
+            else:
+                why = "API unreachable (breaker open)"
+        return await self.store.call(self._offline, scan, scan_mode, why)
+
+    async def _online(self, scan: Scan, scan_mode: ScanMode) -> tuple[Decision | None, str]:
+        started = time.monotonic()
+        try:
+            decision = await asyncio.wait_for(self.backend.validate(scan, scan_mode), self.timeout)
+        except (Unreachable, TimeoutError) as e:
+            why = str(e) if isinstance(e, Unreachable) else f"no answer within {self.timeout:g}s"
+            if self.breaker.record(False, time.monotonic() - started, time.monotonic()):
+                log.warning("ticket API unreachable (%s); deciding offline until it answers", why,
+                            extra={"GATED_EVENT": "backend_down", "GATED_BACKEND": self.backend.name})
+                self._start_probe()
+            return None, why
+        elapsed = time.monotonic() - started
+        if self.breaker.record(True, elapsed, time.monotonic()):
+            log.warning("ticket API slow (%.0f ms for a %g s deadline); deciding offline until it is quick",
+                        elapsed * 1000, self.timeout,
+                        extra={"GATED_EVENT": "backend_down", "GATED_BACKEND": self.backend.name})
+            self._start_probe()
+        if decision.admitted and decision.ticket_key is None:
+            decision = replace(decision, ticket_key=scan.token)
+        return decision, ""
+
+    def _offline(self, store: Store, scan: Scan, scan_mode: ScanMode, why: str) -> Decision:
+        """Runs on the store thread: offline data and anti-passback read the same connection."""
+        now = self.clock()
+        clock_ok = self._check_clock(store, now)
+        age = self.backend.data_age(store, now)
+        degraded = None
+        if not clock_ok:
+            degraded = Reason.CLOCK_UNTRUSTED
+        elif age is None:
+            degraded = Reason.OFFLINE_NO_DATA
+        elif age > self.max_age:
+            degraded = Reason.STALE_DATA
+        self._note_degraded(degraded, age)
+        detail = "; ".join(x for x in (why, degraded and str(degraded)) if x)
+        name = self.backend.name
+        if degraded is not None and self.fallback == "deny":
+            return deny(degraded, backend=name, detail=detail)
+        if degraded is not None and self.fallback == "admit":
+            decision = admit(Reason.FALLBACK_ADMIT, backend=name, ticket_key=scan.token, detail=detail)
+        else:
+            decision = replace(self.backend.decide_offline(store, scan, scan_mode, now, clock_ok),
+                               detail=detail)
+        if decision.admitted and decision.ticket_key is None:
+            decision = replace(decision, ticket_key=scan.token)
+        if decision.admitted and self.antipassback and scan_mode is ScanMode.ENTRY:
+            entries, _exits = store.inside(decision.ticket_key)
+            if entries >= decision.max_entries:
+                return replace(decision, verdict=Verdict.DENY, reason=Reason.ALREADY_USED)
+        return decision
+
+    def _check_clock(self, store: Store, now: float) -> bool:
+        newest = store.high_water()
+        ok = now >= EARLIEST_TRUSTED and (newest is None or now >= newest)
+        if ok != self._clock_ok:
+            self._clock_ok = ok
+            if ok:
+                log.info("clock trusted again", extra={"GATED_EVENT": "clock_trusted"})
+            else:
+                log.warning("clock untrusted: %s is before %s; offline decisions follow [offline] "
+                            "fallback = \"%s\" and skip time windows",
+                            _stamp(now), _stamp(max(EARLIEST_TRUSTED, newest or 0)), self.fallback,
+                            extra={"GATED_EVENT": "clock_untrusted"})
+        return ok
+
+    def _note_degraded(self, degraded: Reason | None, age: float | None) -> None:
+        if degraded == self._degraded or degraded is Reason.CLOCK_UNTRUSTED:
+            return
+        self._degraded = degraded
+        if degraded is Reason.OFFLINE_NO_DATA:
+            log.warning("no offline data from %s yet; offline decisions follow [offline] fallback = \"%s\"",
+                        self.backend.name, self.fallback, extra={"GATED_EVENT": "offline_no_data"})
+        elif degraded is Reason.STALE_DATA:
+            log.warning("offline data is %.0f s old (limit %.0f s); offline decisions follow [offline] "
+                        "fallback = \"%s\"", age, self.max_age, self.fallback,
+                        extra={"GATED_EVENT": "stale_data"})
+
+    # --- the probe that closes the breaker -------------------------------------------------
+
+    def _start_probe(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe(), name="breaker-probe")
+
+    async def _probe(self) -> None:
+        while self.breaker.is_open:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                await asyncio.wait_for(self.backend.probe(), max(self.timeout, 2.0))
+            except (Unreachable, TimeoutError):
+                continue
+            opened = self.breaker.opened_at or time.monotonic()
+            self.breaker.close()
+            log.info("ticket API reachable again after %s", _duration(time.monotonic() - opened),
+                     extra={"GATED_EVENT": "backend_up", "GATED_BACKEND": self.backend.name})
+            for callback in self.on_reconnect:
+                callback()
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"

@@ -1,0 +1,392 @@
+"""Record every scan durably before the gate acts, and keep the queue, offline data and sessions.
+
+One SQLite file (WAL, synchronous=FULL). A Store object belongs to one thread: the daemon gives
+the scan path its own Store on a single worker thread, and the uploader and syncer open their own,
+so a long sync never holds the scan path's connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from gated.errors import StoreError
+from gated.model import Decision, Scan, ScanMode
+from gated.tokens import token_hash
+
+migrations = Migrations("gated")
+
+# Upload states of a scan row.
+NONE, PENDING, SENT, PARKED = "none", "pending", "sent", "parked"
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.execute("""
+        CREATE TABLE scans (
+            id INTEGER PRIMARY KEY,
+            nonce TEXT NOT NULL UNIQUE,
+            wall REAL NOT NULL,
+            lane TEXT NOT NULL,
+            reader TEXT NOT NULL,
+            input TEXT NOT NULL,
+            nfc_type TEXT,
+            scan_mode TEXT NOT NULL,
+            token TEXT,
+            token_hash TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            source TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            backend_code TEXT NOT NULL DEFAULT '',
+            message TEXT NOT NULL DEFAULT '',
+            ticket_key TEXT,
+            event_id TEXT,
+            latency_ms REAL,
+            passed INTEGER,
+            upload TEXT NOT NULL DEFAULT 'none',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            upload_error TEXT,
+            uploaded_at REAL
+        )""")
+    db.execute("CREATE INDEX scans_pending ON scans(id) WHERE upload = 'pending'")
+    db.execute("CREATE INDEX scans_wall ON scans(wall)")
+    db.execute("""
+        CREATE TABLE admissions (
+            nonce TEXT PRIMARY KEY,
+            key_hash TEXT NOT NULL,
+            direction TEXT NOT NULL,
+            wall REAL NOT NULL,
+            lane TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX admissions_key ON admissions(key_hash)")
+    db.execute("""
+        CREATE TABLE tickets (
+            backend TEXT NOT NULL,
+            token TEXT NOT NULL,
+            ticket_key TEXT,
+            name TEXT,
+            valid_from REAL,
+            valid_until REAL,
+            status TEXT,
+            max_entries INTEGER NOT NULL DEFAULT 1,
+            event_id TEXT,
+            data TEXT,
+            PRIMARY KEY (backend, token)
+        ) WITHOUT ROWID""")
+    db.execute("CREATE TABLE offline_data (name TEXT PRIMARY KEY, value TEXT, updated REAL NOT NULL)")
+    db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    pending: int
+    parked: int
+    oldest_pending: float | None  # wall time of the oldest scan waiting for upload
+
+
+class Store:
+    """The SQLite store. Not thread-safe: use one Store per thread."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                # The store holds API sessions and credentials: owner-only from the first byte.
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self.db = Database(str(self.path), execute_plugins=False)
+            conn = self.db.conn
+            conn.execute("PRAGMA busy_timeout = 5000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+            # Checkpoints fsync the whole WAL: run them off the scan path (see checkpoint()).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA foreign_keys = ON")
+            sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+            if mode.lower() != "wal" or sync != 2:
+                raise StoreError(f"{self.path}: SQLite refused WAL/synchronous=FULL "
+                                 f"(journal_mode={mode}, synchronous={sync})")
+            migrations.apply(self.db)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e.strerror or e}") from e
+        self._high_water = self._max_wall()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self.db.atomic():
+                yield self.db.conn
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        row = self.db.conn.execute(sql, tuple(params)).fetchone()
+        return row[0] if row else None
+
+    # --- the scan journal -------------------------------------------------------------------
+
+    def record(
+        self,
+        scan: Scan,
+        decision: Decision,
+        *,
+        lane: str,
+        scan_mode: ScanMode,
+        latency_ms: float,
+        queue_upload: bool,
+    ) -> None:
+        """Commit the scan, its decision and (when admitted) the admission, in one transaction."""
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO scans (nonce, wall, lane, reader, input, nfc_type, scan_mode, token,
+                   token_hash, verdict, reason, source, backend, backend_code, message, ticket_key,
+                   event_id, latency_ms, upload)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (scan.nonce, scan.wall, lane, scan.reader, str(scan.input), scan.nfc_type,
+                 str(scan_mode), scan.token, token_hash(scan.token), str(decision.verdict),
+                 str(decision.reason), str(decision.source), decision.backend, decision.backend_code,
+                 decision.message, decision.ticket_key, decision.event_id, latency_ms,
+                 PENDING if queue_upload else NONE),
+            )
+            if decision.admitted and decision.ticket_key is not None:
+                conn.execute(
+                    "INSERT INTO admissions (nonce, key_hash, direction, wall, lane) VALUES (?, ?, ?, ?, ?)",
+                    (scan.nonce, token_hash(decision.ticket_key), str(scan_mode), scan.wall, lane),
+                )
+        self._high_water = max(self._high_water or 0.0, scan.wall)
+
+    def mark_passed(self, nonce: str, passed: bool) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE scans SET passed = ? WHERE nonce = ?", (int(passed), nonce))
+            if not passed:
+                # Nobody went through: the ticket was not used, so it may enter again.
+                conn.execute("DELETE FROM admissions WHERE nonce = ?", (nonce,))
+
+    def scan(self, nonce: str) -> dict[str, Any] | None:
+        cur = self.db.conn.execute("SELECT * FROM scans WHERE nonce = ?", (nonce,))
+        row = cur.fetchone()
+        return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
+
+    def history(self, token: str, limit: int = 20) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT wall, lane, reader, scan_mode, verdict, reason, source, message FROM scans "
+            "WHERE token_hash = ? ORDER BY id DESC LIMIT ?", (token_hash(token), limit)))
+
+    def count(self, where: str = "1", params: Iterable[Any] = ()) -> int:
+        return self._one(f"SELECT count(*) FROM scans WHERE {where}", params)  # noqa: S608 (callers pass literals)
+
+    def high_water(self) -> float | None:
+        """The newest wall time ever recorded: a clock earlier than this is not trusted."""
+        return self._high_water
+
+    def _max_wall(self) -> float | None:
+        return self._one("SELECT max(wall) FROM scans")
+
+    # --- anti-passback ---------------------------------------------------------------------
+
+    def inside(self, ticket_key: str) -> tuple[int, int]:
+        """(entries, exits) recorded for a ticket identity, from every lane that shared it."""
+        rows = self.db.conn.execute(
+            "SELECT direction, count(*) FROM admissions WHERE key_hash = ? GROUP BY direction",
+            (token_hash(ticket_key),)).fetchall()
+        counts = dict(rows)
+        return counts.get("entry", 0), counts.get("exit", 0)
+
+    # --- the upload queue ------------------------------------------------------------------
+
+    def pending(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "SELECT * FROM scans WHERE upload = 'pending' ORDER BY id LIMIT ?", (limit,)))
+
+    def mark_sent(self, nonces: Iterable[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.executemany("UPDATE scans SET upload = 'sent', uploaded_at = ?, upload_error = NULL "
+                             "WHERE nonce = ? AND upload = 'pending'", [(now, n) for n in nonces])
+
+    def mark_parked(self, nonce: str, error: str) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE scans SET upload = 'parked', upload_error = ?, attempts = attempts + 1 "
+                         "WHERE nonce = ?", (error, nonce))
+
+    def mark_failed(self, nonces: Iterable[str], error: str) -> None:
+        with self._write() as conn:
+            conn.executemany("UPDATE scans SET attempts = attempts + 1, upload_error = ? WHERE nonce = ?",
+                             [(error, n) for n in nonces])
+
+    def retry_parked(self) -> int:
+        with self._write() as conn:
+            return conn.execute("UPDATE scans SET upload = 'pending' WHERE upload = 'parked'").rowcount
+
+    def queue_stats(self) -> QueueStats:
+        row = self.db.conn.execute(
+            "SELECT sum(upload = 'pending'), sum(upload = 'parked'), "
+            "min(CASE WHEN upload = 'pending' THEN wall END) FROM scans "
+            "WHERE upload IN ('pending', 'parked')").fetchone()
+        return QueueStats(row[0] or 0, row[1] or 0, row[2])
+
+    def parked(self) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM scans WHERE upload = 'parked' ORDER BY id"))
+
+    def prune(self, retention_seconds: float, now: float | None = None) -> int:
+        """Forget the tokens of uploaded scans and delete rows older than the retention time."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute("UPDATE scans SET token = NULL WHERE token IS NOT NULL "
+                         "AND upload IN ('sent', 'none') AND wall < ?", (now - 3600,))
+            gone = conn.execute("DELETE FROM scans WHERE upload IN ('sent', 'none') AND wall < ?",
+                                (now - retention_seconds,)).rowcount
+            conn.execute("DELETE FROM admissions WHERE wall < ?", (now - retention_seconds,))
+        return gone
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database; call it from a background task, not the scan path."""
+        self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # --- offline data ----------------------------------------------------------------------
+
+    def put_data(self, name: str, value: Any, updated: float | None = None) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO offline_data (name, value, updated) VALUES (?, ?, ?)",
+                         (name, json.dumps(value), time.time() if updated is None else updated))
+
+    def get_data(self, name: str) -> tuple[Any, float] | None:
+        row = self.db.conn.execute("SELECT value, updated FROM offline_data WHERE name = ?",
+                                   (name,)).fetchone()
+        return (json.loads(row[0]), row[1]) if row else None
+
+    # Ticket lists are written as a new generation in small transactions, then switched to in one
+    # short one, so a 1,000,000-row refresh never holds the write lock a scan is waiting for.
+
+    def ticket(self, backend: str, token: str) -> dict[str, Any] | None:
+        cur = self.db.conn.execute(
+            "SELECT t.* FROM kv JOIN tickets t ON t.backend = kv.value "
+            "WHERE kv.key = ? AND t.token = ?", (f"tickets:{backend}", token))
+        row = cur.fetchone()
+        return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
+
+    def load_tickets(self, backend: str, rows: Iterable[dict[str, Any]], chunk: int = 2000) -> int:
+        """Replace a backend's whole ticket list; scans see the old list until the new one is complete."""
+        old = self.get(f"tickets:{backend}")
+        generation = f"{backend}@{time.time_ns()}"
+        n = 0
+        batch: list[tuple] = []
+        try:
+            for row in rows:
+                batch.append(_ticket_tuple(generation, row))
+                if len(batch) >= chunk:
+                    with self._write() as conn:
+                        n += _insert_tickets(conn, batch)
+                    batch = []
+            with self._write() as conn:
+                n += _insert_tickets(conn, batch)
+                conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                             (f"tickets:{backend}", generation))
+        except BaseException:
+            self._drop_generation(generation, chunk)  # a half-read list never becomes current
+            raise
+        if old:
+            self._drop_generation(old, chunk)
+        return n
+
+    def _drop_generation(self, generation: str, chunk: int) -> None:
+        while True:
+            with self._write() as conn:
+                gone = conn.execute(
+                    "DELETE FROM tickets WHERE backend = ? AND token IN "
+                    "(SELECT token FROM tickets WHERE backend = ? LIMIT ?)",
+                    (generation, generation, chunk)).rowcount
+            if gone < chunk:
+                return
+
+    def upsert_tickets(self, backend: str, rows: Iterable[dict[str, Any]]) -> int:
+        """Add or change tickets in the current generation (deltas)."""
+        generation = self.get(f"tickets:{backend}")
+        with self._write() as conn:
+            if generation is None:
+                generation = f"{backend}@{time.time_ns()}"
+                conn.execute("INSERT INTO kv (key, value) VALUES (?, ?)", (f"tickets:{backend}", generation))
+            return _insert_tickets(conn, [_ticket_tuple(generation, r) for r in rows])
+
+    def ticket_count(self, backend: str) -> int:
+        return self._one("SELECT count(*) FROM kv JOIN tickets t ON t.backend = kv.value "
+                         "WHERE kv.key = ?", (f"tickets:{backend}",))
+
+    # --- sessions and small state ----------------------------------------------------------
+
+    def get(self, key: str) -> str | None:
+        return self._one("SELECT value FROM kv WHERE key = ?", (key,))
+
+    def set(self, key: str, value: str) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+
+_TICKET_COLUMNS = ("token", "ticket_key", "name", "valid_from", "valid_until", "status", "max_entries",
+                   "event_id", "data")
+
+
+def _ticket_tuple(backend: str, row: dict[str, Any]) -> tuple:
+    values = [row.get(c) for c in _TICKET_COLUMNS]
+    values[6] = values[6] if values[6] is not None else 1
+    if values[8] is not None and not isinstance(values[8], str):
+        values[8] = json.dumps(values[8])
+    return (backend, *values)
+
+
+def _insert_tickets(conn: sqlite3.Connection, batch: list[tuple]) -> int:
+    if batch:
+        conn.executemany(
+            "INSERT OR REPLACE INTO tickets (backend, token, ticket_key, name, valid_from, valid_until, "
+            "status, max_entries, event_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+    return len(batch)
+
+
+class StoreThread:
+    """A Store living on its own worker thread; `await call(fn, ...)` runs fn(store, ...) there.
+
+    SQLite connections belong to one thread, and a synchronous=FULL commit can stall in fsync:
+    doing the work on a thread keeps the event loop (readers, watchdog pings) running meanwhile.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str = "store"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"gated-{name}")
+        try:
+            self.store: Store = self._executor.submit(Store, path).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import asyncio
+        from functools import partial
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, self.store, *args, **kwargs))
+
+    def call_sync(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._executor.submit(fn, self.store, *args, **kwargs).result()
+
+    def close(self) -> None:
+        try:
+            self._executor.submit(Store.close, self.store).result()
+        finally:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,91 @@
+"""Shared fixtures: real SQLite files, gpiozero's MockFactory, configs written to disk."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from gpiozero import Device
+
+from gated import config as configmod
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run the long runs (soak, kill loops, big fuzz)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long run: pass --long")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _reset_gpio():
+    """gpiozero keeps a class-level factory and pin registry: give each test a clean one."""
+    yield
+    if Device.pin_factory is not None:
+        Device.pin_factory.reset()
+        Device.pin_factory = None
+
+
+BASE = """
+[lane]
+name = "lane-1"
+serial = "TEST-0001"
+
+[reader.front]
+type = "stdin"
+
+[gpio]
+pin_factory = "mock"
+
+[relay]
+pin = 17
+pulse_seconds = 0.2
+
+[led.green]
+pin = 27
+on_seconds = 0.3
+
+[led.red]
+pin = 22
+on_seconds = 0.3
+"""
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a config file (BASE plus extra TOML) into tmp_path; return its path."""
+
+    def write(extra: str = "", *, base: str = BASE, name: str = "gated.toml") -> Path:
+        text = textwrap.dedent(base) + "\n" + textwrap.dedent(extra)
+        if "[store]" not in text:
+            text += f'\n[store]\npath = "{tmp_path / "gated.db"}"\n'
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def load_config(write_config):
+    def load(extra: str = "", **kw) -> configmod.Config:
+        return configmod.load(str(write_config(extra, **kw)))
+
+    return load
+
+
+@pytest.fixture
+def tickets_csv(tmp_path: Path):
+    def write(rows: str) -> Path:
+        path = tmp_path / "tickets.csv"
+        path.write_text(textwrap.dedent(rows).lstrip())
+        return path
+
+    return write
