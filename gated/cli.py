@@ -11,7 +11,7 @@ import time
 
 from gated import __version__
 from gated import config as configmod
-from gated.errors import ConfigError, DriverError, StoreError
+from gated.errors import ConfigError, DriverError, GatedError, StoreError
 
 EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
@@ -128,12 +128,33 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
-    from gated.store import Store
+    from gated.policy import build_backend
+    from gated.store import Store, StoreThread
     from gated.tokens import redact
 
     config = _load(args.config)
     if config is None:
         return EXIT_ERROR
+
+    async def ask() -> list[str] | None:
+        backend = build_backend(config)
+        store = StoreThread(config.store.path)
+        try:
+            await backend.start(store)
+            return await backend.lookup(args.token)
+        finally:
+            await backend.close()
+            store.close()
+
+    if config.backend.type != "local":
+        try:
+            online = asyncio.run(ask())
+        except (GatedError, StoreError) as e:
+            print(f"ticket API: not available ({e})")
+        else:
+            if online is not None:
+                print("ticket API:")
+                print("\n".join(f"  {line}" for line in online))
     store = Store(config.store.path)
     try:
         ticket = store.ticket(config.backend.type, args.token)
@@ -149,6 +170,34 @@ def cmd_lookup(args: argparse.Namespace) -> int:
             print(f"  {stamp} {h['lane']} {h['scan_mode']} {h['verdict'].upper()} {h['reason']} {h['source']}")
     finally:
         store.close()
+    return EXIT_OK
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    from gated.policy import build_backend
+    from gated.store import StoreThread
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_ERROR
+
+    async def pair() -> str:
+        backend = build_backend(config)
+        store = StoreThread(config.store.path)
+        try:
+            return await backend.pair(store, args.token)
+        finally:
+            await backend.close()
+            store.close()
+
+    try:
+        print(asyncio.run(pair()))
+    except ConfigError as e:
+        print(configmod.report(e), file=sys.stderr)
+        return EXIT_ERROR
+    except GatedError as e:
+        print(f"gated: pairing failed: {e}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -179,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", metavar="TOKEN", help='the ticket code, or "-" to read it from stdin')
     p = command("queue", cmd_queue, "Show the upload queue and parked scans; retry parked; export as JSON lines.")
     p.add_argument("action", nargs="?", choices=("show", "retry", "export"), default="show")
-    p = command("lookup", cmd_lookup, "Show what this gate knows of a ticket: offline data and scan history.")
+    p = command("lookup", cmd_lookup, "Show what the ticket API and this gate know of a ticket, and its scans here.")
     p.add_argument("token", metavar="TOKEN")
+    p = command("pair", cmd_pair, "Pair this gate with the ticketing backend (setup token or pairing code).")
+    p.add_argument("token", metavar="TOKEN", help="the setup token, pairing code or setup QR text")
     return parser
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from gated.config import Config
 from gated.debounce import Debouncer
 from gated.drivers.gpio import Outputs
-from gated.errors import StoreError
+from gated.errors import GatedError, StoreError
 from gated.logs import NOTICE
 from gated.model import Decision, Reason, Scan, ScanMode, Source, deny
 from gated.policy.decider import Decider
@@ -89,6 +89,12 @@ class Gate:
             log.error("passage of %s not recorded: %s", redact(scan.token), e,
                       extra={"GATED_EVENT": "store_error"})
         if not passed:
+            try:
+                row = await self.store.call(Store.scan, scan.nonce)
+                await self.decider.backend.not_passed(row)
+            except GatedError as e:
+                log.warning("check-in of %s not annulled: %s", redact(scan.token), e,
+                            extra={"GATED_EVENT": "annul_failed"})
             log.info("%s nobody passed for %s within the passage timeout; check-in marked not_passed",
                      self.lane, redact(scan.token), extra={"GATED_EVENT": "not_passed", "GATED_NONCE": scan.nonce})
 

@@ -17,7 +17,7 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # str | int | float | bool | strlist | path | pathlist | pin | url
+    kind: str  # str | int | float | bool | strlist | path | pathlist | pin | url | secret
     default: Any = REQUIRED
     help: str = ""
     choices: tuple[str, ...] = ()
@@ -74,7 +74,7 @@ def _number_rule(key: Key) -> str | None:
 def check_value(key: Key, value: Any, base_dir: Path) -> tuple[Any, str | None]:
     """Return (converted value, None) or (None, "what is allowed")."""
     kind = key.kind
-    if kind in ("str", "url", "path"):
+    if kind in ("str", "url", "path", "secret"):
         if not isinstance(value, str):
             return None, "must be a text in quotes"
         if key.choices and value not in key.choices:
@@ -82,6 +82,13 @@ def check_value(key: Key, value: Any, base_dir: Path) -> tuple[Any, str | None]:
             return None, f"must be one of {allowed}.{did_you_mean(value, list(key.choices))}"
         if kind == "url" and value and not value.startswith(("https://", "http://")):
             return None, 'must start with "https://" (or "http://" for a local test server)'
+        if kind == "secret" and value:
+            from gated.secrets import find_credential
+
+            path = _resolve(value, base_dir)
+            if not path.exists() and find_credential(value) is None:
+                return None, f"file not found: {path} (nor a systemd credential of that name)"
+            return str(path), None
         if kind == "path" and value:
             path = _resolve(value, base_dir)
             if key.must_exist and not path.exists():

@@ -9,7 +9,6 @@ import pytest
 from gated.daemon import build
 from gated.model import InputKind, Reason, Scan, Verdict
 
-
 LOCAL = """
 [backend]
 type = "local"

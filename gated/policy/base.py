@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gated.config import Config
+from gated.errors import BackendRejected
 from gated.model import Decision, Scan, ScanMode
 from gated.store import Store, StoreThread
 
@@ -62,6 +63,17 @@ class Backend(ABC):
     async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
         """Upload scans decided offline; each row is a `scans` table row."""
         return UploadResult(sent=[r["nonce"] for r in rows])
+
+    async def lookup(self, token: str) -> list[str] | None:
+        """Ask the API about a ticket for `gated lookup`: lines to print, or None if it cannot."""
+        return None
+
+    async def pair(self, store: StoreThread, token: str) -> str:
+        """`gated pair TOKEN`: obtain and store device credentials; return what to tell the installer."""
+        raise BackendRejected(f"the {self.name} backend needs no pairing")
+
+    async def not_passed(self, row: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """An admitted visitor did not pass (passage sensor timeout): annul where the API allows."""
 
     def describe(self) -> str:
         """One phrase for the start-up banner."""

@@ -1,0 +1,59 @@
+"""HTTP for the ticketing APIs: one httpx client per backend, TLS always verified, errors classified.
+
+Every failure that means "the API did not answer usefully" becomes `Unreachable` (decide offline,
+retry later); a definite refusal stays an HTTP status for the backend to map. Messages never carry
+the request URL, because some APIs put the ticket code in the path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from gated import __version__
+from gated.config import Config
+from gated.errors import Unreachable
+
+USER_AGENT = f"gated/{__version__}"
+
+
+def make_client(config: Config, **kwargs: Any) -> httpx.AsyncClient:
+    """An AsyncClient for `[backend] url`: verification on (plus `ca_file` if set), bounded timeouts."""
+    ca = config.backend.ca_file or True
+    timeout = httpx.Timeout(config.backend.timeout_seconds, connect=config.backend.timeout_seconds)
+    headers = {"User-Agent": USER_AGENT, **kwargs.pop("headers", {})}
+    return httpx.AsyncClient(base_url=config.backend.url, verify=ca, timeout=timeout, headers=headers,
+                             limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=30),
+                             **kwargs)
+
+
+async def request(client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """Send a request; raise Unreachable for network trouble and 5xx, return any other response."""
+    try:
+        response = await client.request(method, path, **kwargs)
+    except httpx.TimeoutException:
+        raise Unreachable("timeout") from None
+    except httpx.ConnectError as e:
+        raise Unreachable(f"cannot connect: {_reason(e)}") from None
+    except httpx.TransportError as e:  # reset, protocol error, TLS failure, DNS failure
+        raise Unreachable(f"{type(e).__name__}: {_reason(e)}") from None
+    if response.status_code >= 500:
+        raise Unreachable(f"HTTP {response.status_code}")
+    return response
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The JSON body, or Unreachable: an HTML error page or truncated JSON is not an answer."""
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        kind = response.headers.get("content-type", "no content type")
+        raise Unreachable(f"HTTP {response.status_code} with a body that is not JSON ({kind})") from None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    # httpx puts the URL in some messages; keep only the OS-level reason.
+    return text.split(" for url ")[0][:200]
