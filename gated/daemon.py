@@ -66,13 +66,18 @@ async def build(config: Config, *, simulate: bool = False) -> Parts:
             log.warning("ticket API not reachable at start (%s); deciding offline until it answers", e,
                         extra={"GATED_EVENT": "backend_down"})
         decider = Decider(config, backend, store)
-        factory = make_pin_factory("mock" if simulate else config.gpio.pin_factory)
-        outputs = Outputs(config, pin_factory=factory, on_emergency=lambda active: setattr(decider, "emergency", active))
+        outputs = _outputs(config, simulate, decider)
         decider.emergency = outputs.emergency_active
     except BaseException:
         store.close()
         raise
     return Parts(store, backend, decider, outputs, Gate(config, decider, store, outputs))
+
+
+def _outputs(config: Config, simulate: bool, decider: Decider) -> Outputs:
+    """Outputs wired to the decider: the emergency input switches it to free passage."""
+    return Outputs(config, pin_factory=make_pin_factory("mock" if simulate else config.gpio.pin_factory),
+                   on_emergency=lambda active: setattr(decider, "emergency", active))
 
 
 class Daemon:
@@ -254,12 +259,10 @@ class Daemon:
             await p.gate.drain()
             p.outputs.close()
             try:
-                p.outputs = Outputs(new, pin_factory=make_pin_factory("mock" if self.simulate else new.gpio.pin_factory),
-                                    on_emergency=lambda active: setattr(p.decider, "emergency", active))
+                p.outputs = _outputs(new, self.simulate, p.decider)
             except DriverError as e:
                 log.error("outputs not rebuilt (%s); keeping the previous wiring", e)
-                p.outputs = Outputs(old, pin_factory=make_pin_factory("mock" if self.simulate else old.gpio.pin_factory),
-                                    on_emergency=lambda active: setattr(p.decider, "emergency", active))
+                p.outputs = _outputs(old, self.simulate, p.decider)
                 new.gpio, new.relay, new.leds, new.buzzer = old.gpio, old.relay, old.leds, old.buzzer
                 new.passage, new.emergency = old.passage, old.emergency
             p.gate.outputs = p.outputs

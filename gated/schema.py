@@ -101,7 +101,7 @@ def check_value(key: Key, value: Any, base_dir: Path) -> tuple[Any, str | None]:
         return value, None
     if kind in ("int", "float", "pin"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, "must be a number" + (" (no quotes)" if isinstance(value, str) else "")
+            return None, "must be a number" + (_unit_hint(value) if isinstance(value, str) else "")
         if kind in ("int", "pin") and not isinstance(value, int):
             return None, "must be a whole number"
         if kind == "pin" and not 0 <= value <= 27:
@@ -127,6 +127,19 @@ def check_value(key: Key, value: Any, base_dir: Path) -> tuple[Any, str | None]:
             return out, None
         return list(value), None
     raise AssertionError(f"unknown key kind {kind}")
+
+
+def _unit_hint(text: str) -> str:
+    """ESPHome-style help for a duration typed with a unit: "2s" -> 2.0, "500ms" -> 0.5."""
+    t = text.strip().lower()
+    for unit, factor in (("ms", 0.001), ("s", 1.0), ("sec", 1.0), ("seconds", 1.0)):
+        number = t.removesuffix(unit).strip()
+        if number != t:
+            try:
+                return f" (no quotes); durations are seconds: did you mean {float(number) * factor:g}?"
+            except ValueError:
+                break
+    return " (no quotes)"
 
 
 def _sentence(text: str) -> str:

@@ -1,0 +1,94 @@
+"""The SQLite store on disk: durability settings, ticket list generations, queue states, pruning."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from gated.model import Reason, Scan, ScanMode, Source, admit, deny
+from gated.store import Store
+
+
+def record(store: Store, token: str, *, admitted=True, queue=False, wall=None, key=None) -> Scan:
+    scan = Scan(token=token, reader="front", wall=wall or time.time())
+    d = admit(Reason.OK, Source.OFFLINE, backend="x", ticket_key=key or token) if admitted \
+        else deny(Reason.UNKNOWN, backend="x")
+    store.record(scan, d, lane="l1", scan_mode=ScanMode.ENTRY, latency_ms=1.0, queue_upload=queue)
+    return scan
+
+
+def test_store_is_wal_with_full_sync_and_owner_only(tmp_path):
+    s = Store(tmp_path / "g.db")
+    assert s.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s.db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert stat.S_IMODE(os.stat(tmp_path / "g.db").st_mode) == 0o600
+    s.close()
+
+
+def test_recorded_scan_survives_reopen_and_counts_for_antipassback(tmp_path):
+    s = Store(tmp_path / "g.db")
+    scan = record(s, "T-1")
+    s.close()
+    s = Store(tmp_path / "g.db")
+    assert s.scan(scan.nonce)["token"] == "T-1"
+    assert s.inside("T-1") == (1, 0)
+    assert s.high_water() == scan.wall
+
+
+def test_not_passed_gives_the_entry_back(tmp_path):
+    s = Store(tmp_path / "g.db")
+    scan = record(s, "T-1")
+    s.mark_passed(scan.nonce, False)
+    assert s.inside("T-1") == (0, 0) and s.scan(scan.nonce)["passed"] == 0
+
+
+def test_ticket_list_reload_swaps_whole_generations(tmp_path):
+    s = Store(tmp_path / "g.db")
+    s.load_tickets("local", [{"token": f"A{i}"} for i in range(5000)], chunk=1000)
+    assert s.ticket_count("local") == 5000 and s.ticket("local", "A42")["max_entries"] == 1
+    s.load_tickets("local", [{"token": "B1", "name": "Bea", "max_entries": 3}])
+    assert s.ticket("local", "A42") is None and s.ticket("local", "B1")["name"] == "Bea"
+    assert s.db.conn.execute("SELECT count(*) FROM tickets").fetchone()[0] == 1  # old generation gone
+
+
+def test_a_list_that_fails_half_way_leaves_the_old_one_current(tmp_path):
+    s = Store(tmp_path / "g.db")
+    s.load_tickets("local", [{"token": "OLD"}])
+
+    def broken():
+        yield {"token": "NEW1"}
+        raise ValueError("line 2: bad date")
+
+    try:
+        s.load_tickets("local", broken(), chunk=1)
+    except ValueError:
+        pass
+    assert s.ticket("local", "OLD") is not None and s.ticket("local", "NEW1") is None
+    assert s.db.conn.execute("SELECT count(*) FROM tickets").fetchone()[0] == 1
+
+
+def test_queue_states_pending_sent_parked_retry(tmp_path):
+    s = Store(tmp_path / "g.db")
+    a, b, c = (record(s, t, queue=True) for t in ("A", "B", "C"))
+    record(s, "D", queue=False)
+    assert [r["nonce"] for r in s.pending(10)] == [a.nonce, b.nonce, c.nonce]
+    s.mark_sent([a.nonce])
+    s.mark_parked(b.nonce, "HTTP 422: unknown event")
+    stats = s.queue_stats()
+    assert (stats.pending, stats.parked) == (1, 1) and stats.oldest_pending == c.wall
+    assert s.parked()[0]["upload_error"] == "HTTP 422: unknown event"
+    assert s.retry_parked() == 1 and [r["nonce"] for r in s.pending(10)] == [b.nonce, c.nonce]
+
+
+def test_prune_forgets_tokens_then_rows_but_never_unsent_scans(tmp_path):
+    s = Store(tmp_path / "g.db")
+    now = time.time()
+    old_sent = record(s, "OLD", queue=True, wall=now - 40 * 86400)
+    s.mark_sent([old_sent.nonce])
+    old_unsent = record(s, "UNSENT", queue=True, wall=now - 40 * 86400)
+    recent = record(s, "RECENT", wall=now - 7200)
+    assert s.prune(30 * 86400, now=now) == 1
+    assert s.scan(old_sent.nonce) is None
+    assert s.scan(old_unsent.nonce)["token"] == "UNSENT"  # still to upload: untouched
+    assert s.scan(recent.nonce)["token"] is None and s.scan(recent.nonce)["token_hash"]
