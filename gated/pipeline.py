@@ -30,6 +30,7 @@ class Gate:
         self.tasks: set[asyncio.Task] = set()
         self.last_scan = ""
         self.last_line = ""
+        self.last_act_ms = self.last_commit_ms = 0.0  # scan -> relay command, and the commit in it
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -60,6 +61,7 @@ class Gate:
         decided_ms = (time.monotonic() - scan.received) * 1000
         queue = self.decider.backend.online and decision.source is Source.OFFLINE \
             and decision.reason is not Reason.MALFORMED
+        commit_started = time.monotonic()
         try:
             await self.store.call(Store.record, scan, decision, lane=self.lane, scan_mode=self.scan_mode,
                                   latency_ms=decided_ms, queue_upload=queue)
@@ -70,10 +72,11 @@ class Gate:
             decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
             queue = False
 
+        self.last_commit_ms = (time.monotonic() - commit_started) * 1000
         self.outputs.signal(decision.admitted)
         if decision.admitted:
             self._spawn(self._release(scan, decision))
-        acted_ms = (time.monotonic() - scan.received) * 1000
+        acted_ms = self.last_act_ms = (time.monotonic() - scan.received) * 1000
         self._log(scan, decision, label, acted_ms)
         if queue:
             self.on_queued()

@@ -1,0 +1,100 @@
+"""Helpers shared by the figure modules: percentiles, result rows, temporary configs, subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Figure:
+    name: str
+    value: str
+    target: str
+    ok: bool | None  # None: informational, no target
+
+    @property
+    def verdict(self) -> str:
+        return {True: "pass", False: "FAIL", None: "-"}[self.ok]
+
+
+def pct(values: Iterable[float], p: float) -> float:
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    k = min(len(data) - 1, max(0, round(p / 100 * (len(data) - 1))))
+    return data[k]
+
+
+def latency_text(ms: list[float]) -> str:
+    return f"p50 {pct(ms, 50):.2f} ms, p99 {pct(ms, 99):.2f} ms, max {max(ms):.2f} ms (n={len(ms)})"
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="gated-bench-"))
+
+
+def write_config(folder: Path, extra: str, *, store: Path | None = None) -> Path:
+    text = textwrap.dedent(f"""
+        [lane]
+        name = "bench-1"
+        serial = "BENCH-0001"
+        debounce_seconds = 0.0
+        [reader.front]
+        type = "stdin"
+        [gpio]
+        pin_factory = "mock"
+        [relay]
+        pin = 17
+        [led.green]
+        pin = 27
+        [led.red]
+        pin = 22
+        [store]
+        path = "{store or folder / 'gated.db'}"
+    """) + textwrap.dedent(extra)
+    path = folder / "gated.toml"
+    path.write_text(text)
+    return path
+
+
+def notify_socket(folder: Path) -> tuple[socket.socket, str]:
+    path = str(folder / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(30)
+    return s, path
+
+
+def start_daemon(config: Path, notify_path: str, **popen) -> tuple[subprocess.Popen, float]:
+    """Start `gated run`; return the process and the seconds until READY=1 arrived."""
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+    sock = popen.pop("sock")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gated", "run", "--config", str(config)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, **popen)
+    while True:
+        msg = sock.recv(4096).decode()
+        if "READY=1" in msg:
+            return proc, time.perf_counter() - started
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,0 +1,170 @@
+"""Offline decision latency with a big list, commit stalls, cold start and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    Figure,
+    latency_text,
+    notify_socket,
+    pct,
+    rss_mb,
+    start_daemon,
+    workdir,
+    write_config,
+)
+from gated import config as configmod
+from gated.model import Scan, ScanMode, Source, admit
+from gated.store import Store
+
+
+def _masks(n: int) -> list[str]:
+    # Distinct prefixes so none shadows another, like a real venue's mask list.
+    return [f"{100 + i:03d}##########" for i in range(n)]
+
+
+def ticket_csv(folder: Path, tickets: int) -> Path:
+    path = folder / "tickets.csv"
+    with path.open("w") as f:
+        f.write("token,name\n")
+        for i in range(tickets):
+            f.write(f"TK{i:010d},Bench\n")
+    return path
+
+
+def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
+    folder = workdir()
+    csv = ticket_csv(folder, tickets)
+    mask_list = ", ".join(f'"{m}"' for m in _masks(masks))
+    cfg = configmod.load(str(write_config(folder, f"""
+        [backend]
+        type = "local"
+        [backend.local]
+        tickets = "{csv}"
+        masks = [{mask_list}]
+    """)))
+
+    from gated.daemon import build
+
+    async def run() -> tuple[list[float], list[float], float]:
+        parts = await build(cfg)
+        started = time.perf_counter()
+        await parts.backend.sync(parts.store)
+        imported = time.perf_counter() - started
+        latencies, commits = [], []
+        rng = random.Random(7)
+        try:
+            for i in range(scans):
+                kind = i % 3
+                if kind == 0:
+                    token = f"TK{rng.randrange(tickets):010d}"  # listed ticket (mostly admitted once)
+                elif kind == 1:
+                    token = f"{100 + rng.randrange(masks):03d}{rng.randrange(10**10):010d}"  # mask match
+                else:
+                    token = f"NOPE{rng.randrange(10**9)}"  # unknown: every mask tried
+                scan = Scan(token=token, reader="front")
+                await parts.gate.handle(scan)
+                latencies.append(parts.gate.last_act_ms)
+                commits.append(parts.gate.last_commit_ms)
+        finally:
+            await parts.close()
+        return latencies, commits, imported
+
+    import logging
+
+    logging.getLogger("gated").setLevel(logging.WARNING)
+    lat, commits, imported = asyncio.run(run())
+    stalls = sum(1 for c in commits if c > 50)
+    return [
+        Figure(f"offline decision, scan -> relay command ({tickets:,} tickets, {masks:,} masks)",
+               latency_text(lat), "p99 <= 5 ms", pct(lat, 99) <= 5.0),
+        Figure("  of which the durable commit (WAL, synchronous=FULL)",
+               latency_text(commits) + f"; stalls > 50 ms: {stalls}/{len(commits)}", "-", None),
+        Figure(f"import of a {tickets:,}-ticket CSV list (background, scans keep deciding)",
+               f"{imported:.1f} s", "-", None),
+    ]
+
+
+def commit_only(n: int) -> Figure:
+    folder = workdir()
+    store = Store(folder / "c.db")
+    times = []
+    for i in range(n):
+        scan = Scan(token=f"C{i}", reader="front")
+        t = time.perf_counter()
+        store.record(scan, admit(source=Source.OFFLINE, backend="local"), lane="b", scan_mode=ScanMode.ENTRY,
+                     latency_ms=0.0, queue_upload=False)
+        times.append((time.perf_counter() - t) * 1000)
+    store.close()
+    return Figure("bare SQLite commit of one scan (this disk's fsync)", latency_text(times), "-", None)
+
+
+def cold_start(runs: int) -> list[Figure]:
+    folder = workdir()
+    cfg = write_config(folder, '[backend]\ntype = "local"\n')
+    times = []
+    for i in range(runs):
+        sock, path = notify_socket(_sub(folder, i))
+        proc, seconds = start_daemon(cfg, path, sock=sock)
+        times.append(seconds)
+        proc.terminate()
+        proc.communicate(timeout=10)
+        sock.close()
+    return [
+        Figure("cold start, process start -> READY=1", f"median {pct(times, 50) * 1000:.0f} ms, "
+               f"max {max(times) * 1000:.0f} ms (n={runs})", "<= 500 ms", pct(times, 50) <= 0.5),
+        Figure("  slowest top-level imports (python -X importtime)", "; ".join(_slowest_imports()), "-", None),
+    ]
+
+
+def _slowest_imports(n: int = 5) -> list[str]:
+    lines = subprocess.run([sys.executable, "-X", "importtime", "-c", "import gated.daemon, gated.cli"],
+                           capture_output=True, text=True).stderr.splitlines()
+    top = []
+    for line in lines:
+        parts = line.split("|")
+        # "import time: self [us] | cumulative | imported package"; top-level ones are not indented.
+        if len(parts) == 3 and parts[1].strip().isdigit() and not parts[2].startswith("  "):
+            top.append((int(parts[1]), parts[2].strip()))
+    return [f"{name} {us / 1000:.0f} ms" for us, name in sorted(top, reverse=True)[:n]]
+
+
+def _sub(folder: Path, i: int) -> Path:
+    sub = folder / f"r{i}"
+    sub.mkdir()
+    return sub
+
+
+def memory(tickets: int) -> Figure:
+    folder = workdir()
+    csv = ticket_csv(folder, tickets)
+    cfg = write_config(folder, f'[backend]\ntype = "local"\n[backend.local]\ntickets = "{csv}"\n')
+    sock, path = notify_socket(folder)
+    proc, _ = start_daemon(cfg, path, sock=sock)
+    try:
+        _wait_for(proc, "ticket list")  # the import runs in the background after READY
+        for i in range(200):
+            proc.stdin.write(f"TK{i * 4999:010d}\nNOPE{i}\n")
+        proc.stdin.flush()
+        _wait_for(proc, " ADMIT ", " DENY ", count=400)
+        rss = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    return Figure(f"RSS of the daemon with {tickets:,} tickets imported, after 400 scans", f"{rss:.1f} MB",
+                  "<= 50 MB", rss <= 50)
+
+
+def _wait_for(proc, *words: str, count: int = 1) -> None:
+    seen = 0
+    while seen < count:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError(f"daemon exited before logging {words}")
+        seen += any(w in line for w in words)
