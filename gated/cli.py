@@ -34,7 +34,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(configmod.report(e), file=sys.stderr)
             worst = EXIT_ERROR
             continue
-        if len(paths) > 1:
+        if len(paths) > 1 or args.quiet:
             print(f"{config.path}: OK")
         else:
             print(configmod.dump(config), end="")
@@ -201,6 +201,21 @@ def cmd_pair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gated import doctor
+
+    return doctor.main(args.config, timeout=args.timeout)
+
+
+def cmd_outputs(args: argparse.Namespace) -> int:
+    from gated import outputs_test
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_ERROR
+    return outputs_test.run(config, yes=args.yes, seconds=args.seconds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description="Turnstile and ticket-reader daemon.")
     parser.add_argument("--version", action="version", version=f"gated {__version__}")
@@ -220,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("check", cmd_check, "Check config files; print the resolved config (exit 0) or every problem "
                 "(exit 2).")
     p.add_argument("files", nargs="*", metavar="FILE", help="check these files instead of --config")
+    p.add_argument("--quiet", action="store_true", help="print only OK or the problems (for ExecStartPre)")
     p = command("scan", cmd_scan, "Decide, record, act on and log one token, as the daemon would; exit 0 admit, "
                 "1 deny, 2 error.")
     p.add_argument("--reader", metavar="NAME", help="act as this configured reader (its prefix/suffix rules)")
@@ -232,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", metavar="TOKEN")
     p = command("pair", cmd_pair, "Pair this gate with the ticketing backend (setup token or pairing code).")
     p.add_argument("token", metavar="TOKEN", help="the setup token, pairing code or setup QR text")
+    p = command("doctor", cmd_doctor, "Check this gate: config, readers, GPIO, clock, disk, backend, offline data, "
+                "queue, journal; exit 1 if any check fails.")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the ticketing API (default 5)")
+    p = command("outputs", cmd_outputs, "Wiring test: switch the relay, LEDs and buzzer one at a time and show the "
+                "passage and emergency inputs live.")
+    p.add_argument("action", choices=("test",), help="test: cycle the outputs")
+    p.add_argument("--yes", action="store_true", help="do not wait for Enter before each output")
+    p.add_argument("--seconds", type=float, metavar="S", help="switch each output for S seconds "
+                   "(default: its configured pulse, light or beep time)")
     return parser
 
 

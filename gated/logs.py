@@ -25,6 +25,10 @@ MESSAGE_IDS = {
     "emergency": "c28a7f6b0d9e4abf4b3c5d6e7f8a9b57",
     "clock_untrusted": "d39b8a7c1e0f4bca5c4d6e7f8a9b0c58",
     "store_error": "e4ac9b8d2f1a4cdb6d5e7f8a9b0c1d59",
+    "config_rejected": "627bac82de4e4b859407409f7f8b4b43",
+    "start_failed": "4cad3d6442774b119621546f1e09ea2a",
+    "offline_no_data": "acd197c0c14345b89dc6bd706a0bfcf0",
+    "stale_data": "869a8c2b9e454a7290f2a22768ece256",
 }
 
 

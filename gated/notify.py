@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 class Notifier:
@@ -36,7 +37,9 @@ class Notifier:
             self._send("WATCHDOG=1")
 
     def reloading(self) -> None:
-        self._send("RELOADING=1")
+        # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) order this against its own
+        # SIGHUP; older managers ignore it. READY=1 must follow when the reload is over.
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
     def stopping(self) -> None:
         self._send("STOPPING=1")

@@ -87,6 +87,9 @@ class Outputs:
                 self.buzzer = self._own(Buzzer(config.buzzer.pin, active_high=config.buzzer.active_high,
                                                initial_value=False, **kw))
             self.passage = self._input(config.passage, kw)
+            self._passed: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+            if self.passage is not None:
+                self.passage.on_change(self._on_passage)
             self.emergency = self._input(config.emergency, kw)
         except (GPIOZeroError, OSError, RuntimeError) as e:
             self.close()
@@ -167,7 +170,9 @@ class Outputs:
         async with self._hold:
             loop = asyncio.get_running_loop()
             passed = asyncio.Event()
-            self.passage.on_change(lambda: loop.call_soon_threadsafe(passed.set))
+            # The callback stays installed for the life of the contact (setting None makes gpiozero
+            # warn); it signals whichever hold is current.
+            self._passed = (loop, passed)
             self.relay.on()
             try:
                 await asyncio.wait_for(passed.wait(), self.config.passage.timeout_seconds)
@@ -175,9 +180,15 @@ class Outputs:
             except TimeoutError:
                 return False
             finally:
-                self.passage.on_change(None)
+                self._passed = None
                 if not self.emergency_active:
                     self.relay.off()
+
+    def _on_passage(self) -> None:
+        current = self._passed
+        if current is not None:
+            loop, event = current
+            loop.call_soon_threadsafe(event.set)
 
     async def settle(self) -> None:
         """Wait until the longest configured pulse, light or beep has run its course."""
