@@ -23,8 +23,16 @@ BACKEND_TYPES = ("entry", "cm", "tibillet", "pretix", "pretixdroid", "local")
 READER_TYPES = ("hid", "serial", "nfc", "stdin")
 # Backends and readers whose code ships in this version; the others are named in the contract
 # but refused with a clear message rather than half-working.
-AVAILABLE_BACKENDS = {"local": "gated.policy.local"}
-AVAILABLE_READERS = {"stdin": "gated.drivers.stdin"}
+AVAILABLE_BACKENDS = {
+    "local": "gated.policy.local",
+    "entry": "gated.policy.entry",
+    "cm": "gated.policy.cm",
+    "tibillet": "gated.policy.tibillet",
+    "pretix": "gated.policy.pretix",
+    "pretixdroid": "gated.policy.pretixdroid",
+}
+AVAILABLE_READERS = {"stdin": "gated.drivers.stdin", "nfc": "gated.drivers.nfc_wallet", "hid": "gated.drivers.hid",
+                     "serial": "gated.drivers.serial_qr"}
 
 
 def _machine_serial() -> str:
@@ -128,10 +136,23 @@ LOG = {
     "debug": Key("bool", default=False),
 }
 
+WALLET_APPLE = {
+    "pass_type_ids": Key("strlist", default=[], help="Apple pass type identifiers asked for, in this order"),
+    "private_key_files": Key("pathlist", default=[], help="VAS reader private keys (P-256, PEM or DER)"),
+    "max_age_seconds": Key("float", default=60.0, above=0,
+                           help="tap payloads older (or dated further ahead) than this are denied as replay"),
+}
+WALLET_GOOGLE = {
+    "collector_id": Key("int", minimum=0, maximum=0xFFFFFFFF, help="the Smart Tap collector id, e.g. 20180608"),
+    "key_version": Key("int", default=1, minimum=0, maximum=0xFFFFFFFF),
+    "private_key_file": Key("secret", help="the collector's P-256 private key (PEM or DER)"),
+}
+WALLET = {"apple": WALLET_APPLE, "google": WALLET_GOOGLE}
+
 FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
          "store": STORE, "log": LOG}
 OPTIONAL = ("buzzer",)
-SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input"])
+SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input", "wallet"])
 
 
 @dataclass
@@ -150,12 +171,15 @@ class Config:
     offline: Section
     store: Section
     log: Section
+    wallet_apple: Section | None = None  # [wallet.apple]: NFC wallet keys, read by the nfc reader
+    wallet_google: Section | None = None
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def sections(self) -> list[Section]:
         out = [self.lane, self.backend, self.backend_options, *self.readers.values(), self.gpio,
                self.relay, *self.leds.values()]
         out += [s for s in (self.buzzer, self.passage, self.emergency) if s is not None]
+        out += [s for s in (self.wallet_apple, self.wallet_google) if s is not None]
         return out + [self.offline, self.store, self.log]
 
 
@@ -234,6 +258,9 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
                             f"available: {', '.join(sorted(AVAILABLE_READERS))}.")
             continue
         readers[name] = check_table(where, table, schema, base, problems)
+        module = importlib.import_module(AVAILABLE_READERS[rtype]) if rtype in AVAILABLE_READERS else None
+        if hasattr(module, "check"):  # the type's rules across keys, e.g. hid: device or match
+            problems += module.check(readers[name])
     if not readers:
         problems.append('[reader.NAME]: no reader configured; add one, e.g. [reader.front] with type = "hid".')
 
@@ -259,11 +286,20 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
     if "emergency" in inputs:
         emergency = check_table("[input.emergency]", inputs["emergency"], INPUT, base, problems)
 
+    wallet = {}
+    for name, table in _named(raw, "wallet", problems).items():
+        if name in WALLET:
+            wallet[name] = check_table(f"[wallet.{name}]", table, WALLET[name], base, problems)
+        else:
+            problems.append(f"[wallet.{name}]: unknown wallet.{did_you_mean(name, list(WALLET))} "
+                            "Wallets: apple, google.")
+
     buzzer = fixed("buzzer") if "buzzer" in raw else None
     config = Config(
         path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
         gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
-        emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"), raw=raw,
+        emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"),
+        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), raw=raw,
     )
     _cross_check(config, problems)
     if problems:

@@ -49,6 +49,9 @@ class Reason(StrEnum):
     INVALID_SIGNATURE = "invalid_signature"
     REVOKED = "revoked"
     BLOCKED = "blocked"
+    INVALID_TIME = "invalid_time"  # outside the ticket's validity, and the backend did not say which side
+    RULES = "rules"  # a check-in rule configured in the backend refused it (pretix `rules`)
+    NOT_APPROVED = "not_approved"  # the order still awaits the organiser's approval (pretix `unapproved`)
     NOT_CHECKED_IN = "not_checked_in"
     LOCKED = "locked"
     OFFLINE_NO_DATA = "offline_no_data"
@@ -73,6 +76,11 @@ class Scan:
     input: InputKind = InputKind.BARCODE
     nfc_type: str | None = None  # "apple" | "google" for NFC wallet passes
     raw_length: int = 0  # length of what the reader got before normalising
+    # A reader that already knows this read must be denied (an Apple wallet payload outside its
+    # freshness window, a cryptogram presented twice) says so here. The decider denies it after
+    # the lane-mode checks and before any backend is asked, so a replay never burns a ticket.
+    refused: Reason | None = None
+    refused_detail: str = ""
     received: float = field(default_factory=time.monotonic)
     wall: float = field(default_factory=time.time)
     nonce: str = field(default_factory=lambda: str(uuid.uuid4()))

@@ -30,6 +30,7 @@ class Backend(ABC):
 
     name: str = ""
     online: bool = True  # False for backends that only decide from local data
+    offline_first: bool = False  # True: an online API whose scans are decided offline, then uploaded
 
     def __init__(self, config: Config):
         self.config = config

@@ -84,7 +84,9 @@ class Simulator:
         return f"http://{host}:{port}"
 
     def start(self) -> Simulator:
-        self._thread = threading.Thread(target=self.server.serve_forever, name=type(self).__name__, daemon=True)
+        # A short poll interval: shutdown() waits for the next poll, and tests stop servers often.
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), name=type(self).__name__,
+                                        daemon=True)
         self._thread.start()
         return self
 

@@ -1,0 +1,462 @@
+"""The `pretix` backend: pretix's device API online, `pretix_sig1` signed secrets offline.
+
+Pairing (`gated pair TOKEN`, or the setup QR's JSON text) calls `POST /api/v1/device/initialize`
+and keeps the device token in the store; every later call carries `Authorization: Device <token>`.
+Scans go to `checkinrpc/redeem/` with the lane's check-in list, `type` entry/exit and the scan's
+nonce, so a retry after a lost answer is counted once. A visitor who did not pass the turnstile
+is annulled by that nonce (`checkinrpc/annul/`).
+
+Offline, the syncer downloads the event's `valid_keys["pretix_sig1"]`, the check-in list (its
+product and date limits are applied offline), and the revoked and blocked secret lists (deltas by
+`created_since` / `updated_since`). A signed secret is then verified with Ed25519. Offline entries
+are uploaded by replaying redeem with the original `datetime`, the same `nonce` and `force: true`.
+What is not done offline: random (unsigned) secrets, which would need every order downloaded, and
+the check-in list's custom `rules`, which are logged at sync time as not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gated import __version__
+from gated.config import Config
+from gated.errors import BackendRejected, ConfigError, Unreachable
+from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
+from gated.policy.base import Backend, UploadResult
+from gated.policy.http import json_body, make_client, request
+from gated.policy.signatures import load_sig1_keys, verify_sig1
+from gated.schema import Key
+from gated.secrets import read_secret
+from gated.store import Store, StoreThread
+from gated.timeparse import iso, parse_time
+from gated.tokens import redact
+
+log = logging.getLogger(__name__)
+
+SCHEMA = {
+    "organizer": Key("str", help="the organizer's short name (slug), as in the pretix URL"),
+    "event": Key("str", help="the event's short name (slug)"),
+    "checkin_list": Key("int", minimum=1, help="the ID of the check-in list this lane scans against"),
+    "token_file": Key("secret", default="", help="file holding a device API token, instead of `gated pair`"),
+}
+
+KV_TOKEN = "pretix:api_token"
+KV_DEVICE = "pretix:device"
+HANDSHAKE_VERSION = 1
+SLOW_CALL_SECONDS = 30.0  # sync, pairing and uploads are not on a visitor's clock
+MANY = 1_000_000  # "allow multiple entries": no offline anti-passback limit
+
+# pretix's redeem reasons -> one vocabulary. `invalid_time` is refined from the position's validity.
+REASONS = {
+    "invalid": Reason.UNKNOWN,
+    "unpaid": Reason.NOT_PAID,
+    "blocked": Reason.BLOCKED,
+    "invalid_time": Reason.INVALID_TIME,
+    "canceled": Reason.CANCELED,
+    "already_redeemed": Reason.ALREADY_USED,
+    "product": Reason.PRODUCT_NOT_ALLOWED,
+    "rules": Reason.RULES,
+    "ambiguous": Reason.REJECTED,  # several tickets match the scanned text
+    "revoked": Reason.REVOKED,
+    "unapproved": Reason.NOT_APPROVED,
+    "error": Reason.REJECTED,  # pretix's own internal error, reported as a refusal
+}
+
+
+class PretixBackend(Backend):
+    name = "pretix"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.organizer: str = self.options.organizer
+        self.event: str = self.options.event
+        self.list_id: int = self.options.checkin_list
+        self.token_file: str = self.options.get("token_file", "")
+        self.scope = f"{self.organizer}/{self.event}"
+        self.org_path = f"/api/v1/organizers/{self.organizer}"
+        self.event_path = f"{self.org_path}/events/{self.event}"
+        self.offline_name = f"pretix:{self.scope}:offline"
+        self.revoked_name = f"pretix-revoked:{self.scope}"
+        self.blocked_name = f"pretix-blocked:{self.scope}"
+        self.token: str | None = None
+        self._store: StoreThread | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._keys: tuple[float, list[Ed25519PublicKey]] = (-1.0, [])
+        self._rules_warned = False
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = make_client(self.config)
+        return self._client
+
+    def describe(self) -> str:
+        paired = "device token loaded" if self.token else "not paired"
+        return f"pretix ({self.scope}, check-in list {self.list_id}, {paired})"
+
+    async def start(self, store: StoreThread) -> None:
+        self._store = store
+        await self._load_credentials()
+        if self.token is None:
+            log.warning("pretix: no device token yet; run `gated pair TOKEN` with the device's setup token "
+                        "(deciding offline until then)", extra={"GATED_EVENT": "not_paired"})
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _load_credentials(self) -> None:
+        if self.token_file:
+            try:
+                self.token = read_secret(self.token_file, "[backend.pretix] token_file")
+            except ConfigError as e:
+                log.error("%s", "; ".join(e.problems), extra={"GATED_EVENT": "config_problem"})
+        elif self._store is not None:
+            self.token = await self._store.call(Store.get, KV_TOKEN)
+
+    def _headers(self) -> dict[str, str]:
+        if not self.token:
+            raise Unreachable("not paired: run `gated pair TOKEN` (or set [backend.pretix] token_file)")
+        return {"Authorization": f"Device {self.token}"}
+
+    async def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        response = await request(self.client, method, path, headers=self._headers(), **kw)
+        if response.status_code == 401:
+            raise Unreachable("device token refused (HTTP 401); pair again with `gated pair TOKEN`")
+        if response.status_code == 403:
+            raise Unreachable(f"HTTP 403: this device may not use organizer {self.organizer!r}, event "
+                              f"{self.event!r} or check-in list {self.list_id} (see the device's settings in pretix)")
+        return response
+
+    def _redeem_body(self, secret: str, scan_mode: str, nonce: str) -> dict[str, Any]:
+        # Scanners deliver the printed secret as text whether it came from a barcode, a QR code or
+        # a wallet pass, so the source is always pretix's default "barcode".
+        return {"secret": secret, "source_type": "barcode", "lists": [self.list_id], "type": scan_mode,
+                "force": False, "ignore_unpaid": False, "nonce": nonce, "questions_supported": False}
+
+    # --- online ------------------------------------------------------------------------
+
+    async def validate(self, scan: Scan, scan_mode: ScanMode) -> Decision:
+        response = await self._call("POST", f"{self.org_path}/checkinrpc/redeem/",
+                                    json=self._redeem_body(scan.token, str(scan_mode), scan.nonce))
+        return self._decision(response, scan.token)
+
+    def _decision(self, response: httpx.Response, secret: str) -> Decision:
+        body = json_body(response)
+        status = body.get("status") if isinstance(body, dict) else None
+        if status not in ("ok", "error", "incomplete"):
+            # A validation error about our request ({"lists": [...]}) says nothing about the ticket.
+            raise Unreachable(f"HTTP {response.status_code}: pretix did not take the request: {_brief(body)}")
+        position = body.get("position") if isinstance(body.get("position"), dict) else {}
+        lst = body.get("list") if isinstance(body.get("list"), dict) else {}
+        who = str(position.get("attendee_name") or position.get("order") or "")
+        common = dict(source=Source.ONLINE, backend=self.name, event_id=lst.get("event"), message=who)
+        if status == "ok":
+            if body.get("require_attention"):
+                common["message"] = f"{who} (attention)".strip()
+            return admit(Reason.OK, backend_code="ok", ticket_key=secret, **common)
+        if status == "incomplete":
+            return deny(Reason.REJECTED, backend_code="incomplete",
+                        **(common | {"message": "pretix asks questions at check-in, which a gate cannot answer"}))
+        code = str(body.get("reason") or "error")
+        reason = REASONS.get(code, Reason.REJECTED)
+        if reason is Reason.INVALID_TIME:
+            reason = _time_side(position, time.time())
+        explanation = body.get("reason_explanation")
+        if explanation:
+            common["message"] = f"{who}: {explanation}" if who else str(explanation)
+        return deny(reason, backend_code=code, **common)
+
+    async def probe(self) -> None:
+        if not self.token:
+            await self._load_credentials()  # `gated pair` may have run meanwhile
+        response = await self._call("GET", f"{self.event_path}/")
+        if response.status_code != 200:
+            raise Unreachable(f"event detail answered HTTP {response.status_code}")
+
+    async def lookup(self, token: str) -> list[str] | None:
+        response = await self._call("GET", f"{self.org_path}/checkinrpc/search/",
+                                    params={"list": self.list_id, "search": token}, timeout=SLOW_CALL_SECONDS)
+        body = json_body(response)
+        if response.status_code != 200:
+            return [f"HTTP {response.status_code}: {_brief(body)}"]
+        lines = [f"{body.get('count', 0)} match(es) on check-in list {self.list_id}"]
+        for p in body.get("results", [])[:10]:
+            entries = sum(1 for c in p.get("checkins", []) if c.get("type", "entry") == "entry")
+            lines.append(f"order {p.get('order')}-{p.get('positionid')}: item {p.get('item')}, "
+                         f"{p.get('attendee_name') or '-'}, {entries} entry check-in(s), secret {redact(p['secret'])}")
+        return lines
+
+    # --- pairing -------------------------------------------------------------------------
+
+    async def pair(self, store: StoreThread, token: str) -> str:
+        setup = _setup_token(token, self.config.backend.url)
+        body = {"token": setup, "hardware_brand": _hardware()[0], "hardware_model": _hardware()[1],
+                "os_name": platform.system(), "os_version": platform.release(),
+                "software_brand": "gated", "software_version": __version__}
+        response = await request(self.client, "POST", "/api/v1/device/initialize", json=body,
+                                 timeout=SLOW_CALL_SECONDS)
+        try:
+            answer = json_body(response)
+        except Unreachable:
+            raise BackendRejected(f"no pretix device API answered (HTTP {response.status_code}, not JSON): "
+                                  "check [backend] url") from None
+        if response.status_code != 200 or not isinstance(answer, dict) or not answer.get("api_token"):
+            why = "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                            for k, v in answer.items()) if isinstance(answer, dict) else str(answer)
+            raise BackendRejected(f"pretix refused the setup token (HTTP {response.status_code}: {why}); "
+                                  "tokens are single-use: make a new device in pretix")
+        self.token = str(answer["api_token"])
+        device = {k: answer.get(k) for k in ("organizer", "device_id", "unique_serial", "name", "gate")}
+        await store.call(Store.set, KV_TOKEN, self.token)
+        await store.call(Store.set, KV_DEVICE, json.dumps(device))
+        lines = [f'paired with pretix as device "{device["name"]}" (serial {device["unique_serial"]}, '
+                 f'organizer {device["organizer"]})',
+                 f"device token stored in {store.store.path} (owner-only)"]
+        if device["organizer"] != self.organizer:
+            lines.append(f"warning: [backend.pretix] organizer is {self.organizer!r} but this device belongs to "
+                         f"{device['organizer']!r}: scans will be refused until they match")
+        if self.token_file:
+            lines.append("note: [backend.pretix] token_file is set and takes precedence over the paired token")
+        try:
+            response = await self._call("GET", f"{self.event_path}/", timeout=SLOW_CALL_SECONDS)
+            event = json_body(response)
+            lines.append(f"event {self.event!r}: HTTP {response.status_code}, {_text(event.get('name'))!r}")
+        except Unreachable as e:
+            lines.append(f"event {self.event!r} not readable yet ({e}); pairing is stored all the same")
+        return "\n".join(lines)
+
+    # --- offline data --------------------------------------------------------------------
+
+    async def sync(self, store: StoreThread) -> None:
+        event = await self._get_json(f"{self.event_path}/", "event detail")
+        keys = (event.get("valid_keys") or {}).get("pretix_sig1") or []
+        try:
+            load_sig1_keys(keys)
+        except ValueError as e:
+            raise BackendRejected(f"the event's pretix_sig1 keys cannot be read: {e}") from None
+        lists, _ = await self._get_all(f"{self.event_path}/checkinlists/", {}, "check-in lists")
+        found = [x for x in lists if x.get("id") == self.list_id]
+        if not found:
+            ids = ", ".join(str(x.get("id")) for x in lists) or "none"
+            raise BackendRejected(f"[backend.pretix] checkin_list = {self.list_id}: not a check-in list of event "
+                                  f"{self.event!r} (its lists: {ids})")
+        lst = found[0]
+        if lst.get("rules") and not self._rules_warned:
+            self._rules_warned = True
+            log.warning("pretix check-in list %s has custom rules; offline decisions do not apply them "
+                        "(products, dates and validity are applied)", self.list_id,
+                        extra={"GATED_EVENT": "offline_limit"})
+        revoked = await self._sync_secrets(store, "revokedsecrets", "created", self.revoked_name)
+        blocked = await self._sync_secrets(store, "blockedsecrets", "updated", self.blocked_name)
+        kept = {k: lst.get(k) for k in ("id", "name", "all_products", "limit_products", "subevent",
+                                        "allow_multiple_entries", "include_pending")}
+        await store.call(Store.put_data, self.offline_name, {"keys": keys, "list": kept,
+                                                             "has_subevents": bool(event.get("has_subevents"))})
+        log.info("pretix offline data refreshed: %d signing key(s), list %s, %d revoked and %d blocked secret(s) new",
+                 len(keys), self.list_id, revoked, blocked, extra={"GATED_EVENT": "sync"})
+
+    async def _get_json(self, path: str, what: str, params: dict[str, Any] | None = None) -> Any:
+        response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS)
+        if response.status_code != 200:
+            raise BackendRejected(f"{what}: HTTP {response.status_code}")
+        return json_body(response)
+
+    async def _get_all(self, path: str, params: dict[str, Any], what: str) -> tuple[list[dict], str | None]:
+        """Every page of a list resource, and the first page's X-Page-Generated (the next delta's start)."""
+        results: list[dict] = []
+        generated = None
+        page: str | None = path
+        first = True
+        while page:
+            response = await self._call("GET", page, params=params if first else None, timeout=SLOW_CALL_SECONDS)
+            if response.status_code != 200:
+                raise BackendRejected(f"{what}: HTTP {response.status_code}")
+            if first:
+                generated = response.headers.get("X-Page-Generated")
+            body = json_body(response)
+            results += body.get("results", [])
+            nxt = body.get("next")
+            # `next` is absolute and may name the host as pretix sees itself behind a proxy: keep
+            # our own base URL and follow only the path and query.
+            page = (urlsplit(nxt).path + ("?" + urlsplit(nxt).query if urlsplit(nxt).query else "")) if nxt else None
+            first = False
+        return results, generated
+
+    async def _sync_secrets(self, store: StoreThread, resource: str, stamp: str, table: str) -> int:
+        since_key = f"pretix:{self.scope}:{resource}_since"
+        since = await store.call(Store.get, since_key)
+        params = {"ordering": f"-{stamp}"}
+        if since:
+            params[f"{stamp}_since"] = since
+        results, generated = await self._get_all(f"{self.event_path}/{resource}/", params, resource)
+        rows = [{"token": r["secret"], "ticket_key": r["secret"],
+                 "status": "blocked" if r.get("blocked", True) else "unblocked"} for r in results]
+        if since:
+            await store.call(Store.upsert_tickets, table, rows)
+        else:
+            await store.call(Store.load_tickets, table, rows)
+        newest = generated or (results[0].get(stamp) if results else None)
+        if newest:
+            await store.call(Store.set, since_key, newest)
+        return len(rows)
+
+    def data_age(self, store: Store, now: float) -> float | None:
+        data = store.get_data(self.offline_name)
+        if data is None or not data[0].get("keys"):
+            return None  # no signed secrets to check: the configured fallback decides
+        return max(0.0, now - data[1])
+
+    def decide_offline(self, store: Store, scan: Scan, scan_mode: ScanMode, now: float,
+                       clock_trusted: bool) -> Decision:
+        data = store.get_data(self.offline_name)
+        if data is None:
+            return deny(Reason.OFFLINE_NO_DATA, backend=self.name, message="no pretix offline data downloaded yet")
+        value, updated = data
+        if self._keys[0] != updated:
+            self._keys = (updated, load_sig1_keys(value.get("keys") or []))
+        check = verify_sig1(scan.token, self._keys[1])
+        if check.reason is not Reason.OK:
+            return deny(check.reason, backend=self.name, message=check.detail)
+        if store.ticket(self.revoked_name, scan.token) is not None:
+            return deny(Reason.REVOKED, backend=self.name, message="secret replaced or canceled in pretix")
+        blocked = store.ticket(self.blocked_name, scan.token)
+        if blocked is not None and blocked["status"] == "blocked":
+            return deny(Reason.BLOCKED, backend=self.name, message="blocked in pretix")
+        t, lst = check.ticket, value.get("list") or {}
+        if clock_trusted and t.valid_from is not None and now < t.valid_from:
+            return deny(Reason.NOT_YET_VALID, backend=self.name, message=f"valid from {iso(t.valid_from)}")
+        if clock_trusted and t.valid_until is not None and now > t.valid_until:
+            return deny(Reason.EXPIRED, backend=self.name, message=f"valid until {iso(t.valid_until)}")
+        if lst.get("subevent") and t.subevent != lst["subevent"]:
+            return deny(Reason.WRONG_EVENT, backend=self.name,
+                        message=f"date {t.subevent}, list is for {lst['subevent']}")
+        if not lst.get("all_products", True) and t.item not in (lst.get("limit_products") or []):
+            return deny(Reason.PRODUCT_NOT_ALLOWED, backend=self.name, message=f"product {t.item} not on this list")
+        return admit(Reason.OK, backend=self.name, ticket_key=scan.token, event_id=self.event,
+                     max_entries=MANY if lst.get("allow_multiple_entries") else 1,
+                     message=f"product {t.item}")
+
+    # --- upload and annulment ------------------------------------------------------------
+
+    async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
+        """Replay offline check-ins: original time, same nonce, `force` (they happened either way)."""
+        result = UploadResult()
+        for i, row in enumerate(rows):
+            if row["verdict"] != "admit" or row["passed"] == 0 or not row["token"]:
+                result.sent.append(row["nonce"])  # refused or nobody passed: no check-in to report
+                continue
+            body = self._redeem_body(row["token"], row["scan_mode"], row["nonce"])
+            body |= {"force": True, "datetime": iso(row["wall"])}
+            try:
+                response = await self._call("POST", f"{self.org_path}/checkinrpc/redeem/", json=body,
+                                            timeout=SLOW_CALL_SECONDS)
+                why = _upload_refusal(response)
+            except Unreachable as e:
+                if i == 0:
+                    raise
+                result.retry.update({r["nonce"]: str(e) for r in rows[i:]})
+                return result
+            if why is None:
+                result.sent.append(row["nonce"])
+            else:
+                result.parked[row["nonce"]] = f"{redact(row['token'])}: {why}"
+        return result
+
+    async def not_passed(self, row: dict[str, Any]) -> None:
+        if row["source"] == "mode" or (row["source"] == "offline" and row["upload"] == "pending"):
+            return  # free passage made no check-in; an offline one is not on the server yet (never will be)
+        body = {"nonce": row["nonce"], "lists": [self.list_id], "datetime": iso(time.time()),
+                "error_explanation": "Turnstile did not turn"}
+        response = await self._call("POST", f"{self.org_path}/checkinrpc/annul/", json=body)
+        if response.status_code != 200:
+            raise BackendRejected(f"pretix did not annul the check-in (HTTP {response.status_code})")
+
+
+def _upload_refusal(response: httpx.Response) -> str | None:
+    """None when pretix now holds the check-in (a nonce it already had counts), else why it never will."""
+    try:
+        body = json_body(response)
+    except Unreachable:
+        return f"HTTP {response.status_code} without JSON"
+    status = body.get("status") if isinstance(body, dict) else None
+    if status == "ok" or (status == "error" and body.get("reason") == "already_redeemed"):
+        return None
+    if status == "error":
+        return f"pretix refused it even with force: {body.get('reason')} ({body.get('reason_explanation') or ''})"
+    return f"HTTP {response.status_code}: {_brief(body)}"
+
+
+def _brief(body: Any) -> str:
+    """A short text of an answer for a log or queue line, without the position (it holds the secret)."""
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in ("position", "secret")}
+    return str(body)[:160]
+
+
+def _time_side(position: dict[str, Any], now: float) -> Reason:
+    """pretix says `invalid_time` for both sides of a validity window; the position says which."""
+    try:
+        start, end = parse_time(position.get("valid_from")), parse_time(position.get("valid_until"))
+    except ValueError:
+        return Reason.INVALID_TIME
+    if start is not None and now < start:
+        return Reason.NOT_YET_VALID
+    if end is not None and now > end:
+        return Reason.EXPIRED
+    return Reason.INVALID_TIME
+
+
+def _setup_token(text: str, configured_url: str) -> str:
+    """The setup token, typed as is or as the setup QR's JSON {"handshake_version", "url", "token"}."""
+    text = text.strip()
+    if not text.startswith("{"):
+        if not text:
+            raise BackendRejected("the setup token is empty")
+        return text
+    try:
+        qr = json.loads(text)
+    except ValueError:
+        raise BackendRejected("the setup QR text is not valid JSON") from None
+    if not isinstance(qr, dict) or not qr.get("token"):
+        raise BackendRejected("the setup QR text holds no token")
+    version = qr.get("handshake_version", 1)
+    if not isinstance(version, int) or version > HANDSHAKE_VERSION:
+        raise BackendRejected(f"the setup QR uses handshake version {version}; this gated knows "
+                              f"{HANDSHAKE_VERSION}: update gated")
+    url = str(qr.get("url") or "").rstrip("/")
+    if url and url != configured_url.rstrip("/"):
+        raise BackendRejected(f"the setup QR is for {url} but [backend] url is {configured_url}: "
+                              "set [backend] url to it first")
+    return str(qr["token"])
+
+
+def _hardware() -> tuple[str, str]:
+    try:
+        model = Path("/proc/device-tree/model").read_bytes().strip(b"\x00\n ").decode()
+    except OSError:
+        model = ""
+    if model.startswith("Raspberry Pi"):
+        return "Raspberry Pi", model
+    return platform.system() or "unknown", model or platform.machine() or "unknown"
+
+
+def _text(value: Any) -> str:
+    """A pretix multi-lingual string ({"en": ...}) or plain text."""
+    if isinstance(value, dict):
+        return str(next(iter(value.values()), ""))
+    return str(value or "")
+
+
+def create(config: Config) -> Backend:
+    return PretixBackend(config)

@@ -1,0 +1,555 @@
+"""A pretix server on 127.0.0.1 for tests and benches: the device API gated uses, and the legacy pretixdroid API.
+
+`PretixSim` serves device initialisation, `checkinrpc/redeem|annul|search`, the event (with
+`valid_keys`), check-in lists, and revoked/blocked secrets, with pretix's auth (`Device <token>`,
+401/403), pagination (`next` links, `X-Page-Generated`), nonce idempotency (the same nonce answers
+the first result again and stores nothing new), 201 for a check-in and 400/404 with `reason` for a
+refusal, as observed on current pretix. Signed secrets are made the way pretix's
+Sig1TicketSecretGenerator makes them. `PretixdroidSim` serves `/pretixdroid/api/...` as its spec
+says: `?key=`, form field `secret`, HTTP 200 with `status`/`reason`, 403 and 404 for bad key/event.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import secrets
+import struct
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import urlencode
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from gated.simulators.base import Request, Response, Simulator, route
+
+
+class _QuickStop(Simulator):
+    def start(self) -> Simulator:
+        # Poll for shutdown every 20 ms rather than the default 0.5 s: tests stop many servers.
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+SERVER_TZ = timezone(timedelta(hours=1))  # a datetime sent without offset is read in the server's zone
+ANNUL_WINDOW = timedelta(minutes=15)
+
+
+# --- pretix_sig1, as pretix makes it ---------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negatives
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_ticket(seed: str, item: int, variation: int = 0, subevent: int = 0,
+                  valid_from: int | None = None, valid_until: int | None = None) -> bytes:
+    """proto3 `Ticket`: default scalars are left out, `optional` ones are written whenever set."""
+    out = b""
+    if seed:
+        raw = seed.encode()
+        out += b"\x0a" + _varint(len(raw)) + raw
+    for number, value in ((2, item), (3, variation), (4, subevent)):
+        if value:
+            out += _varint(number << 3) + _varint(value)
+    for number, value in ((5, valid_from), (6, valid_until)):
+        if value is not None:
+            out += _varint(number << 3) + _varint(value)
+    return out
+
+
+def sign_secret(key: Ed25519PrivateKey, payload: bytes) -> str:
+    raw = b"\x01" + struct.pack(">H", len(payload)) + struct.pack(">H", 64) + payload + key.sign(payload)
+    return base64.b64encode(raw).decode()[::-1]
+
+
+def make_sig1_secret(key: Ed25519PrivateKey, item: int, variation: int = 0, subevent: int = 0, *,
+                     valid_from: int | None = None, valid_until: int | None = None, seed: str | None = None) -> str:
+    seed = seed or secrets.token_urlsafe(7)[:9]
+    return sign_secret(key, encode_ticket(seed, item, variation, subevent, valid_from, valid_until))
+
+
+def sig1_public_key(key: Ed25519PrivateKey) -> str:
+    """How `valid_keys["pretix_sig1"]` lists a key: base64 of the PEM SubjectPublicKeyInfo."""
+    pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(pem).decode()
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=SERVER_TZ)
+
+
+# --- the device API ----------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    id: int
+    order: str
+    item: int
+    secret: str
+    attendee_name: str = ""
+    variation: int | None = None
+    subevent: int | None = None
+    order_status: str = "p"  # n pending, p paid, e expired, c canceled
+    require_approval: bool = False
+    blocked: bool = False
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    require_attention: bool = False
+
+
+@dataclass
+class Checkin:
+    id: int
+    nonce: str | None
+    position: int | None
+    list: int
+    type: str
+    datetime: datetime
+    device: int
+    successful: bool = True
+    error_reason: str | None = None
+    forced: bool = False
+    raw_secret: str = ""
+    error_explanation: str | None = None
+
+
+@dataclass
+class Device:
+    device_id: int
+    name: str
+    token: str | None = None
+    initialized: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PretixSim(_QuickStop):
+    def __init__(self, organizer: str = "demo", event: str = "democon", *, page_size: int = 50, **kw):
+        super().__init__(**kw)
+        self.organizer, self.event = organizer, event
+        self.page_size = page_size
+        self.key = Ed25519PrivateKey.generate()
+        self.valid_keys = [sig1_public_key(self.key)]
+        self.lists: dict[int, dict[str, Any]] = {1: {
+            "id": 1, "name": "Main entrance", "all_products": True, "limit_products": [], "subevent": None,
+            "include_pending": False, "allow_multiple_entries": False, "allow_entry_after_exit": True,
+            "rules": {}}}
+        self.positions: dict[str, Position] = {}
+        self.revoked: list[dict[str, Any]] = []  # {"id", "secret", "created", "_position"}
+        self.blocked: list[dict[str, Any]] = []  # {"id", "secret", "blocked", "updated"}
+        self.setup_tokens: dict[str, Device] = {}
+        self.checkins: list[Checkin] = []
+        self.answers: dict[str, Response] = {}  # nonce -> first answer
+        self.public_url: str | None = None  # the host pretix names in `next` links (behind a proxy)
+        self._ids = itertools.count(1)
+
+    # --- test helpers ---------------------------------------------------------------------
+
+    def new_device(self, name: str = "Gate 1") -> str:
+        """A device created in the organizer settings; returns its single-use setup token."""
+        token = secrets.token_hex(8)
+        self.setup_tokens[token] = Device(next(self._ids), name)
+        return token
+
+    def device_token(self, name: str = "Gate 1") -> str:
+        """A device already initialised (as by another client): its API token, for a token_file."""
+        device = Device(next(self._ids), name, secrets.token_hex(32), True)
+        self.setup_tokens[secrets.token_hex(8)] = device
+        return device.token
+
+    def add_position(self, item: int = 1, attendee_name: str = "Ada Lovelace", *, signed: bool = True,
+                     variation: int | None = None, subevent: int | None = None, **kw: Any) -> str:
+        valid_from, valid_until = kw.get("valid_from"), kw.get("valid_until")
+        if signed:
+            secret = make_sig1_secret(self.key, item, variation or 0, subevent or 0,
+                                      valid_from=int(valid_from.timestamp()) if valid_from else None,
+                                      valid_until=int(valid_until.timestamp()) if valid_until else None)
+        else:
+            secret = "".join(secrets.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(32))
+        pid = next(self._ids)
+        with self.lock:
+            self.positions[secret] = Position(pid, f"O{pid:04d}", item, secret, attendee_name, variation,
+                                              subevent, **kw)
+        return secret
+
+    def revoke(self, secret: str) -> str:
+        """The ticket changed in pretix: it gets a new secret, the old one goes on the revocation list."""
+        with self.lock:
+            pos = self.positions.pop(secret)
+            pos.secret = make_sig1_secret(self.key, pos.item, pos.variation or 0, pos.subevent or 0)
+            self.positions[pos.secret] = pos
+            self.revoked.append({"id": next(self._ids), "secret": secret, "created": datetime.now(UTC),
+                                 "_position": pos.id})
+        return pos.secret
+
+    def block(self, secret: str, blocked: bool = True) -> None:
+        with self.lock:
+            self.positions[secret].blocked = blocked
+            self.blocked = [b for b in self.blocked if b["secret"] != secret]
+            self.blocked.append({"id": next(self._ids), "secret": secret, "blocked": blocked,
+                                 "updated": datetime.now(UTC)})
+
+    def successful(self, secret: str) -> list[Checkin]:
+        pos = self.positions[secret]
+        return [c for c in self.checkins if c.position == pos.id and c.successful]
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _auth(self, req: Request) -> Device | Response:
+        scheme, _, token = req.headers.get("authorization", "").partition(" ")
+        if not token:
+            return Response(401, {"detail": "Authentication credentials were not provided."})
+        device = next((d for d in self.setup_tokens.values() if d.token == token and scheme == "Device"), None)
+        if device is None:
+            return Response(401, {"detail": "Invalid token."})
+        if req.params.get("org", self.organizer) != self.organizer or \
+                req.params.get("event", self.event) != self.event:
+            return Response(403, {"detail": "You do not have permission to perform this action."})
+        return device
+
+    def _page(self, req: Request, items: list[dict[str, Any]], headers: dict[str, str] | None = None) -> Response:
+        page = int(req.query.get("page", ["1"])[0])
+        chunk = items[(page - 1) * self.page_size: page * self.page_size]
+        nxt = None
+        if page * self.page_size < len(items):
+            query = {k: v[0] for k, v in req.query.items()} | {"page": str(page + 1)}
+            nxt = f"{self.public_url or self.url}{req.path}?{urlencode(query)}"
+        return Response(200, {"count": len(items), "next": nxt, "previous": None, "results": chunk},
+                        headers or {})
+
+    def _position_json(self, pos: Position, list_id: int) -> dict[str, Any]:
+        return {"id": pos.id, "order": pos.order, "positionid": 1, "item": pos.item, "variation": pos.variation,
+                "attendee_name": pos.attendee_name, "secret": pos.secret, "subevent": pos.subevent,
+                "valid_from": _iso(pos.valid_from) if pos.valid_from else None,
+                "valid_until": _iso(pos.valid_until) if pos.valid_until else None,
+                "require_attention": pos.require_attention, "order__status": pos.order_status,
+                "checkins": [{"list": c.list, "type": c.type, "datetime": _iso(c.datetime), "device": c.device}
+                             for c in self.checkins if c.position == pos.id and c.successful and c.list == list_id]}
+
+    # --- device initialisation ------------------------------------------------------------
+
+    @route("POST", r"/api/v1/device/initialize")
+    def initialize(self, req: Request) -> Response:
+        try:
+            body = req.json()
+        except ValueError:
+            return Response(400, {"detail": "JSON parse error"})
+        missing = {k: ["This field is required."] for k in ("token", "hardware_brand", "hardware_model",
+                                                           "software_brand", "software_version")
+                   if not isinstance(body, dict) or not body.get(k)}
+        if missing:
+            return Response(400, missing)
+        with self.lock:
+            device = self.setup_tokens.get(body["token"])
+            if device is None:
+                return Response(400, {"token": ["Unknown initialization token."]})
+            if device.initialized:
+                return Response(400, {"token": ["This initialization token has already been used."]})
+            device.initialized, device.token, device.info = True, secrets.token_hex(32), body
+        return Response(200, {"organizer": self.organizer, "device_id": device.device_id,
+                              "unique_serial": f"SIM{device.device_id:013d}", "api_token": device.token,
+                              "name": device.name, "gate": None})
+
+    # --- event data -------------------------------------------------------------------------
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/")
+    def event_detail(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        return Response(200, {"name": {"en": "Demo Conference"}, "slug": self.event, "live": True,
+                              "testmode": False, "currency": "EUR", "date_from": "2026-06-01T17:00:00Z",
+                              "has_subevents": False, "valid_keys": {"pretix_sig1": list(self.valid_keys)}})
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/")
+    def checkinlists(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        items = [lst | {"position_count": len(self.positions), "checkin_count": 0} for lst in self.lists.values()]
+        return self._page(req, items)
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/")
+    def checkinlist_detail(self, req: Request) -> Response:
+        device = self._auth(req)  # observed: a device token gets 403 on a single list
+        return device if isinstance(device, Response) else Response(403, {
+            "detail": "You do not have permission to perform this action."})
+
+    def _stamped(self, req: Request, rows: list[dict[str, Any]], stamp: str) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        generated = datetime.now(UTC)
+        since = req.query.get(f"{stamp}_since", [None])[0]
+        if since:
+            rows = [r for r in rows if r[stamp] >= _parse(since)]
+        rows = sorted(rows, key=lambda r: r[stamp], reverse=req.query.get("ordering", [f"-{stamp}"])[0][0] == "-")
+        items = [{k: (_iso(v) if isinstance(v, datetime) else v) for k, v in r.items() if not k.startswith("_")}
+                 for r in rows]
+        return self._page(req, items, {"X-Page-Generated": _iso(generated)})
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/revokedsecrets/")
+    def revokedsecrets(self, req: Request) -> Response:
+        with self.lock:
+            return self._stamped(req, list(self.revoked), "created")
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/blockedsecrets/")
+    def blockedsecrets(self, req: Request) -> Response:
+        with self.lock:
+            return self._stamped(req, list(self.blocked), "updated")
+
+    # --- check-in ---------------------------------------------------------------------------
+
+    @route("POST", r"/api/v1/organizers/(?P<org>[^/]+)/checkinrpc/redeem/")
+    def redeem(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        try:
+            body = req.json()
+        except ValueError:
+            return Response(400, {"detail": "JSON parse error"})
+        errors: dict[str, list[str]] = {}
+        lists = body.get("lists") if isinstance(body, dict) else None
+        if not isinstance(lists, list) or not lists:
+            errors["lists"] = ["This field is required."]
+        elif any(i not in self.lists for i in lists):
+            errors["lists"] = [f'Invalid pk "{next(i for i in lists if i not in self.lists)}" - object does not exist.']
+        if not isinstance(body, dict) or not body.get("secret"):
+            errors["secret"] = ["This field is required."]
+        kind = body.get("type", "entry") if isinstance(body, dict) else "entry"
+        if kind not in ("entry", "exit"):
+            errors["type"] = [f'"{kind}" is not a valid choice.']
+        moment = datetime.now(UTC)
+        if isinstance(body, dict) and body.get("datetime"):
+            try:
+                moment = _parse(body["datetime"])
+            except ValueError:
+                errors["datetime"] = ["Datetime has wrong format."]
+        if errors:
+            return Response(400, errors)
+        nonce = body.get("nonce")
+        with self.lock:
+            if nonce and nonce in self.answers:
+                return self.answers[nonce]
+            answer = self._redeem(device, body, lists[0], kind, moment)
+            if nonce:
+                self.answers[nonce] = answer
+            return answer
+
+    def _redeem(self, device: Device, body: dict[str, Any], list_id: int, kind: str, moment: datetime) -> Response:
+        lst, force, secret = self.lists[list_id], bool(body.get("force")), body["secret"]
+        excerpt = {k: lst[k] for k in ("id", "name", "subevent", "include_pending")} | {"event": self.event}
+        pos = self.positions.get(secret)
+        revoked = next((r for r in self.revoked if r["secret"] == secret), None)
+        if pos is None and revoked is not None:
+            pos = next(p for p in self.positions.values() if p.id == revoked["_position"])
+
+        def refuse(reason: str, status: int = 400, explanation: str | None = None) -> Response:
+            self.checkins.append(Checkin(next(self._ids), body.get("nonce"), pos.id if pos else None, list_id, kind,
+                                         moment, device.device_id, False, reason, force, secret))
+            out = {"status": "error", "reason": reason, "reason_explanation": explanation,
+                   "require_attention": False, "checkin_texts": []}
+            if pos is None:
+                return Response(status, out | {"detail": "Not found."})
+            return Response(status, out | {"list": excerpt, "position": self._position_json(pos, list_id)})
+
+        if pos is None:
+            return refuse("invalid", 404)
+        if revoked is not None and not force:
+            return refuse("revoked")
+        if pos.order_status in ("c", "e"):
+            return refuse("canceled")
+        if pos.order_status == "n" and not (lst["include_pending"] and body.get("ignore_unpaid")):
+            return refuse("unpaid")
+        if pos.require_approval:
+            return refuse("unapproved")
+        if not lst["all_products"] and pos.item not in lst["limit_products"]:
+            return refuse("product")
+        if kind == "entry" and not force:
+            if pos.blocked:
+                return refuse("blocked")
+            if (pos.valid_from and moment < pos.valid_from) or (pos.valid_until and moment > pos.valid_until):
+                return refuse("invalid_time")
+            if lst["rules"]:
+                return refuse("rules", explanation="Minimum age 18")
+            done = [c for c in self.checkins if c.position == pos.id and c.list == list_id and c.successful]
+            entered = any(c.type == "entry" for c in done)
+            exited_last = bool(done) and done[-1].type == "exit"
+            if entered and not lst["allow_multiple_entries"] and not (lst["allow_entry_after_exit"] and exited_last):
+                return refuse("already_redeemed")
+        self.checkins.append(Checkin(next(self._ids), body.get("nonce"), pos.id, list_id, kind, moment,
+                                     device.device_id, True, None, force, secret))
+        return Response(201, {"status": "ok", "require_attention": pos.require_attention, "checkin_texts": [],
+                              "list": excerpt, "position": self._position_json(pos, list_id)})
+
+    @route("POST", r"/api/v1/organizers/(?P<org>[^/]+)/checkinrpc/annul/")
+    def annul(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        try:
+            body = req.json()
+        except ValueError:
+            return Response(400, {"detail": "JSON parse error"})
+        if not isinstance(body, dict) or not body.get("nonce") or not body.get("lists"):
+            return Response(400, {"nonce": ["This field is required."]})
+        moment = _parse(body["datetime"]) if body.get("datetime") else datetime.now(UTC)
+        with self.lock:
+            found = [c for c in self.checkins if c.nonce == body["nonce"] and c.list in body["lists"]
+                     and (c.successful or c.error_reason == "annulled")]
+            if not found:
+                return Response(404, {"detail": "Not found."})
+            if len(found) > 1:
+                return Response(400, {"detail": "Multiple check-ins match this nonce."})
+            ck = found[0]
+            if ck.device != device.device_id:
+                return Response(400, {"detail": "Check-in was not made by this device."})
+            if not ck.successful:
+                return Response(400, {"detail": "Check-in is already annulled or failed."})
+            if moment - ck.datetime > ANNUL_WINDOW:
+                return Response(400, {"detail": "Check-in is too old to be annulled."})
+            ck.successful, ck.error_reason = False, "annulled"
+            ck.error_explanation = body.get("error_explanation")
+        return Response(200, {"status": "ok"})
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/checkinrpc/search/")
+    def search(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        lists = [int(x) for x in req.query.get("list", [])]
+        if not lists:
+            return Response(400, {"list": ["This field is required."]})
+        text = req.query.get("search", [""])[0].lower()
+        with self.lock:
+            hits = [self._position_json(p, lists[0]) for p in self.positions.values()
+                    if text and (p.secret.lower().startswith(text) or text in p.attendee_name.lower())]
+        return self._page(req, hits)
+
+
+# --- the legacy pretixdroid API ----------------------------------------------------------------
+
+
+class PretixdroidSim(_QuickStop):
+    def __init__(self, organizer: str = "demo", event: str = "democon", key: str = "ABCDEF", **kw):
+        super().__init__(**kw)
+        self.organizer, self.event, self.key = organizer, event, key
+        self.tickets: dict[str, dict[str, Any]] = {}  # secret -> search result fields
+        self.redeems: list[str] = []  # secrets checked in, in order
+
+    def add_ticket(self, secret: str, attendee_name: str = "Peter Higgs", *, paid: bool = True) -> str:
+        with self.lock:
+            self.tickets[secret] = {"secret": secret, "order": f"O{len(self.tickets) + 1:04d}",
+                                    "item": "Standard ticket", "variation": None, "attendee_name": attendee_name,
+                                    "redeemed": False, "paid": paid}
+        return secret
+
+    def _guard(self, req: Request) -> Response | None:
+        if (req.params["org"], req.params["event"]) != (self.organizer, self.event):
+            return Response(404, "<h1>Not found</h1>", {"Content-Type": "text/html"})
+        if req.query.get("key", [""])[0] != self.key:
+            return Response(403, "<h1>Forbidden</h1>", {"Content-Type": "text/html"})
+        return None
+
+    @staticmethod
+    def _json(body: dict[str, Any]) -> Response:
+        return Response(200, body | {"version": 2}, {"Content-Type": "text/json"})
+
+    @route("POST", r"/pretixdroid/api/(?P<org>[^/]+)/(?P<event>[^/]+)/redeem/")
+    def redeem(self, req: Request) -> Response:
+        refused = self._guard(req)
+        if refused:
+            return refused
+        secret = ""
+        if req.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            secret = req.form().get("secret", [""])[0]
+        with self.lock:
+            ticket = self.tickets.get(secret)
+            if ticket is None:
+                return self._json({"status": "error", "reason": "unknown_ticket"})
+            if not ticket["paid"]:
+                return self._json({"status": "error", "reason": "unpaid"})
+            if ticket["redeemed"]:
+                return self._json({"status": "error", "reason": "already_redeemed"})
+            ticket["redeemed"] = True
+            self.redeems.append(secret)
+        return self._json({"status": "ok"})
+
+    @route("GET", r"/pretixdroid/api/(?P<org>[^/]+)/(?P<event>[^/]+)/search/")
+    def search(self, req: Request) -> Response:
+        refused = self._guard(req)
+        if refused:
+            return refused
+        query = req.query.get("query", [""])[0].lower()
+        with self.lock:
+            hits = [] if len(query) < 4 else [
+                dict(t) for t in self.tickets.values()
+                if t["secret"].lower().startswith(query) or query in t["attendee_name"].lower()][:25]
+        return self._json({"results": hits})
+
+    @route("GET", r"/pretixdroid/api/(?P<org>[^/]+)/(?P<event>[^/]+)/status/")
+    def status(self, req: Request) -> Response:
+        refused = self._guard(req)
+        if refused:
+            return refused
+        with self.lock:
+            checkins = sum(t["redeemed"] for t in self.tickets.values())
+        return self._json({"checkins": checkins, "total": len(self.tickets),
+                           "event": {"name": "Demo Conference", "slug": self.event, "timezone": "UTC",
+                                     "organizer": {"name": "Demo Organizer", "slug": self.organizer}},
+                           "items": []})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gated.simulators.pretix`: a bench pretix (or, with --droid, pretixdroid) server."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="pretix device API / pretixdroid simulator (loopback only)")
+    parser.add_argument("--port", type=int, default=8082)
+    parser.add_argument("--organizer", default="demo")
+    parser.add_argument("--event", default="democon")
+    parser.add_argument("--droid", metavar="KEY_FILE", help="serve the legacy pretixdroid API with this key")
+    args = parser.parse_args(argv)
+    if args.droid:
+        with open(args.droid, encoding="utf-8") as f:
+            droid = PretixdroidSim(args.organizer, args.event, f.read().strip(), port=args.port)
+        for n in range(1, 4):
+            droid.add_ticket(f"demo-ticket-{n:04d}", f"Guest {n}")
+        print(f"pretixdroid simulator on {droid.url}; tickets demo-ticket-0001 .. demo-ticket-0003")
+        sim: Simulator = droid
+    else:
+        pretix = PretixSim(args.organizer, args.event, port=args.port)
+        print(f"pretix simulator on {pretix.url} (organizer {args.organizer}, event {args.event}, list 1)")
+        print(f"setup token: {pretix.new_device()}")
+        for name in ("Ada", "Bob", "Cy"):
+            print(f"signed secret for {name}: {pretix.add_position(1, name)}")
+        sim = pretix
+    sim.start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        sim.stop()
+
+
+if __name__ == "__main__":
+    main()

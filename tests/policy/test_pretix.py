@@ -1,0 +1,478 @@
+"""pretix device API and legacy pretixdroid backends against their simulators (real HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gated import cli
+from gated.daemon import build
+from gated.model import Reason, Scan, ScanMode, Source, Verdict
+from gated.simulators.pretix import PretixdroidSim, PretixSim, make_sig1_secret
+from gated.store import Store
+from gated.upload import Uploader
+
+
+@pytest.fixture
+def sim():
+    with PretixSim("demo", "democon") as s:
+        yield s
+
+
+@pytest.fixture
+def px(sim, load_config):
+    def make(extra: str = "", list_id: int = 1, fallback: str = "policy", token_file: str = ""):
+        return load_config(f"""
+            [backend]
+            type = "pretix"
+            url = "{sim.url}"
+            timeout_seconds = 2.0
+            [backend.pretix]
+            organizer = "demo"
+            event = "democon"
+            checkin_list = {list_id}
+            token_file = "{token_file}"
+            [offline]
+            fallback = "{fallback}"
+            {extra}
+        """)
+    return make
+
+
+def _pair(config, token, capsys):
+    rc = cli.main(["pair", "--config", config.path, token])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def paired(sim, px, tmp_path):
+    """A gate with a device token (from token_file: pairing itself is tested above)."""
+    token = tmp_path / "device.token"
+    token.write_text(sim.device_token() + "\n")
+    token.chmod(0o600)
+
+    def make(**kw):
+        config = px(token_file=str(token), **kw)
+        config.lane["debounce_seconds"] = 0.0
+        return config
+    return make
+
+
+async def _scan(config, *tokens, sync=False, mode=None):
+    parts = await build(config)
+    try:
+        if mode is not None:
+            parts.gate.scan_mode = mode
+        if sync:
+            await parts.backend.sync(parts.store)
+        out = [await parts.gate.handle(Scan(token=t, reader="front")) for t in tokens]
+        await parts.gate.drain()
+        return out
+    finally:
+        await parts.close()
+
+
+def _store(config):
+    return Store(config.store.path)
+
+
+# --- pairing ------------------------------------------------------------------------------------
+
+
+def test_pair_initialises_the_device_and_keeps_its_token_in_the_owner_only_store(sim, px, capsys):
+    config = px()
+    rc, out, _ = _pair(config, sim.new_device("North 3"), capsys)
+    assert rc == 0 and 'device "North 3"' in out and "'Demo Conference'" in out
+    device = next(iter(sim.setup_tokens.values()))
+    assert device.info["software_brand"] == "gated" and device.info["hardware_model"]
+    store = _store(config)
+    try:
+        assert store.get("pretix:api_token") == device.token
+        assert json.loads(store.get("pretix:device"))["unique_serial"].startswith("SIM")
+    finally:
+        store.close()
+    assert device.token not in out and stat.S_IMODE(os.stat(config.store.path).st_mode) == 0o600
+    assert sim.requests[-1].headers["authorization"] == f"Device {device.token}"
+
+
+def test_pair_accepts_the_setup_qr_text(sim, px, capsys):
+    config = px()
+    qr = json.dumps({"handshake_version": 1, "url": sim.url, "token": sim.new_device()})
+    assert _pair(config, qr, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("qr,message", [
+    ({"handshake_version": 2, "token": "x"}, "update gated"),
+    ({"handshake_version": 1, "url": "https://other.example", "token": "x"}, "set [backend] url"),
+])
+def test_setup_qr_for_a_newer_handshake_or_another_server_is_refused(sim, px, capsys, qr, message):
+    rc, _, err = _pair(px(), json.dumps(qr), capsys)
+    assert rc == 2 and message in err and sim.requests == []
+
+
+def test_a_setup_token_works_once(sim, px, capsys):
+    config = px()
+    token = sim.new_device()
+    assert _pair(config, token, capsys)[0] == 0
+    rc, _, err = _pair(config, token, capsys)
+    assert rc == 2 and "already been used" in err
+
+
+# --- online ------------------------------------------------------------------------------------
+
+
+def test_online_redeem_sends_the_list_direction_source_and_the_scans_nonce(sim, paired):
+    config = paired()
+    secret = sim.add_position(1, "Ada Lovelace")
+    parts_nonce = []
+
+    async def run():
+        parts = await build(config)
+        try:
+            scan = Scan(token=secret, reader="front")
+            parts_nonce.append(scan.nonce)
+            return await parts.gate.handle(scan)
+        finally:
+            await parts.close()
+
+    d = asyncio.run(run())
+    assert (d.verdict, d.reason, d.source, d.message) == (Verdict.ADMIT, Reason.OK, Source.ONLINE, "Ada Lovelace")
+    body = sim.requests[-1].json()
+    assert sim.requests[-1].path == "/api/v1/organizers/demo/checkinrpc/redeem/"
+    assert body | {"secret": "…"} == {"secret": "…", "source_type": "barcode", "lists": [1], "type": "entry",
+                                      "force": False, "ignore_unpaid": False, "nonce": parts_nonce[0],
+                                      "questions_supported": False}
+    assert len(sim.successful(secret)) == 1
+
+
+def test_exit_scan_is_sent_as_type_exit(sim, paired):
+    config = paired()
+    secret = sim.add_position()
+    (d,) = asyncio.run(_scan(config, secret, mode=ScanMode.EXIT))
+    assert d.admitted and sim.requests[-1].json()["type"] == "exit"
+
+
+def _position(sim, case):
+    now = datetime.now(UTC)
+    if case == "revoked":
+        old = sim.add_position()
+        sim.revoke(old)
+        return old
+    kw = {"unpaid": {"order_status": "n"}, "canceled": {"order_status": "c"}, "blocked": {"blocked": True},
+          "early": {"valid_from": now + timedelta(days=1)}, "late": {"valid_until": now - timedelta(days=1)},
+          "unapproved": {"require_approval": True}, "product": {"item": 99}}[case]
+    item = kw.pop("item", 1)
+    return sim.add_position(item, **kw)
+
+
+@pytest.mark.parametrize("case,reason,code", [
+    ("unpaid", Reason.NOT_PAID, "unpaid"), ("canceled", Reason.CANCELED, "canceled"),
+    ("blocked", Reason.BLOCKED, "blocked"), ("early", Reason.NOT_YET_VALID, "invalid_time"),
+    ("late", Reason.EXPIRED, "invalid_time"), ("unapproved", Reason.NOT_APPROVED, "unapproved"),
+    ("product", Reason.PRODUCT_NOT_ALLOWED, "product"), ("revoked", Reason.REVOKED, "revoked"),
+])
+def test_every_pretix_refusal_maps_to_its_reason_and_keeps_pretix_code(sim, paired, case, reason, code):
+    sim.lists[1].update(all_products=False, limit_products=[1])
+    config = paired()
+    (d,) = asyncio.run(_scan(config, _position(sim, case)))
+    assert (d.verdict, d.reason, d.backend_code, d.source) == (Verdict.DENY, reason, code, Source.ONLINE)
+
+
+def test_unknown_secret_is_unknown_and_second_entry_is_already_used(sim, paired):
+    config = paired()
+    secret = sim.add_position()
+    decisions = asyncio.run(_scan(config, "nosuchsecret1234", secret, secret))
+    assert [(d.reason, d.backend_code) for d in decisions] == [
+        (Reason.UNKNOWN, "invalid"), (Reason.OK, "ok"), (Reason.ALREADY_USED, "already_redeemed")]
+
+
+def test_rules_refusal_shows_pretixs_explanation(sim, paired):
+    sim.lists[1]["rules"] = {"and": [{"isAfter": []}]}
+    config = paired()
+    (d,) = asyncio.run(_scan(config, sim.add_position(1, "Bob")))
+    assert d.reason is Reason.RULES and d.message == "Bob: Minimum age 18"
+
+
+def test_refused_device_token_decides_offline_and_says_to_pair_again(sim, paired):
+    config = paired()
+    for device in sim.setup_tokens.values():
+        device.token = "revoked-in-pretix"
+    (d,) = asyncio.run(_scan(config, sim.add_position()))
+    assert d.source is Source.OFFLINE and "pair again" in d.detail
+
+
+# --- offline data -------------------------------------------------------------------------------
+
+
+def _offline(config, *tokens, now=None):
+    """Decide each token from the synced offline data (the store's own thread, as the decider does)."""
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
+                                           now or time.time(), True) for t in tokens]
+        finally:
+            await parts.close()
+    return asyncio.run(run())
+
+
+def test_signed_secrets_are_decided_offline_with_one_reason_per_fault(sim, paired):
+    sim.lists[1].update(all_products=False, limit_products=[1, 2])
+    config = paired()
+    now = datetime.now(UTC)
+    good = sim.add_position(1)
+    revoked = sim.add_position(2)
+    sim.revoke(revoked)
+    blocked = sim.add_position(1)
+    sim.block(blocked)
+    early = sim.add_position(1, valid_from=now + timedelta(hours=2))
+    late = sim.add_position(1, valid_until=now - timedelta(hours=2))
+    other_product = sim.add_position(7)
+    changed = good[:20] + ("B" if good[20] != "B" else "C") + good[21:]
+    foreign = make_sig1_secret(Ed25519PrivateKey.generate(), 1)
+    decisions = _offline(config, good, revoked, blocked, early, late, other_product, changed, foreign,
+                         "az9u4mymhqktrbupmwkvv6xmgds5dk3x", good[:-12])
+    assert [d.reason for d in decisions] == [
+        Reason.OK, Reason.REVOKED, Reason.BLOCKED, Reason.NOT_YET_VALID, Reason.EXPIRED,
+        Reason.PRODUCT_NOT_ALLOWED, Reason.INVALID_SIGNATURE, Reason.INVALID_SIGNATURE, Reason.UNKNOWN,
+        Reason.UNKNOWN]
+    assert decisions[0].ticket_key == good and decisions[0].admitted
+
+
+def test_ticket_for_another_date_of_a_series_is_wrong_event_offline(sim, paired):
+    sim.lists[1]["subevent"] = 11
+    config = paired()
+    (d,) = _offline(config, sim.add_position(1, subevent=12))
+    assert d.reason is Reason.WRONG_EVENT
+
+
+def test_gate_decides_signed_secrets_offline_when_pretix_is_down_with_anti_passback(sim, paired):
+    config = paired()
+    secret = sim.add_position()
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            sim.fail_status = 502
+            return [await parts.gate.handle(Scan(token=secret, reader="front")) for _ in range(2)]
+        finally:
+            await parts.close()
+
+    first, second = asyncio.run(run())
+    assert (first.verdict, first.source) == (Verdict.ADMIT, Source.OFFLINE) and "HTTP 502" in first.detail
+    assert second.reason is Reason.ALREADY_USED
+
+
+def test_revocations_are_fetched_as_deltas_across_pages_and_unblocking_takes_effect(sim, paired):
+    sim.page_size = 2
+    sim.public_url = "https://pretix.behind-a-proxy.example"  # `next` names pretix's own host
+    config = paired()
+    olds = [sim.add_position() for _ in range(5)]
+    for s in olds[:3]:
+        sim.revoke(s)
+    blocked = sim.add_position()
+    sim.block(blocked)
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            first = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
+                                            time.time(), True) for t in olds + [blocked]]
+            for s in olds[3:]:
+                sim.revoke(s)
+            sim.block(blocked, False)
+            mark = len(sim.requests)
+            await parts.backend.sync(parts.store)
+            second = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
+                                             time.time(), True) for t in olds + [blocked]]
+            return first, second, sim.requests[mark:]
+        finally:
+            await parts.close()
+
+    first, second, requests = asyncio.run(run())
+    assert [d.reason for d in first] == [Reason.REVOKED] * 3 + [Reason.OK] * 2 + [Reason.BLOCKED]
+    assert [d.reason for d in second] == [Reason.REVOKED] * 5 + [Reason.OK]
+    delta = [r for r in requests if r.path.endswith("/revokedsecrets/")]
+    assert delta[0].query["created_since"] and delta[0].query["ordering"] == ["-created"]
+    assert all(r.headers["host"].startswith("127.0.0.1") for r in requests)
+
+
+def test_no_signing_keys_means_the_offline_fallback_decides(sim, paired):
+    sim.valid_keys.clear()  # an event with random secrets
+    config = paired(fallback="deny")
+    secret = sim.add_position(signed=False)
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            sim.fail_status = 503
+            return await parts.gate.handle(Scan(token=secret, reader="front"))
+        finally:
+            await parts.close()
+
+    d = asyncio.run(run())
+    assert d.reason is Reason.OFFLINE_NO_DATA and not d.admitted
+
+
+def test_a_check_in_list_that_does_not_exist_is_named_when_syncing(sim, paired):
+    config = paired(list_id=9)
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+
+    with pytest.raises(Exception, match=r"checkin_list = 9: not a check-in list of event 'democon' \(its lists: 1\)"):
+        asyncio.run(run())
+
+
+# --- upload and annulment -----------------------------------------------------------------------
+
+
+def test_offline_check_ins_are_replayed_with_their_time_nonce_and_force_exactly_once(sim, paired):
+    config = paired()
+    secret = sim.add_position()
+    other = sim.add_position(1, order_status="c")  # canceled meanwhile: pretix refuses even with force
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            sim.fail_status = 503
+            scans = [Scan(token=secret, reader="front", wall=time.time() - 600),
+                     Scan(token=other, reader="front"), Scan(token="not-signed-at-all", reader="front")]
+            decisions = [await parts.gate.handle(s) for s in scans]
+            sim.fail_status = None
+            uploader = Uploader(parts.backend, parts.store)
+            sent = await uploader.drain()
+            again = await uploader.drain()
+            rows = await parts.store.call(lambda s: list(s.db.query("SELECT * FROM scans ORDER BY id")))
+            replay = await parts.backend.upload([rows[0]])  # a second replay of the same scan
+            return scans, decisions, sent, again, replay, await parts.store.call(Store.queue_stats)
+        finally:
+            await parts.close()
+
+    scans, decisions, sent, again, replay, stats = asyncio.run(run())
+    assert [d.admitted for d in decisions] == [True, True, False]
+    (ck,) = sim.successful(secret)
+    assert ck.forced and ck.nonce == scans[0].nonce
+    assert abs(ck.datetime.timestamp() - scans[0].wall) < 0.002
+    assert (sent, again, stats.pending, stats.parked) == (2, 0, 0, 1)
+    assert replay.sent == [scans[0].nonce] and len(sim.successful(secret)) == 1
+
+
+def test_nobody_passing_annuls_the_check_in_by_nonce_and_the_ticket_can_enter_again(sim, paired):
+    config = paired(extra="[input.passage]\npin = 24\ntimeout_seconds = 0.05\n")
+    secret = sim.add_position()
+
+    async def run():
+        parts = await build(config)
+        try:
+            out = []
+            for _ in range(2):
+                out.append(await parts.gate.handle(Scan(token=secret, reader="front")))
+                await parts.gate.drain()  # the passage timeout runs out: nobody went through
+            return out
+        finally:
+            await parts.close()
+
+    first, second = asyncio.run(run())
+    assert first.admitted and second.admitted
+    annul = [r for r in sim.requests if r.path.endswith("/checkinrpc/annul/")]
+    assert len(annul) == 2 and annul[0].json()["nonce"] == sim.checkins[0].nonce
+    assert [c.error_reason for c in sim.checkins] == ["annulled", "annulled"]
+
+
+def test_lookup_searches_the_check_in_list(sim, paired, capsys):
+    config = paired()
+    secret = sim.add_position(1, "Grace Hopper")
+    assert cli.main(["lookup", "--config", config.path, secret]) == 0
+    out = capsys.readouterr().out
+    assert "1 match(es) on check-in list 1" in out and "Grace Hopper" in out and secret not in out
+
+
+# --- pretixdroid (legacy) -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def droid(load_config, tmp_path):
+    key = tmp_path / "droid.key"
+    key.write_text("S3CRET-KEY\n")
+    key.chmod(0o600)
+    with PretixdroidSim("demo", "democon", "S3CRET-KEY") as s:
+        def make(fallback="deny", key_file=key):
+            config = load_config(f'[backend]\ntype = "pretixdroid"\nurl = "{s.url}"\ntimeout_seconds = 2.0\n'
+                                 f'[backend.pretixdroid]\norganizer = "demo"\nevent = "democon"\n'
+                                 f'key_file = "{key_file}"\n[offline]\nfallback = "{fallback}"\n')
+            config.lane["debounce_seconds"] = 0.0
+            return config
+        s.config = make
+        yield s
+
+
+def test_pretixdroid_redeems_with_the_secret_form_field_and_key_query(droid):
+    droid.add_ticket("az9u4mymhqktrbupmwkvv6xmgds5dk3", "Peter Higgs")
+    droid.add_ticket("unpaid-ticket-0001", paid=False)
+    decisions = asyncio.run(_scan(droid.config(), "az9u4mymhqktrbupmwkvv6xmgds5dk3",
+                                  "az9u4mymhqktrbupmwkvv6xmgds5dk3", "unpaid-ticket-0001", "nope"))
+    assert [(d.reason, d.backend_code) for d in decisions] == [
+        (Reason.OK, "ok"), (Reason.ALREADY_USED, "already_redeemed"), (Reason.NOT_PAID, "unpaid"),
+        (Reason.UNKNOWN, "unknown_ticket")]
+    first = droid.requests[0]
+    assert first.query["key"] == ["S3CRET-KEY"] and first.form() == {"secret": ["az9u4mymhqktrbupmwkvv6xmgds5dk3"]}
+
+
+def test_pretixdroid_wrong_key_decides_offline_by_the_fallback(droid, tmp_path):
+    bad = tmp_path / "bad.key"
+    bad.write_text("WRONG")
+    bad.chmod(0o600)
+    droid.add_ticket("ticket-0001")
+    (d,) = asyncio.run(_scan(droid.config(key_file=bad), "ticket-0001"))
+    assert d.reason is Reason.OFFLINE_NO_DATA and "key refused" in d.detail and droid.redeems == []
+
+
+def test_pretixdroid_fallback_admit_keeps_anti_passback_and_replays_once(droid):
+    config = droid.config(fallback="admit")
+    droid.add_ticket("ticket-0001")
+    droid.add_ticket("ticket-0002")
+
+    async def run():
+        parts = await build(config)
+        try:
+            droid.fail_status = 503
+            decisions = [await parts.gate.handle(Scan(token=t, reader="front"))
+                         for t in ("ticket-0001", "ticket-0001", "ticket-0002", "forged-0003")]
+            droid.fail_status = None
+            uploader = Uploader(parts.backend, parts.store)
+            return decisions, await uploader.drain(), await uploader.drain(), \
+                await parts.store.call(Store.queue_stats)
+        finally:
+            await parts.close()
+
+    decisions, sent, again, stats = asyncio.run(run())
+    assert [d.reason for d in decisions] == [Reason.FALLBACK_ADMIT, Reason.ALREADY_USED, Reason.FALLBACK_ADMIT,
+                                             Reason.FALLBACK_ADMIT]
+    assert droid.redeems == ["ticket-0001", "ticket-0002"]
+    assert (sent, again, stats.pending, stats.parked) == (3, 0, 0, 1)  # the forged code is parked, visible
+
+
+def test_pretixdroid_lookup_uses_search(droid, capsys):
+    config = droid.config()
+    droid.add_ticket("az9u4mymhqktrbupmwkvv6xmgds5dk3", "Peter Higgs")
+    assert cli.main(["lookup", "--config", config.path, "az9u4mymhq"]) == 0
+    assert "Peter Higgs" in capsys.readouterr().out
