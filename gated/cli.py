@@ -87,6 +87,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     scan = Scan(token=token, reader=reader, input=kind, raw_length=len(token))
     try:
         code, line = asyncio.run(one_scan(config, scan, label))
+    except ConfigError as e:
+        print(configmod.report(e), file=sys.stderr)
+        return EXIT_ERROR
     except (StoreError, DriverError) as e:
         print(f"gated: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -216,6 +219,25 @@ def cmd_outputs(args: argparse.Namespace) -> int:
     return outputs_test.run(config, yes=args.yes, seconds=args.seconds)
 
 
+def cmd_list_devices(args: argparse.Namespace) -> int:
+    from gated.drivers import hid, serial_qr
+
+    def show(found: list, row) -> None:
+        for name, details, access, group in map(row, found):
+            warn = [] if access else [f"NO ACCESS: add the gated user to the {group} group"]
+            print("  " + "  ".join([name, *filter(None, details), *warn]))
+        if not found:
+            print("  none found")
+
+    print('Keyboard-wedge scanners, for [reader.NAME] type = "hid" (device = the first name, or match):')
+    show(hid.list_devices(), lambda c: (c.links[0] if c.links else c.path, [
+        f'"{c.name}"', f'match = "{c.vendor_product}"', f"({c.path})" if c.links else ""], c.access, "input"))
+    print('Serial ports, for [reader.NAME] type = "serial" (port = the first name):')
+    show(serial_qr.list_devices(), lambda s: (s.links[0] if s.links else s.path, [
+        s.description, s.hwid, f"({s.path})" if s.links else ""], s.access, "dialout"))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated", description="Turnstile and ticket-reader daemon.")
     parser.add_argument("--version", action="version", version=f"gated {__version__}")
@@ -252,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "queue, journal; exit 1 if any check fails.")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long to wait for the ticketing API (default 5)")
+    command("list-devices", cmd_list_devices, "Show input devices and serial ports a scanner could be, with the "
+            "stable /dev/.../by-id names to put in the config.")
     p = command("outputs", cmd_outputs, "Wiring test: switch the relay, LEDs and buzzer one at a time and show the "
                 "passage and emergency inputs live.")
     p.add_argument("action", choices=("test",), help="test: cycle the outputs")

@@ -20,7 +20,7 @@ from gated.config import Config
 from gated.drivers import build_reader
 from gated.drivers.base import Reader
 from gated.drivers.gpio import Outputs, make_pin_factory
-from gated.errors import ConfigError, DriverError, StoreError, Unreachable
+from gated.errors import ConfigError, DriverError, GatedError, StoreError, Unreachable
 from gated.model import Scan
 from gated.notify import Notifier
 from gated.pipeline import Gate
@@ -96,14 +96,26 @@ class Daemon:
                  c.lane.scan_mode, c.lane.mode)
         try:
             self.parts = await build(c, simulate=self.simulate)
+        except ConfigError as e:  # a secret file found wrong only when the backend reads it
+            log.error("cannot start:\n%s", configmod.report(e), extra={"GATED_EVENT": "start_failed"})
+            return 2
         except (StoreError, DriverError) as e:
             log.error("cannot start: %s", e, extra={"GATED_EVENT": "start_failed"})
             return 1
         p = self.parts
+        if not p.backend.online:
+            # A local list is the only authority and reading it takes milliseconds: load it before
+            # the readers start, or the first codes after a fresh install are denied "unknown".
+            try:
+                await p.backend.sync(p.store)
+            except GatedError as e:
+                log.warning("offline data not refreshed: %s", e, extra={"GATED_EVENT": "sync_failed"})
         self.uploader = Uploader(p.backend, p.store)
         self.uploader.can_upload = lambda: p.decider.breaker.allows()
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
-        p.gate.on_queued = self.uploader.wake
+        # Offline-first backends upload as they go. A scan queued because the API just failed waits
+        # for the breaker's probe (on_reconnect below): waking now would only fail again.
+        p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
         p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
         loop = asyncio.get_running_loop()
         background = [loop.create_task(self.uploader.run(), name="uploader"),
@@ -112,7 +124,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.queue.put_nowait(_RELOAD))
-        self._start_readers(c.readers)
+        self._start_readers(c.readers, c)
 
         stats = await p.store.call(Store.queue_stats)
         log.info("readers: %s", ", ".join(r.describe() for r in self._reader_objs.values()))
@@ -204,7 +216,7 @@ class Daemon:
 
     # --- readers ---------------------------------------------------------------------------
 
-    def _start_readers(self, sections: dict[str, Section]) -> None:
+    def _start_readers(self, sections: dict[str, Section], config: Config) -> None:
         self._reader_objs: dict[str, Reader] = getattr(self, "_reader_objs", {})
         loop = asyncio.get_running_loop()
         for name, section in sections.items():
@@ -212,7 +224,7 @@ class Daemon:
                 section = Section(section.where, {**section, "type": "stdin"})
                 if any(s.type == "stdin" for s, _ in self.readers.values()):
                     continue
-            reader = build_reader(name, section)
+            reader = build_reader(name, section, config)
             self._reader_objs[name] = reader
             self.readers[name] = (section, loop.create_task(self._pump(reader), name=f"reader-{name}"))
 
@@ -232,13 +244,21 @@ class Daemon:
     # --- reload ----------------------------------------------------------------------------
 
     async def _reload(self) -> None:
+        # systemd holds the unit in "reloading" after RELOADING=1 until READY=1 comes, whether the
+        # new config was taken or refused: send it on both paths, with the state as it now is.
         self.notifier.reloading()
+        try:
+            await self._apply_new_config()
+        finally:
+            stats = await self.parts.store.call(Store.queue_stats)
+            self.notifier.ready(self._status(stats.pending))
+
+    async def _apply_new_config(self) -> None:
         try:
             new = configmod.load(self.config.path)
         except ConfigError as e:
             log.error("configuration not reloaded, the running one stays:\n%s", configmod.report(e),
                       extra={"GATED_EVENT": "config_rejected"})
-            self.notifier.status(self._status(0))
             return
         old, p, changed = self.config, self.parts, []
         if new.store.path != old.store.path:
@@ -268,13 +288,15 @@ class Daemon:
             p.gate.outputs = p.outputs
             p.decider.emergency = p.outputs.emergency_active
             changed.append("outputs")
-        gone = [n for n, (s, _) in self.readers.items() if new.readers.get(n) != s]
+        wallet = (new.wallet_apple, new.wallet_google) != (old.wallet_apple, old.wallet_google)
+        gone = [n for n, (s, _) in self.readers.items()
+                if new.readers.get(n) != s or (wallet and s.type == "nfc")]  # nfc readers hold wallet keys
         for name in gone:
             _, task = self.readers.pop(name)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             self._reader_objs.pop(name, None)
-        self._start_readers({n: s for n, s in new.readers.items() if n not in self.readers})
+        self._start_readers({n: s for n, s in new.readers.items() if n not in self.readers}, new)
         if gone or len(new.readers) != len(old.readers):
             changed.append("readers")
         p.decider.apply(new)
@@ -282,8 +304,6 @@ class Daemon:
         self.config = new
         log.info("configuration reloaded from %s (%s)", new.path, ", ".join(changed) or "settings only",
                  extra={"GATED_EVENT": "config_reloaded"})
-        stats = await p.store.call(Store.queue_stats)
-        self.notifier.status(self._status(stats.pending))
 
 
 async def one_scan(config: Config, scan: Scan, label: str) -> tuple[int, str]:

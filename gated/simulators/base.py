@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,9 +75,22 @@ class Simulator:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
+        # Headers and body leave in two writes: without TCP_NODELAY, Nagle holds the body until the
+        # client's delayed ACK (~40 ms on Linux), a latency a real API behind its gateway does not add.
+        Handler.disable_nagle_algorithm = True
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        accept = self.server.get_request
+
+        def get_request() -> Any:
+            conn, addr = accept()
+            with self.lock:
+                self._connections.add(conn)
+            return conn, addr
+
+        self.server.get_request = get_request
 
     @property
     def url(self) -> str:
@@ -91,9 +105,17 @@ class Simulator:
         return self
 
     def stop(self) -> None:
+        """Stop like a dead server: no new connections, and the kept-alive ones are cut as well."""
         self.stall.clear()
         self.server.shutdown()
         self.server.server_close()
+        with self.lock:
+            conns, self._connections = list(self._connections), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its client
 
     def __enter__(self) -> Simulator:
         return self.start()

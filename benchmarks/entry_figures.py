@@ -1,0 +1,204 @@
+"""Entry backend figures against the local simulator: online overhead, dead-server fallback, upload speed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import Figure, latency_text, pct, workdir, write_config
+from gated import config as configmod
+from gated.model import Scan, ScanMode, Source, deny
+from gated.simulators.entry import DEFAULT_API_KEY, EntrySimulator
+from gated.store import Store
+from gated.upload import Uploader
+
+DEADLINE = 0.8  # DESIGN.md's default online deadline
+
+
+def _config(folder: Path, url: str, extra: str = "") -> configmod.Config:
+    key = folder / "entry-api.key"
+    key.write_text(DEFAULT_API_KEY + "\n")
+    key.chmod(0o600)
+    return configmod.load(str(write_config(folder, f"""
+        [backend]
+        type = "entry"
+        url = "{url}"
+        timeout_seconds = {DEADLINE}
+        probe_interval_seconds = 3600
+        {extra}
+        [backend.entry]
+        api_key_file = "{key}"
+        venue_code = "TS"
+        data_account_id = "390"
+        make = "Raspberry Pi"
+        model = "bench"
+    """)))
+
+
+def online(n: int) -> list[Figure]:
+    """gated's scan -> verdict (the Decider, online) vs a bare httpx POST of the same body to the same server."""
+    from gated.daemon import build
+
+    sim = EntrySimulator().start()
+    cfg = _config(workdir(), sim.url)
+
+    async def run() -> tuple[list[float], list[float], list[float]]:
+        parts = await build(cfg)
+        backend = parts.backend
+        bare_client = httpx.AsyncClient(base_url=sim.url, timeout=DEADLINE)
+        gated_ms, bare_ms, handle_ms = [], [], []
+        try:
+            for i in range(50):  # warm both connections and code paths
+                await parts.decider.decide(Scan(token=f"WARM-{i}"), ScanMode.ENTRY)
+                await _bare(bare_client, backend, f"WARM-{i}")
+            for i in range(n):  # interleaved, so drift on the shared machine hits both alike
+                t = time.perf_counter()
+                d = await parts.decider.decide(Scan(token=f"BENCH-{i}"), ScanMode.ENTRY)
+                gated_ms.append((time.perf_counter() - t) * 1000)
+                assert d.source is Source.ONLINE
+                t = time.perf_counter()
+                await _bare(bare_client, backend, f"BENCH-{i}")
+                bare_ms.append((time.perf_counter() - t) * 1000)
+            for i in range(min(n, 300)):
+                await parts.gate.handle(Scan(token=f"FULL-{i}", reader="front"))
+                handle_ms.append(parts.gate.last_act_ms)
+        finally:
+            await bare_client.aclose()
+            await parts.close()
+        return gated_ms, bare_ms, handle_ms
+
+    try:
+        gated_ms, bare_ms, handle_ms = asyncio.run(run())
+    finally:
+        sim.stop()
+    ratio = pct(gated_ms, 50) / pct(bare_ms, 50)
+    ratio99 = pct(gated_ms, 99) / pct(bare_ms, 99)
+    return [
+        Figure("entry online scan->verdict", latency_text(gated_ms), "-", None),
+        Figure("entry bare httpx request", latency_text(bare_ms), "-", None),
+        Figure("entry online overhead (p50 ratio)", f"{ratio:.2f}x (p99 {ratio99:.2f}x)", "<= 1.2x", ratio <= 1.2),
+        Figure("entry online scan->relay incl. commit", latency_text(handle_ms), "-", None),
+    ]
+
+
+async def _bare(client: httpx.AsyncClient, backend, token: str) -> None:
+    body = {"token": token, "inputType": "Barcode", "scanMode": "Entry", "barcodeType": "Barcode",
+            "testMode": False, **backend.context()}
+    headers = {"PAC-Request-Id": str(uuid.uuid4()), "Authorization": f"Bearer {backend._token}"}
+    r = await client.post("/scan/validate", json=body, headers=headers)
+    r.raise_for_status()
+    r.json()
+
+
+def dead_server(n: int) -> list[Figure]:
+    """Scan -> offline verdict when the server stalls or refuses connections (breaker closed each time, so
+    every scan tries the API first), and scan -> relay once the breaker is open."""
+    from gated.daemon import build
+
+    sim = EntrySimulator().start()
+    cfg = _config(workdir(), sim.url)
+
+    async def run() -> tuple[list[float], list[float], list[float], list[float]]:
+        parts = await build(cfg)
+        refused, stalled, open_ms, commit_ms = [], [], [], []
+        try:
+            await parts.backend.sync(parts.store)
+            sim.stall.set()
+            for i in range(n):
+                parts.decider.breaker.close()
+                t = time.perf_counter()
+                d = await parts.decider.decide(Scan(token=f"39011{i:08d}"), ScanMode.ENTRY)
+                stalled.append((time.perf_counter() - t) * 1000)
+                assert d.source is Source.OFFLINE
+            sim.stall.clear()
+            sim.stop()
+            for i in range(n):
+                parts.decider.breaker.close()
+                t = time.perf_counter()
+                d = await parts.decider.decide(Scan(token=f"39012{i:08d}"), ScanMode.ENTRY)
+                refused.append((time.perf_counter() - t) * 1000)
+                assert d.source is Source.OFFLINE
+            for _ in range(3):  # open the breaker
+                await parts.gate.handle(Scan(token="3901300000000", reader="front"))
+            for i in range(max(n * 20, 200)):
+                await parts.gate.handle(Scan(token=f"39014{i:08d}", reader="front"))
+                open_ms.append(parts.gate.last_act_ms)
+                commit_ms.append(parts.gate.last_commit_ms)
+        finally:
+            await parts.close()
+        return refused, stalled, open_ms, commit_ms
+
+    refused, stalled, open_ms, commit_ms = asyncio.run(run())
+    limit = DEADLINE * 1000 + 10
+    return [
+        Figure("entry dead server (stalled) -> offline verdict", latency_text(stalled), f"<= {limit:.0f} ms",
+               max(stalled) <= limit),
+        Figure("entry dead server (refused) -> offline verdict", latency_text(refused), f"<= {limit:.0f} ms",
+               max(refused) <= limit),
+        Figure("entry breaker open: scan->relay incl. commit", latency_text(open_ms), "p99 <= 5 ms",
+               pct(open_ms, 99) <= 5.0),
+        Figure("entry breaker open: the commit alone", latency_text(commit_ms), "-", None),
+    ]
+
+
+def upload(n: int) -> list[Figure]:
+    """Uploader.drain() of n scans queued offline: gzip batches of 100 to the simulator."""
+    from gated.policy import build_backend
+    from gated.store import StoreThread
+
+    sim = EntrySimulator().start()
+    folder = workdir()
+    cfg = _config(folder, sim.url)
+    event = sim.events[0]["eventId"]
+
+    def fill(store: Store) -> None:
+        now = time.time() - n
+        with store.db.atomic():  # one commit: queueing is not what is measured
+            for i in range(n):
+                store.record(Scan(token=f"3909{i:09d}", wall=now + i), deny(_reason(), event_id=event,
+                             backend="entry"), lane="bench-1", scan_mode=ScanMode.ENTRY, latency_ms=1.0,
+                             queue_upload=True)
+
+    async def run() -> tuple[float, int]:
+        store = StoreThread(cfg.store.path)
+        backend = build_backend(cfg)
+        try:
+            await backend.start(store)
+            await backend.sync(store)
+            await store.call(fill)
+            t = time.perf_counter()
+            sent = await Uploader(backend, store).drain()
+            return time.perf_counter() - t, sent
+        finally:
+            await backend.close()
+            store.close()
+
+    try:
+        seconds, sent = asyncio.run(run())
+    finally:
+        sim.stop()
+    target = n / 100_000 * 30  # DESIGN.md: 100,000 queued scans within 30 s
+    ok = sent == n and sim.upload_requests == -(-n // 100) and len(sim.arrivals) == n
+    return [Figure(f"entry upload of {n:,} offline scans", f"{seconds:.2f} s ({sim.upload_requests} requests, "
+                   f"{n / seconds:,.0f} scans/s)", f"<= {target:.0f} s", ok and seconds <= target)]
+
+
+def _reason():
+    from gated.model import Reason
+
+    return Reason.UNKNOWN
+
+
+def figures(quick: bool) -> list[Figure]:
+    return [*online(300 if quick else 2000), *dead_server(3 if quick else 10), *upload(2000 if quick else 10_000)]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for fig in figures("--quick" in sys.argv):
+        print(f"  {fig.verdict:4}  {fig.name}: {fig.value}  [target {fig.target}]", flush=True)
