@@ -235,8 +235,11 @@ class Contact:
     def on_change(self, active: Callable[[], None] | None, inactive: Callable[[], None] | None = None) -> None:
         if not self.closed_is_active:
             active, inactive = inactive, active
-        self.device.when_activated = active
-        self.device.when_deactivated = inactive
+        # Assigning None to a callback that was never set makes gpiozero warn: set only real ones.
+        if active is not None or self.device.when_activated is not None:
+            self.device.when_activated = active
+        if inactive is not None or self.device.when_deactivated is not None:
+            self.device.when_deactivated = inactive
 
 
 def _gpio_hint(error: Exception) -> str:
