@@ -18,6 +18,7 @@ import httpx
 from gated import __version__
 from gated.config import Config
 from gated.errors import Unreachable
+from gated.policy.base import Backend
 
 USER_AGENT = f"gated/{__version__}"
 
@@ -68,3 +69,20 @@ def _reason(error: Exception) -> str:
     text = str(error) or type(error).__name__
     # httpx puts the URL in some messages; keep only the OS-level reason.
     return text.split(" for url ")[0][:200]
+
+
+class HttpBackend(Backend):
+    """A Backend that talks HTTP: one lazily made client (made on first use, inside the event loop), closed once."""
+
+    _client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = make_client(self.config)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

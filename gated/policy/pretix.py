@@ -32,7 +32,7 @@ from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import json_body, make_client, request
+from gated.policy.http import HttpBackend, json_body, request
 from gated.policy.signatures import load_sig1_keys, verify_sig1
 from gated.schema import Key
 from gated.secrets import read_secret
@@ -72,7 +72,7 @@ REASONS = {
 }
 
 
-class PretixBackend(Backend):
+class PretixBackend(HttpBackend):
     name = "pretix"
 
     def __init__(self, config: Config):
@@ -89,15 +89,9 @@ class PretixBackend(Backend):
         self.blocked_name = f"pretix-blocked:{self.scope}"
         self.token: str | None = None
         self._store: StoreThread | None = None
-        self._client: httpx.AsyncClient | None = None
         self._keys: tuple[float, list[Ed25519PublicKey]] = (-1.0, [])
         self._rules_warned = False
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = make_client(self.config)
-        return self._client
 
     def describe(self) -> str:
         paired = "device token loaded" if self.token else "not paired"
@@ -110,10 +104,6 @@ class PretixBackend(Backend):
             log.warning("pretix: no device token yet; run `gated pair TOKEN` with the device's setup token "
                         "(deciding offline until then)", extra={"GATED_EVENT": "not_paired"})
 
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def _load_credentials(self) -> None:
         if self.token_file:

@@ -20,7 +20,7 @@ from gated.config import Config
 from gated.errors import ConfigError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import json_body, make_client, request
+from gated.policy.http import HttpBackend, json_body, request
 from gated.schema import Key
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
@@ -38,7 +38,7 @@ REASONS = {"unpaid": Reason.NOT_PAID, "already_redeemed": Reason.ALREADY_USED, "
 SLOW_CALL_SECONDS = 10.0
 
 
-class PretixdroidBackend(Backend):
+class PretixdroidBackend(HttpBackend):
     name = "pretixdroid"
 
     def __init__(self, config: Config):
@@ -46,13 +46,7 @@ class PretixdroidBackend(Backend):
         self.base = f"/pretixdroid/api/{self.options.organizer}/{self.options.event}/"
         self.key_file: str = self.options.key_file
         self.key: str | None = None
-        self._client: httpx.AsyncClient | None = None
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = make_client(self.config)
-        return self._client
 
     def describe(self) -> str:
         return f"pretixdroid ({self.options.organizer}/{self.options.event}, no offline data: fallback decides)"
@@ -66,10 +60,6 @@ class PretixdroidBackend(Backend):
         except ConfigError as e:
             log.error("%s", "; ".join(e.problems), extra={"GATED_EVENT": "config_problem"})
 
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def _call(self, method: str, endpoint: str, params: dict[str, str] | None = None,
                     **kw: Any) -> httpx.Response:

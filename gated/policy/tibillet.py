@@ -26,7 +26,7 @@ from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import json_body, make_client, request
+from gated.policy.http import HttpBackend, json_body, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.schema import Key
 from gated.secrets import read_secret
@@ -49,7 +49,7 @@ KV_DEVICE_NAME = "tibillet:device_name"
 SLOW_CALL_SECONDS = 10.0  # pairing and uploads are not on a visitor's clock
 
 
-class TibilletBackend(Backend):
+class TibilletBackend(HttpBackend):
     name = "tibillet"
 
     def __init__(self, config: Config):
@@ -72,13 +72,7 @@ class TibilletBackend(Backend):
         self.api_key: str | None = None
         self.device_uuid: str | None = None
         self._store: StoreThread | None = None
-        self._client: httpx.AsyncClient | None = None
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = make_client(self.config)
-        return self._client
 
     def describe(self) -> str:
         paired = "API key loaded" if self.api_key else "not paired"
@@ -93,10 +87,6 @@ class TibilletBackend(Backend):
             log.warning("TiBillet: no API key yet; run `gated pair CODE` with the device's pairing code "
                         "(deciding offline until then)", extra={"GATED_EVENT": "not_paired"})
 
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def _load_credentials(self) -> None:
         if self.api_key_file:
