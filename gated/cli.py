@@ -130,28 +130,35 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_lookup(args: argparse.Namespace) -> int:
+async def _with_backend(config, work):
+    """Run `await work(backend, store)` with the configured backend and a store, closing both after."""
     from gated.policy import build_backend
-    from gated.store import Store, StoreThread
+    from gated.store import StoreThread
+
+    backend = build_backend(config)
+    store = StoreThread(config.store.path)
+    try:
+        return await work(backend, store)
+    finally:
+        await backend.close()
+        store.close()
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from gated.store import Store
     from gated.tokens import redact
 
     config = _load(args.config)
     if config is None:
         return EXIT_ERROR
 
-    async def ask() -> list[str] | None:
-        backend = build_backend(config)
-        store = StoreThread(config.store.path)
-        try:
-            await backend.start(store)
-            return await backend.lookup(args.token)
-        finally:
-            await backend.close()
-            store.close()
+    async def ask(backend, store) -> list[str] | None:
+        await backend.start(store)
+        return await backend.lookup(args.token)
 
     if config.backend.type != "local":
         try:
-            online = asyncio.run(ask())
+            online = asyncio.run(_with_backend(config, ask))
         except (GatedError, StoreError) as e:
             print(f"ticket API: not available ({e})")
         else:
@@ -177,24 +184,12 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
-    from gated.policy import build_backend
-    from gated.store import StoreThread
-
     config = _load(args.config)
     if config is None:
         return EXIT_ERROR
 
-    async def pair() -> str:
-        backend = build_backend(config)
-        store = StoreThread(config.store.path)
-        try:
-            return await backend.pair(store, args.token)
-        finally:
-            await backend.close()
-            store.close()
-
     try:
-        print(asyncio.run(pair()))
+        print(asyncio.run(_with_backend(config, lambda backend, store: backend.pair(store, args.token))))
     except ConfigError as e:
         print(configmod.report(e), file=sys.stderr)
         return EXIT_ERROR

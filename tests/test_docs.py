@@ -40,6 +40,7 @@ def schema_keys() -> set[tuple[str, str]]:
         keys |= {(f"backend.{btype}", k) for k in configmod.module_schema(module)}
     for module in configmod.AVAILABLE_READERS.values():
         keys |= {("reader.NAME", k) for k in configmod.module_schema(module)}
+    keys |= {(f"wallet.{name}", k) for name, schema in configmod.WALLET.items() for k in schema}
     return keys
 
 

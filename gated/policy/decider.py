@@ -52,7 +52,7 @@ class Decider:
         """Take the settings that a reload may change without rebuilding anything."""
         self.mode = config.lane.mode
         self.timeout = config.backend.timeout_seconds
-        self.offline_first = config.backend.offline_first or not self.backend.online
+        self.offline_first = config.backend.offline_first or not self.backend.online or self.backend.offline_first
         self.fallback = config.offline.fallback
         self.max_age = config.offline.max_age_seconds
         self.antipassback = config.offline.antipassback
@@ -69,6 +69,8 @@ class Decider:
             return deny(Reason.LOCKED, Source.MODE, backend=self.backend.name)
         if self.mode == "free":
             return admit(Reason.FREE, Source.MODE, backend=self.backend.name)
+        if scan.refused is not None:  # the reader saw a replayed wallet payload: no backend may admit it
+            return deny(scan.refused, backend=self.backend.name, detail=scan.refused_detail)
         why = "offline-first" if self.backend.online else ""
         if not self.offline_first:
             if self.breaker.allows():
