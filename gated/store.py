@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,8 +281,12 @@ class Store:
         row = cur.fetchone()
         return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
 
-    def load_tickets(self, backend: str, rows: Iterable[dict[str, Any]], chunk: int = 2000) -> int:
-        """Replace a backend's whole ticket list; scans see the old list until the new one is complete."""
+    def load_tickets(self, backend: str, rows: Iterable[dict[str, Any]], chunk: int = 2000,
+                     on_chunk: Callable[[int], None] | None = None) -> int:
+        """Replace a backend's whole ticket list; scans see the old list until the new one is complete.
+
+        `on_chunk(rows_so_far)` is called after each committed chunk (progress on a terminal).
+        """
         old = self.get(f"tickets:{backend}")
         generation = f"{backend}@{time.time_ns()}"
         n = 0
@@ -294,6 +298,8 @@ class Store:
                     with self._write() as conn:
                         n += _insert_tickets(conn, batch)
                     batch = []
+                    if on_chunk is not None:
+                        on_chunk(n)
             with self._write() as conn:
                 n += _insert_tickets(conn, batch)
                 conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",

@@ -18,6 +18,7 @@ from gated.errors import GatedError
 from gated.model import Decision, Reason, Scan, ScanMode, admit, deny
 from gated.policy.base import Backend
 from gated.policy.masks import MaskSet
+from gated.progress import Progress
 from gated.schema import Key
 from gated.store import Store, StoreThread
 from gated.timeparse import parse_time
@@ -125,7 +126,10 @@ class LocalBackend(Backend):
 
 
 def _import(store: Store, path: str) -> int:
-    return store.load_tickets(LocalBackend.name, read_ticket_csv(path))
+    # A big list takes seconds: show it on a terminal (Progress is silent under systemd and in pipes).
+    with Progress(f"importing {os.path.basename(path)}") as progress:
+        return store.load_tickets(LocalBackend.name, read_ticket_csv(path),
+                                  on_chunk=lambda n: progress.update(n, note="tickets"))
 
 
 def create(config: Config) -> Backend:
