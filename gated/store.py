@@ -123,6 +123,9 @@ class Store:
         except OSError as e:
             raise StoreError(f"{self.path}: {e.strerror or e}") from e
         self._high_water = self._max_wall()
+        # With [mqtt] sharing on: the venue-keyed hash of a ticket identity (gated.mqtt), the form
+        # in which other lanes' admissions arrive. None: only this lane's admissions count.
+        self._shared_hash: Callable[[str], str] | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -201,12 +204,31 @@ class Store:
     # --- anti-passback ---------------------------------------------------------------------
 
     def inside(self, ticket_key: str) -> tuple[int, int]:
-        """(entries, exits) recorded for a ticket identity, from every lane that shared it."""
+        """(entries, exits) recorded for a ticket identity, from every lane that shared it.
+
+        This lane's admissions are keyed by SHA-256 of the identity, other lanes' by the venue-keyed
+        HMAC they were shared as (one key cannot be turned into the other): both are counted.
+        """
+        local = token_hash(ticket_key)
+        shared = self._shared_hash(ticket_key) if self._shared_hash is not None else local
         rows = self.db.conn.execute(
-            "SELECT direction, count(*) FROM admissions WHERE key_hash = ? GROUP BY direction",
-            (token_hash(ticket_key),)).fetchall()
+            "SELECT direction, count(*) FROM admissions WHERE key_hash IN (?, ?) GROUP BY direction",
+            (local, shared)).fetchall()
         counts = dict(rows)
         return counts.get("entry", 0), counts.get("exit", 0)
+
+    def share_identities(self, shared_hash: Callable[[str], str] | None) -> None:
+        """Count admissions shared by other lanes, keyed by `shared_hash(ticket identity)`, in inside()."""
+        self._shared_hash = shared_hash
+
+    def record_shared(self, rows: Iterable[tuple[str, str, str, float, str]]) -> int:
+        """Record other lanes' admissions, (nonce, key_hash, direction, wall, lane) each; returns how many
+        were new. A message delivered twice (MQTT QoS 1 is at-least-once) is recorded once, by its nonce."""
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO admissions (nonce, key_hash, direction, wall, lane) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
+            return conn.total_changes - before
 
     # --- the upload queue ------------------------------------------------------------------
 
@@ -298,6 +320,7 @@ class Store:
                     with self._write() as conn:
                         n += _insert_tickets(conn, batch)
                     batch = []
+                    _yield_write_lock()
                     if on_chunk is not None:
                         on_chunk(n)
             with self._write() as conn:
@@ -320,6 +343,7 @@ class Store:
                     (generation, generation, chunk)).rowcount
             if gone < chunk:
                 return
+            _yield_write_lock()
 
     def upsert_tickets(self, backend: str, rows: Iterable[dict[str, Any]]) -> int:
         """Add or change tickets in the current generation (deltas)."""
@@ -342,6 +366,15 @@ class Store:
     def set(self, key: str, value: str) -> None:
         with self._write() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+
+def _yield_write_lock() -> None:
+    """Pause a bulk writer between chunks so a waiting scan commit gets the lock.
+
+    SQLite's busy handler retries on a backoff; a writer committing chunks back to back wins the
+    lock again before the waiting scan's next try, and a scan then waits for the whole bulk job.
+    """
+    time.sleep(0.005)
 
 
 _TICKET_COLUMNS = ("token", "ticket_key", "name", "valid_from", "valid_until", "status", "max_entries",

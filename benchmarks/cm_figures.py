@@ -1,0 +1,184 @@
+"""CM.com figures: ingest of 100,000 barcodes (time, peak RSS), local decisions with them loaded, upload.
+
+The simulator runs as its own process (`python -m gated.simulators.cm`) and the measuring runs in
+another (`python -m benchmarks.cm_figures --child …`), so the peak RSS is that of gated's side alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import Figure, latency_text, pct, workdir, write_config
+
+
+def start_simulator(barcodes: int) -> tuple[subprocess.Popen, str]:
+    """The CM.com simulator with `barcodes` generated codes on a free port; returns (process, API url)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gated.simulators.cm", "--port", "0", "--barcodes", str(barcodes),
+                             "--password", "bench-password"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("http"):
+        proc.kill()
+        raise RuntimeError(f"CM.com simulator did not start: {line!r}")
+    return proc, line.split()[0]
+
+
+def measure(url: str, barcodes: int, scans: int, uploads: int) -> dict:
+    """Run the child measurement in a fresh interpreter; returns its JSON result."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cm_figures", "--child", url, str(barcodes), str(scans),
+                          str(uploads)], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"cm_figures child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def figures(quick: bool) -> list[Figure]:
+    barcodes, scans, uploads = 100_000, (300 if quick else 3000), (2000 if quick else 10_000)
+    sim, url = start_simulator(barcodes)
+    try:
+        r = measure(url, barcodes, scans, uploads)
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    return [
+        Figure(f"CM.com sync of {barcodes:,} barcodes (full download, pages of 500, into SQLite)",
+               f"{r['ingest_s']:.1f} s", "<= 10 s", r["ingest_s"] <= 10),
+        Figure("  peak RSS of gated during that sync",
+               f"{r['peak_rss_mb']:.1f} MB (before it {r['rss_before_mb']:.1f} MB)", "<= 50 MB",
+               r["peak_rss_mb"] <= 50),
+        Figure(f"CM.com local decision, scan -> relay command ({barcodes:,} barcodes loaded)",
+               latency_text(r["decide_ms"]), "p99 <= 5 ms", pct(r["decide_ms"], 99) <= 5.0),
+        Figure(f"  the same, a scan every 20 ms during a full reload of the {barcodes:,} ({r['reload_s']:.1f} s)",
+               latency_text(r["during_reload_ms"]), "p99 <= 5 ms", pct(r["during_reload_ms"], 99) <= 5.0),
+        Figure(f"CM.com upload of {uploads:,} local scans (Post Upload, 100 a request)",
+               f"{r['upload_s']:.1f} s ({r['uploaded']:,} confirmed)", "-", r["uploaded"] == uploads or False),
+    ]
+
+
+# --- the measuring process -------------------------------------------------------------------
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(url: str, barcodes: int, scans: int, uploads: int) -> dict:
+    import logging
+
+    from gated import config as configmod
+    from gated.daemon import build
+    from gated.model import Scan, ScanMode
+    from gated.store import Store, StoreThread
+    from gated.upload import Uploader
+
+    logging.getLogger("gated").setLevel(logging.WARNING)
+    folder = workdir()
+    password = folder / "cm-password"
+    password.write_text("bench-password\n")
+    password.chmod(0o600)
+    cfg = configmod.load(str(write_config(folder, f"""
+        [backend]
+        type = "cm"
+        url = "{url}"
+        sync_interval_seconds = 3600
+        [backend.cm]
+        username = "scanner"
+        password_file = "{password}"
+        strategy = "local"
+    """)))
+
+    async def run() -> dict:
+        parts = await build(cfg)
+        sync_store = StoreThread(cfg.store.path, "sync")
+        try:
+            before = _current_rss_mb()
+            started = time.perf_counter()
+            await parts.backend.sync(sync_store)
+            ingest = time.perf_counter() - started
+            peak = _rss_mb()
+
+            rng = random.Random(7)
+            admitted: list[str] = []
+            decide = []
+            for i in range(scans):
+                kind = i % 3
+                if kind == 0 or not admitted:
+                    token = f"CM{rng.randrange(barcodes):08d}"  # valid, mostly first entry
+                elif kind == 1:
+                    token = rng.choice(admitted)  # second entry: counted locally, denied 50
+                else:
+                    token = f"NOPE{rng.randrange(10**9)}"  # unknown: 40
+                decision = await parts.gate.handle(Scan(token=token, reader="front"))
+                if decision.admitted:
+                    admitted.append(token)
+                decide.append(parts.gate.last_act_ms)
+
+            during = []
+            started = time.perf_counter()
+            reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
+            while not reload.done() and len(during) < 20_000:
+                await parts.gate.handle(Scan(token=f"CM{rng.randrange(barcodes):08d}", reader="front"))
+                during.append(parts.gate.last_act_ms)
+                await asyncio.sleep(0.02)  # a busy lane, not a flood: the reload is what is measured
+            await reload
+            reload_s = time.perf_counter() - started
+
+            await parts.gate.drain()
+            await parts.store.call(_seed_uploads, uploads, barcodes, cfg.lane.name)
+            started = time.perf_counter()
+            uploaded = await Uploader(parts.backend, parts.store).drain()
+            upload_s = time.perf_counter() - started
+        finally:
+            await parts.close()
+            sync_store.close()
+        return {"ingest_s": ingest, "rss_before_mb": before, "peak_rss_mb": peak, "decide_ms": decide,
+                "during_reload_ms": during, "reload_s": reload_s, "upload_s": upload_s, "uploaded": uploaded}
+
+    def _seed_uploads(store: Store, n: int, barcodes: int, lane: str) -> None:
+        # The queue as offline scans leave it, written the way the pipeline writes them; fsync off
+        # while seeding only, since the figure is the upload, not 10,000 commits.
+        from gated.model import Reason, Source, admit
+
+        store.mark_sent([r["nonce"] for r in store.pending(1_000_000)])  # the decisions above: not this figure
+        store.db.conn.execute("PRAGMA synchronous = OFF")
+        now = time.time()
+        for i in range(n):
+            token = f"CM{(barcodes - 1 - i) % barcodes:08d}"
+            store.record(Scan(token=token, reader="front", wall=now - n + i),
+                         admit(Reason.OK, Source.OFFLINE, backend="cm", backend_code="100",
+                               message="ADMIT - Ticket is valid", ticket_key=token),
+                         lane=lane, scan_mode=ScanMode.ENTRY, latency_ms=1.0, queue_upload=True)
+        store.db.conn.execute("PRAGMA synchronous = FULL")
+
+    return asyncio.run(run())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cm_figures", description=__doc__)
+    parser.add_argument("--child", nargs=4, metavar=("URL", "BARCODES", "SCANS", "UPLOADS"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        url, barcodes, scans, uploads = args.child
+        print(json.dumps(child(url, int(barcodes), int(scans), int(uploads))))
+        return 0
+    for fig in figures(args.quick):
+        print(f"  {fig.verdict:4}  {fig.name}: {fig.value}  [target {fig.target}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,850 @@
+"""Decide with CM.com's Ticket Scan API: check in/out online ("scan direct") or from the downloaded barcodes.
+
+Both strategies keep the service's barcode list in the store: `direct` asks the API per scan and falls
+back to the list when it does not answer; `local` ("scan locally" in CM.com's words) always decides from
+the list, and every scan decided from it is uploaded afterwards with Post Upload.
+
+The list is downloaded in full (X-PAGINATION-LIMIT/PAGE) and then as deltas (X-COMPARE-TIMESTAMP = the
+integer start time of the previous sync). Each stored barcode keeps the server's `count_checked_in`
+and the time its page was fetched; a decision adds the local check-ins that the server had not
+counted at that time (made later, or still waiting for upload), so a delta never erases them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import gc
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gated.config import Config
+from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
+from gated.model import Decision, Reason, Scan, ScanMode, Source, Verdict
+from gated.policy.base import Backend, UploadResult
+from gated.policy.http import HttpBackend, json_body, make_client, request
+from gated.schema import Key
+from gated.secrets import read_secret
+from gated.store import Store, StoreThread
+from gated.timeparse import parse_time
+from gated.tokens import redact, token_hash
+
+log = logging.getLogger(__name__)
+
+SCHEMA = {
+    "username": Key("str", help="the CM.com scan user's name"),
+    "password_file": Key("secret", help="a file holding the scan user's password (owner-only, chmod 600)"),
+    "device_info": Key("str", default="",
+                       help="the X-DEVICE-INFO value from CM.com; default built from [lane] serial and the system"),
+    "service_uuid": Key("str", default="", help="the scan service to use, by uuid"),
+    "service_name": Key("str", default="", help="the scan service to use, by name"),
+    "strategy": Key("str", default="direct", choices=("direct", "local"),
+                    help='"direct": ask the API per scan; "local": decide from the downloaded barcodes, upload later'),
+    "page_size": Key("int", default=500, minimum=1, maximum=500, help="barcodes per download page"),
+}
+
+# The API's scan status codes and messages, verbatim from the spec; {x} parts are filled in.
+MESSAGES = {
+    40: "DENY - Ticket barcode unknown: not accepted at this check-in point",
+    45: "DENY - Ticket is not allowed: this ticket type can not be scanned",
+    50: "DENY - Ticket already scanned: {last_checked_in_time} UTC",
+    60: "DENY - Ticket barcode is expired: on {expire_time} UTC",
+    100: "ADMIT - Ticket is valid",
+    200: "ADMIT - Ticket checked-out correctly",
+    210: "DENY - Can not check-out ticket: ticket already checked-out",
+    220: "DENY - Can not check-out ticket: no valid check-ins found",
+    230: "DENY - Can not check-out ticket: barcode not in service",
+}
+REASONS = {40: Reason.UNKNOWN, 45: Reason.PRODUCT_NOT_ALLOWED, 50: Reason.ALREADY_USED, 60: Reason.EXPIRED,
+           100: Reason.OK, 200: Reason.OK, 210: Reason.ALREADY_USED, 220: Reason.NOT_CHECKED_IN,
+           230: Reason.UNKNOWN}
+ADMIT_CODES = {100, 200}
+CHECKOUT_CODES = {200, 210, 220, 230}
+
+UNLIMITED = 1_000_000  # max_entries for a barcode without a check-in limit
+RENEW_MARGIN = 60.0  # renew the JWT this long before it expires (a quarter of a shorter life), not on a 401
+FULL_RELOAD_SECONDS = 6 * 3600.0  # deltas never tell of barcodes removed from a service
+EARLIEST_TRUSTED = 1704067200.0  # a clock before 2024 never synced: no delta from its timestamps
+SLOW = httpx.Timeout(30.0, connect=5.0)  # login, pages, uploads: off the scan path
+MARK_WAIT_SECONDS = 5.0
+JWT_KEY, SERVICE_KEY, SYNC_KEY = "cm:jwt", "cm:service", "cm:sync"
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT (not verified: the API verifies its own tokens; we only read the user)."""
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError):
+        raise Unreachable("login answered with a token that is not a JWT") from None
+    if not isinstance(claims, dict):
+        raise Unreachable("login answered with a JWT without claims")
+    return claims
+
+
+def scan_user(claims: dict[str, Any]) -> str | None:
+    """The scan user's uuid: `sub`, or `user.uuid` (the spec allows either)."""
+    user = claims.get("user")
+    for value in (claims.get("sub"), user.get("uuid") if isinstance(user, dict) else None):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def default_device_info(serial: str) -> str:
+    """X-DEVICE-INFO in CM.com's shape: DEVICE_ID:…,MANUFACTURER:…,MODEL:…,OS:…,OS_VERSION:…"""
+    manufacturer, model = _hardware()
+    try:
+        from gated.device import os_version
+        os_text = os_version()
+    except ImportError:
+        os_text = None
+    fields = {"DEVICE_ID": serial, "MANUFACTURER": manufacturer, "MODEL": model,
+              "OS": platform.system() or "Linux", "OS_VERSION": os_text or platform.release()}
+    return ",".join(f"{k}:{_header_safe(v)}" for k, v in fields.items())
+
+
+def _hardware() -> tuple[str, str]:
+    model = _read("/sys/firmware/devicetree/base/model") or _read("/proc/device-tree/model")
+    if model:
+        return ("Raspberry Pi" if model.startswith("Raspberry Pi") else model.split()[0]), model
+    vendor, product = _read("/sys/class/dmi/id/sys_vendor"), _read("/sys/class/dmi/id/product_name")
+    return vendor or "unknown", product or platform.machine() or "unknown"
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_bytes().strip(b"\x00\n ").decode("utf-8", "replace") or None
+    except OSError:
+        return None
+
+
+def _header_safe(value: str) -> str:
+    # "," and ":" separate the fields; HTTP headers carry ASCII only.
+    text = "".join(c if 32 <= ord(c) < 127 and c not in ",:" else " " for c in str(value))
+    return " ".join(text.split()) or "unknown"
+
+
+def _utc(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts is not None else "unknown"
+
+
+def _info(response: httpx.Response) -> str:
+    """The text of the API's Info Message ({"info": {"message": …}}), for logs and denials."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        info = body.get("info") if isinstance(body.get("info"), dict) else body
+        message = info.get("message")
+        if isinstance(message, str) and message:
+            return message[:200]
+    return f"HTTP {response.status_code}"
+
+
+@dataclass(frozen=True)
+class Barcode:
+    """What the store keeps of one barcode for offline decisions (no names, e-mail or phone)."""
+
+    barcode_id: str
+    allowed: bool
+    canceled: bool
+    expire_from: float | None
+    valid_from: float | None
+    valid_till: float | None
+    max_checkins: int | None  # None: no limit
+    remaining: int | None
+    count: int  # check-ins the server had counted when the row was fetched
+    last_in: float | None
+    last_out: float | None
+    fetched: float  # when the page holding this row was requested
+    bad: bool = False  # a time field could not be read: deny rather than guess
+
+
+@dataclass(frozen=True)
+class Local:
+    """This lane's admissions of a barcode that the server had not counted when its row was fetched."""
+
+    entries: int = 0
+    last_in: float | None = None
+    last_out: float | None = None
+
+
+def ticket_rows(raw: dict[str, Any], service: str, fetched: float) -> list[dict[str, Any]]:
+    """Store rows for one API barcode: one per code that may be scanned (barcode_id, external id)."""
+    barcode = raw.get("barcode_id")
+    if not isinstance(barcode, str) or not barcode:
+        return []
+    bad = False
+
+    def when(name: str) -> float | None:
+        nonlocal bad
+        try:
+            return parse_time(raw.get(name))
+        except (ValueError, TypeError):
+            bad = True
+            return None
+
+    def number(name: str) -> int | None:
+        value = raw.get(name)
+        try:
+            return None if value is None or value == "" else int(value)
+        except (TypeError, ValueError):
+            return None
+
+    max_checkins = number("validation_max_checkins") or None  # 0 or null: no limit
+    data = {
+        "allowed": bool(number("is_checkin_allowed") if raw.get("is_checkin_allowed") is not None else 1),
+        "canceled": bool(number("is_canceled") or 0),
+        "expire_from": when("expire_from"), "max": max_checkins, "remaining": number("remaining_scans"),
+        "count": number("count_checked_in") or 0, "last_in": when("last_checked_in_time"),
+        "last_out": when("last_checked_out_time"), "fetched": fetched,
+    }
+    valid_from, valid_till = when("checkin_valid_from"), when("checkin_valid_till")
+    data["bad"] = bad
+    status = "bad_data" if bad else "canceled" if data["canceled"] else "ok" if data["allowed"] else "not_allowed"
+    ticket_type = raw.get("ticket_type")
+    row = {"token": barcode, "ticket_key": barcode, "name": ticket_type if isinstance(ticket_type, str) else None,
+           "valid_from": valid_from, "valid_until": valid_till, "status": status,
+           "max_entries": max_checkins or UNLIMITED, "event_id": service, "data": json.dumps(data)}
+    rows = [row]
+    external = raw.get("external_barcode_id")
+    if isinstance(external, str) and external and external != barcode:
+        rows.append({**row, "token": external})  # same ticket_key: one ticket, two codes
+    return rows
+
+
+def barcode_from(ticket: dict[str, Any]) -> Barcode:
+    d = json.loads(ticket["data"])
+    return Barcode(ticket["ticket_key"], d["allowed"], d["canceled"], d["expire_from"], ticket["valid_from"],
+                   ticket["valid_until"], d["max"], d["remaining"], d["count"], d["last_in"], d["last_out"],
+                   d["fetched"], d.get("bad", False))
+
+
+def checkin_status(b: Barcode, local: Local, now: float, clock_trusted: bool) -> tuple[int, Reason, str]:
+    """The status the server would give a check-in now, from the barcode's fields and local check-ins.
+
+    The spec has no code of its own for a canceled barcode or one not valid yet: both get 45 ("not
+    allowed"), with the precise Reason beside it.
+    """
+    if b.bad:
+        return 45, Reason.REJECTED, MESSAGES[45]
+    if b.canceled:
+        return 45, Reason.CANCELED, MESSAGES[45]
+    if not b.allowed:
+        return 45, Reason.PRODUCT_NOT_ALLOWED, MESSAGES[45]
+    if clock_trusted:  # an unsynced clock would expire every ticket: skip windows, as the Decider says
+        for ends, passed in ((b.expire_from, lambda t: now >= t), (b.valid_till, lambda t: now > t)):
+            if ends is not None and passed(ends):
+                return 60, Reason.EXPIRED, MESSAGES[60].format(expire_time=_utc(ends))
+        if b.valid_from is not None and now < b.valid_from:
+            return 45, Reason.NOT_YET_VALID, MESSAGES[45]
+    left = None
+    if b.max_checkins is not None:
+        left = b.max_checkins - b.count - local.entries
+    if b.remaining is not None:
+        left = min(left, b.remaining - local.entries) if left is not None else b.remaining - local.entries
+    if left is not None and left <= 0:
+        last = max((t for t in (b.last_in, local.last_in) if t is not None), default=None)
+        return 50, Reason.ALREADY_USED, MESSAGES[50].format(last_checked_in_time=_utc(last))
+    return 100, Reason.OK, MESSAGES[100]
+
+
+def checkout_status(b: Barcode, local: Local) -> tuple[int, Reason, str]:
+    """The status the server would give a check-out now (a check-out does not give a check-in back)."""
+    if b.count + local.entries <= 0:
+        return 220, Reason.NOT_CHECKED_IN, MESSAGES[220]
+    last_in = max((t for t in (b.last_in, local.last_in) if t is not None), default=None)
+    last_out = max((t for t in (b.last_out, local.last_out) if t is not None), default=None)
+    if last_out is not None and (last_in is None or last_out >= last_in):
+        return 210, Reason.ALREADY_USED, MESSAGES[210]
+    return 200, Reason.OK, MESSAGES[200]
+
+
+def uncounted(store: Store, barcode: str, fetched: float) -> Local:
+    """Admissions of this barcode that the server's row (fetched at `fetched`) does not include.
+
+    Online check-ins reached the server when they were made; offline ones when their upload was
+    confirmed. Uploads are paused while a sync downloads, so "confirmed before the page was
+    requested" is exactly "counted in it". Admissions shared by other lanes (no scan row here) count
+    from the time they were made.
+    """
+    rows = store.db.conn.execute(
+        "SELECT a.direction, a.wall, s.source, s.upload, s.uploaded_at FROM admissions a "
+        "LEFT JOIN scans s ON s.nonce = a.nonce WHERE a.key_hash = ?", (token_hash(barcode),)).fetchall()
+    entries, last_in, last_out = 0, None, None
+    for direction, wall, source, upload, uploaded_at in rows:
+        if source == "offline":
+            counted = upload == "sent" and uploaded_at is not None and uploaded_at < fetched
+        else:
+            counted = wall < fetched
+        if counted:
+            continue
+        if direction == "entry":
+            entries += 1
+            last_in = wall if last_in is None else max(last_in, wall)
+        else:
+            last_out = wall if last_out is None else max(last_out, wall)
+    return Local(entries, last_in, last_out)
+
+
+def upload_status(row: dict[str, Any]) -> tuple[int, str]:
+    """(status_code, status_message) for Post Upload from a recorded scan.
+
+    A scan decided by gated's own policy rather than the barcode rules (anti-passback across lanes,
+    the `[offline] fallback`) keeps the API vocabulary by taking the nearest code.
+    """
+    entry = row["scan_mode"] == "entry"
+    admitted = row["verdict"] == "admit"
+    try:
+        code = int(row["backend_code"])
+    except (TypeError, ValueError):
+        code = None
+    if code in MESSAGES and (code in ADMIT_CODES) == admitted and (code in CHECKOUT_CODES) != entry:
+        return code, row["message"] or MESSAGES[code].format(last_checked_in_time="unknown", expire_time="unknown")
+    if admitted:
+        code = 100 if entry else 200
+    elif entry:
+        code = {"already_used": 50, "expired": 60, "unknown": 40}.get(row["reason"], 45)
+    else:
+        code = {"already_used": 210, "not_checked_in": 220}.get(row["reason"], 230)
+    return code, MESSAGES[code].format(last_checked_in_time="unknown", expire_time="unknown")
+
+
+def choose_service(services: list[dict[str, Any]], uuid: str, name: str, username: str,
+                   path: str = "") -> dict[str, Any]:
+    """The configured scan service, or ConfigError naming the key and listing what the user has."""
+    usable = [s for s in services if isinstance(s, dict) and isinstance(s.get("uuid"), str)]
+    listing = ", ".join(f'"{s.get("name", "")}" (uuid {s["uuid"]})' for s in usable) or "none"
+    found = [s for s in usable if (not uuid or s["uuid"] == uuid) and (not name or s.get("name") == name)]
+    if (uuid or name) and len(found) == 1:
+        return found[0]
+    if not uuid and not name and len(usable) == 1:
+        return usable[0]
+    if uuid or name:
+        key = " and ".join(f"{k} = \"{v}\"" for k, v in (("service_uuid", uuid), ("service_name", name)) if v)
+        what = "several scan services match" if found else "no such scan service"
+        problem = f"[backend.cm] {key}: {what} for CM.com scan user \"{username}\". Available: {listing}."
+    elif usable:
+        problem = (f"[backend.cm] service_uuid: missing; CM.com scan user \"{username}\" has {len(usable)} scan "
+                   f"services, name one with service_uuid or service_name. Available: {listing}.")
+    else:
+        problem = (f"[backend.cm] CM.com scan user \"{username}\" has no scan service; ask the event's "
+                   "organiser to add the user to one.")
+    raise ConfigError(path or "[backend.cm]", [problem])
+
+
+# --- the backend ----------------------------------------------------------------------------
+
+class CMBackend(HttpBackend):
+    name = "cm"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        o = self.options
+        self.username: str = o.username
+        self.strategy: str = o.strategy
+        # "Scan locally": the Decider decides every scan offline, and since the backend is online
+        # the pipeline queues each of them for Post Upload.
+        self.offline_first = self.strategy == "local"
+        self.page_size: int = o.page_size
+        self.want_uuid: str = o.service_uuid
+        self.want_name: str = o.service_name
+        self.device_info: str = o.device_info or default_device_info(config.lane.serial)
+        self.who = f"{config.backend.url}|{self.username}"
+        self.jwt: str | None = None
+        self.jwt_renew_at = 0.0  # local clock: when to log in again before using the token
+        self.user_uuid: str | None = None
+        self.service_uuid: str | None = None
+        self.service_name = ""
+        self._password: str | None = None
+        self._resolved = False
+        self._auth_lock = asyncio.Lock()
+        self._upload_lock = asyncio.Lock()  # uploads pause while a sync downloads (see uncounted())
+        self._unmarked: set[str] = set()  # the last upload's nonces, until the Uploader marked them sent
+        self._store: StoreThread | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self._auth_failed = False
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """HttpBackend's lazily made client, with the headers CM.com requires on every request."""
+        if self._client is None:
+            self._client = make_client(self.config, headers={"X-DEVICE-INFO": self.device_info,
+                                                             "Content-Type": "application/json",
+                                                             "Accept": "application/json"})
+        return self._client
+
+    def describe(self) -> str:
+        service = f'service "{self.service_name}"' if self.service_name else "service not chosen yet"
+        way = "scan direct" if self.strategy == "direct" else "scan locally"
+        return f"cm ({self.username}, {service}, {way})"
+
+    # --- session ----------------------------------------------------------------------------
+
+    async def start(self, store: StoreThread) -> None:
+        """Read the password, reuse a stored JWT and service, log in and pick the service.
+
+        Raises ConfigError (password file, service missing), BackendRejected (login refused) or
+        Unreachable (the gate then starts offline with what the store holds).
+        """
+        self._store = store
+        self._password = read_secret(self.options.password_file, "[backend.cm] password_file")
+        # A session belongs to the API, the user and the password it was made with: a changed
+        # password logs in afresh at start, so a wrong one is found now, not at the token's expiry.
+        digest = hashlib.sha256(f"gated-cm|{self.who}|{self._password}".encode()).hexdigest()[:16]
+        self.who = f"{self.who}|{digest}"
+        saved_jwt, saved_service = await store.call(_load_session, self.who, self._service_key())
+        if saved_jwt and saved_jwt["renew_at"] > time.time():
+            self.jwt, self.jwt_renew_at, self.user_uuid = saved_jwt["token"], saved_jwt["renew_at"], saved_jwt["user"]
+        if saved_service:
+            self.service_uuid, self.service_name = saved_service["uuid"], saved_service["name"]
+        try:
+            await self._ready()
+        except BackendRejected as e:  # the installer's to fix, like any config problem: nothing starts
+            raise ConfigError(self.config.path, [f"[backend.cm] username, password_file: {e}"]) from None
+        log.info("CM.com scan user %s logged in; scan service \"%s\" (%s), %s", self.username, self.service_name,
+                 self.service_uuid, "scan direct" if self.strategy == "direct" else "scan locally",
+                 extra={"GATED_EVENT": "backend_ready", "GATED_BACKEND": self.name})
+
+    def _service_key(self) -> str:
+        return f"{self.who}|{self.want_uuid}|{self.want_name}"
+
+    async def _ready(self) -> None:
+        """Logged in and the service chosen (again after a start that found the API unreachable)."""
+        if self._resolved:
+            return
+        if self._password is None:
+            self._password = read_secret(self.options.password_file, "[backend.cm] password_file")
+        response = await self._call("GET", lambda: f"users/{self.user_uuid}/services", timeout=SLOW)
+        if response.status_code != 200:
+            raise Unreachable(f"scan services answered HTTP {response.status_code}")
+        body = json_body(response)
+        services = body.get("services") if isinstance(body, dict) else None
+        chosen = choose_service(services if isinstance(services, list) else [], self.want_uuid, self.want_name,
+                                self.username, self.config.path)
+        self.service_uuid, self.service_name = chosen["uuid"], str(chosen.get("name") or "")
+        self._resolved = True
+        if self._auth_failed:
+            self._auth_failed = False
+            log.info("CM.com usable again: scan service \"%s\"", self.service_name,
+                     extra={"GATED_EVENT": "backend_ready", "GATED_BACKEND": self.name})
+        self._persist(SERVICE_KEY, {"key": self._service_key(), "uuid": self.service_uuid,
+                                    "name": self.service_name})
+        if self.strategy == "direct" and self.config.lane.scan_mode == "exit":
+            names = {p.get("name") for p in chosen.get("permissions") or [] if isinstance(p, dict)}
+            if names and "checkout" not in names:
+                log.warning("scan service \"%s\" gives no checkout permission, but this lane checks out",
+                            self.service_name, extra={"GATED_EVENT": "backend_config"})
+
+    async def _login(self, stale: str | None) -> None:
+        async with self._auth_lock:
+            if self.jwt and self.jwt != stale and self.jwt_renew_at > time.time():
+                return  # renewed by another request meanwhile
+            response = await request(self.client, "POST", "userlogin", timeout=SLOW, json={
+                "credentials": {"username": self.username, "password": self._password}})
+            if response.status_code in (400, 401, 403):
+                raise BackendRejected(f"CM.com refused the login of scan user \"{self.username}\" "
+                                      f"({_info(response)}); check the user name and the password in the file")
+            if response.status_code != 200:
+                raise Unreachable(f"login answered HTTP {response.status_code}")
+            body = json_body(response)
+            login = body.get("login") if isinstance(body, dict) else None
+            token = login.get("token") if isinstance(login, dict) else None
+            if not isinstance(token, str) or not token:
+                raise Unreachable("login answered without a token")
+            claims = jwt_claims(token)
+            user = scan_user(claims)
+            if user is None:
+                raise Unreachable("the login token names no scan user (neither sub nor user.uuid)")
+            now = time.time()
+            exp, iat = claims.get("exp"), claims.get("iat")
+            # Lifetime measured from issue time, so a Pi clock that is off does not renew every call.
+            if isinstance(exp, (int, float)) and isinstance(iat, (int, float)) and exp > iat:
+                life = exp - iat
+            elif isinstance(exp, (int, float)) and exp > now:
+                life = exp - now
+            else:
+                life = 86400.0  # no usable expiry: a day, and a 401 renews it sooner
+            renew_at = now + life - min(RENEW_MARGIN, life / 4)
+            self.jwt, self.jwt_renew_at, self.user_uuid = token, renew_at, user
+            self._persist(JWT_KEY, {"who": self.who, "token": token, "user": user, "renew_at": renew_at})
+
+    async def _call(self, method: str, path: Any, *, headers: dict[str, str] | None = None,
+                    **kwargs: Any) -> httpx.Response:
+        """An authenticated request; a 401 renews the JWT once, a second 401 is BackendRejected."""
+        for attempt in range(2):
+            if self.jwt is None or self.jwt_renew_at <= time.time():
+                await self._login(stale=self.jwt)
+            token = self.jwt
+            url = path() if callable(path) else path
+            response = await request(self.client, method, url,
+                                     headers={**(headers or {}), "Authorization": f"bearer {token}"}, **kwargs)
+            if response.status_code != 401:
+                return response
+            if attempt == 0:
+                await self._login(stale=token)
+        self._resolved = False  # refused with a fresh token: the service itself may be gone; look again
+        raise BackendRejected(f"CM.com answered 401 to a fresh login ({_info(response)})")
+
+    def _persist(self, key: str, value: dict[str, Any]) -> None:
+        """Write session state to the store in the background: never a commit on a visitor's scan."""
+        if self._store is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._store.call(Store.set, key, json.dumps(value)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refused(self, error: GatedError) -> Unreachable:
+        """Credentials or service refused while gated runs: decide offline, say it once at ERROR."""
+        if not self._auth_failed:
+            self._auth_failed = True
+            log.error("CM.com not usable, deciding offline: %s", error, extra={"GATED_EVENT": "backend_refused"})
+        else:
+            log.debug("CM.com still not usable: %s", error)
+        text = "; ".join(error.problems) if isinstance(error, ConfigError) else str(error)
+        return Unreachable(f"refused: {text}")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await super().close()
+
+    # --- scan direct --------------------------------------------------------------------------
+
+    async def validate(self, scan: Scan, scan_mode: ScanMode) -> Decision:
+        try:
+            await self._ready()
+            path = "barcodes/checkin" if scan_mode is ScanMode.ENTRY else "barcodes/checkout"
+            response = await self._call("POST", path, json={
+                "user_uuid": self.user_uuid, "service_uuid": self.service_uuid, "barcode_id": scan.token})
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None
+        if response.status_code == 400:
+            # A definite answer: the API refuses this request. Final, like any deny it gives.
+            return Decision(Verdict.DENY, Reason.REJECTED, Source.ONLINE, backend=self.name,
+                            backend_code="400", message=_info(response), event_id=self.service_uuid)
+        if response.status_code not in (200, 201):
+            raise Unreachable(f"check-in answered HTTP {response.status_code}")
+        body = json_body(response)
+        barcodes = body.get("barcodes") if isinstance(body, dict) else None
+        first = barcodes[0] if isinstance(barcodes, list) and barcodes and isinstance(barcodes[0], dict) else None
+        try:
+            code = int(first["scan_status_code"])
+        except (TypeError, KeyError, ValueError):
+            raise Unreachable("check-in answered without a scan status") from None
+        message = first.get("scan_status_message")
+        message = message if isinstance(message, str) else MESSAGES.get(code, "")
+        if code in REASONS:
+            verdict = Verdict.ADMIT if code in ADMIT_CODES else Verdict.DENY
+            reason = REASONS[code]
+        else:  # a code newer than the spec: the message says which way it went
+            verdict = Verdict.ADMIT if message.startswith("ADMIT") else Verdict.DENY
+            reason = Reason.OK if verdict is Verdict.ADMIT else Reason.REJECTED
+        barcode = first.get("barcode_id") if isinstance(first.get("barcode_id"), str) else scan.token
+        try:
+            max_entries = int(first.get("validation_max_checkins") or 0) or UNLIMITED
+        except (TypeError, ValueError):
+            max_entries = 1
+        return Decision(verdict, reason, Source.ONLINE, backend=self.name, message=message,
+                        backend_code=str(code), ticket_key=barcode or scan.token, event_id=self.service_uuid,
+                        max_entries=max_entries)
+
+    async def probe(self) -> None:
+        """The cheapest authenticated call: the user's scan services."""
+        try:
+            self._resolved = False
+            await self._ready()
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None
+
+    async def not_passed(self, row: dict[str, Any]) -> None:
+        """Nobody passed: check the ticket out on the server if the check-in reached it already.
+
+        An offline check-in still queued needs nothing now: its upload carries a check-out record.
+        """
+        if row["verdict"] != "admit" or row["scan_mode"] != "entry":
+            return
+        if row["source"] == "offline" and row["upload"] != "sent" or row["source"] not in ("online", "offline"):
+            return
+        barcode = row["ticket_key"] or row["token"]
+        try:
+            await self._ready()
+            response = await self._call("POST", "barcodes/checkout", timeout=SLOW, json={
+                "user_uuid": self.user_uuid, "service_uuid": self.service_uuid, "barcode_id": barcode})
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None
+        if response.status_code not in (200, 201):
+            raise BackendRejected(f"check-out answered HTTP {response.status_code} ({_info(response)})")
+        body = json_body(response)
+        barcodes = body.get("barcodes") if isinstance(body, dict) else None
+        first = barcodes[0] if isinstance(barcodes, list) and barcodes else None
+        code = first.get("scan_status_code") if isinstance(first, dict) else None
+        log.info("check-in of %s annulled with a check-out (status %s)", redact(barcode), code,
+                 extra={"GATED_EVENT": "annul", "GATED_BACKEND_CODE": str(code)})
+
+    # --- scan locally -------------------------------------------------------------------------
+
+    def data_age(self, store: Store, now: float) -> float | None:
+        state = _json(store.get(SYNC_KEY))
+        if not state or (self.service_uuid and state.get("service") != self.service_uuid):
+            return None  # nothing yet, or the list of another service
+        return max(0.0, now - state["synced_at"])
+
+    def decide_offline(self, store: Store, scan: Scan, scan_mode: ScanMode, now: float,
+                       clock_trusted: bool) -> Decision:
+        entry = scan_mode is ScanMode.ENTRY
+        ticket = store.ticket(self.name, scan.token)
+        if ticket is not None and self.service_uuid and ticket["event_id"] != self.service_uuid:
+            ticket = None
+        if ticket is None:
+            code = 40 if entry else 230
+            return Decision(Verdict.DENY, REASONS[code], Source.OFFLINE, backend=self.name, message=MESSAGES[code],
+                            backend_code=str(code), event_id=self.service_uuid)
+        b = barcode_from(ticket)
+        local = uncounted(store, b.barcode_id, b.fetched)
+        code, reason, message = checkin_status(b, local, now, clock_trusted) if entry else checkout_status(b, local)
+        return Decision(Verdict.ADMIT if code in ADMIT_CODES else Verdict.DENY, reason, Source.OFFLINE,
+                        backend=self.name, message=message, backend_code=str(code), ticket_key=b.barcode_id,
+                        event_id=ticket["event_id"], max_entries=b.max_checkins or UNLIMITED)
+
+    async def sync(self, store: StoreThread, *, full: bool = False) -> None:
+        """Download the barcode list: in full the first time (and every few hours), else the changes.
+
+        Runs on the syncer's own store: pages are written in small transactions while scans keep
+        reading the previous list; a full list replaces it only once it is complete.
+        """
+        try:
+            await self._ready()
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None
+        async with self._upload_lock:
+            await self._wait_for_marks(store)
+            state = _json(await store.call(Store.get, SYNC_KEY)) or {}
+            started = time.time()
+            full = (full or state.get("service") != self.service_uuid or "compare" not in state
+                    or started - state.get("full_at", 0.0) > FULL_RELOAD_SECONDS or started < EARLIEST_TRUSTED)
+            await store.call(_durability, "NORMAL")
+            try:
+                if full:
+                    count, canceled = await self._download_full(store)
+                else:
+                    count, canceled = await self._download_delta(store, int(state["compare"]))
+            finally:
+                await store.call(_durability, "FULL")
+            state = {"service": self.service_uuid, "compare": int(started),
+                     "full_at": started if full else state["full_at"], "synced_at": time.time()}
+            await store.call(Store.set, SYNC_KEY, json.dumps(state))
+        # A delta with nothing in it is the normal case every interval: not worth a line at INFO.
+        log.log(logging.INFO if full or count else logging.DEBUG, "CM.com barcodes %s: %d %s%s in %.1fs",
+                "loaded" if full else "updated", count, "barcodes" if full else "changed",
+                f", {canceled} canceled" if canceled else "", time.time() - started,
+                extra={"GATED_EVENT": "sync", "GATED_BACKEND": self.name})
+
+    async def _wait_for_marks(self, store: StoreThread) -> None:
+        """Let the Uploader record the last confirmed upload as sent before a page is requested."""
+        deadline = time.monotonic() + MARK_WAIT_SECONDS
+        while self._unmarked and time.monotonic() < deadline:
+            pending = await store.call(_still_pending, sorted(self._unmarked))
+            self._unmarked = set(pending)
+            if pending:
+                await asyncio.sleep(0.02)
+        self._unmarked = set()
+
+    async def _page(self, page: int, compare: int | None) -> tuple[bytes, float]:
+        headers = {"X-PAGINATION-LIMIT": str(self.page_size), "X-PAGINATION-PAGE": str(page)}
+        if compare is not None:
+            headers["X-COMPARE-TIMESTAMP"] = str(compare)
+        fetched = time.time()
+        try:
+            response = await self._call("GET", f"services/{self.service_uuid}/barcodes", headers=headers,
+                                        timeout=SLOW)
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None
+        if response.status_code == 400:
+            raise BackendRejected(f"barcode download refused: {_info(response)}")
+        if response.status_code != 200:
+            raise Unreachable(f"barcode download answered HTTP {response.status_code}")
+        return response.content, fetched
+
+    async def _download_full(self, store: StoreThread) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        service = self.service_uuid
+        seen = {"barcodes": 0, "canceled": 0}
+
+        def rows() -> Iterator[dict[str, Any]]:
+            # Runs on the syncer's store thread inside Store.load_tickets; each page is fetched on
+            # the event loop, parsed here, so neither parsing nor writing holds up the loop.
+            page, last = 1, 1
+            while page <= last:
+                if self._closing:
+                    raise Unreachable("stopping")
+                content, fetched = self._wait(asyncio.run_coroutine_threadsafe(self._page(page, None), loop))
+                barcodes, last = _parse_page(content)
+                del content
+                # An httpx Response and its stream refer to each other, so each page's body (300-400 kB)
+                # would wait for a full collection; freeing it here keeps one page in memory at a time.
+                gc.collect(1)
+                for raw in barcodes:
+                    out = ticket_rows(raw, service, fetched)
+                    seen["barcodes"] += bool(out)
+                    seen["canceled"] += bool(out) and out[0]["status"] == "canceled"
+                    yield from out
+                if not barcodes:
+                    break
+                page += 1
+
+        await store.call(Store.load_tickets, self.name, rows(), self.page_size)
+        return seen["barcodes"], seen["canceled"]
+
+    def _wait(self, future: concurrent.futures.Future) -> Any:
+        """Block the syncer's thread for a page, but never past a stop: the loop may be closing."""
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if self._closing:
+                    future.cancel()
+                    raise Unreachable("stopping") from None
+
+    async def _download_delta(self, store: StoreThread, compare: int) -> tuple[int, int]:
+        page, last, count, canceled = 1, 1, 0, 0
+        while page <= last:
+            content, fetched = await self._page(page, compare)
+            n, c, last = await store.call(_upsert_page, self.name, content, self.service_uuid, fetched)
+            count, canceled = count + n, canceled + c
+            if not n:
+                break
+            page += 1
+        return count, canceled
+
+    async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
+        """Post Upload of scans decided offline, with the time they were made (unix seconds, UTC).
+
+        The API takes no nonce, so a batch sent again after a crash carries the same barcode, time
+        and status: the server keeps one. A 400 is narrowed down to the scans it refuses.
+        """
+        try:
+            await self._ready()
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None  # not the scans' fault: keep them queued
+        result = UploadResult()
+        batch: list[tuple[str, list[dict[str, Any]]]] = []
+        for row in rows:
+            barcode = row["ticket_key"] or row["token"]
+            if not barcode:
+                result.parked[row["nonce"]] = "ticket code no longer stored; cannot upload"
+                continue
+            code, message = upload_status(row)
+            at = int(row["wall"])
+            records = [{"barcode_id": barcode, "checked_in_time": at, "status_code": code, "status_message": message}]
+            if row["passed"] == 0 and code == 100:  # admitted, nobody passed: check out again
+                records.append({"barcode_id": barcode, "checked_in_time": at, "status_code": 200,
+                                "status_message": MESSAGES[200]})
+            batch.append((row["nonce"], records))
+        async with self._upload_lock:
+            await self._post_upload(batch, result)
+        self._unmarked = set(result.sent)
+        return result
+
+    async def _post_upload(self, batch: list[tuple[str, list[dict[str, Any]]]], result: UploadResult) -> None:
+        if not batch:
+            return
+        try:
+            response = await self._call("POST", "barcodes/upload", timeout=SLOW, json={
+                "user_uuid": self.user_uuid, "service_uuid": self.service_uuid,
+                "barcodes": [r for _, records in batch for r in records]})
+        except (BackendRejected, ConfigError) as e:
+            raise self._refused(e) from None
+        if response.status_code in (200, 201):
+            result.sent += [nonce for nonce, _ in batch]
+            return
+        if response.status_code != 400:
+            raise Unreachable(f"upload answered HTTP {response.status_code}")
+        if len(batch) > 1:  # find the scans it refuses; send the others
+            for item in batch:
+                await self._post_upload([item], result)
+            return
+        text = _info(response)
+        if any(word in text.lower() for word in ("duplicate", "already")):
+            result.sent.append(batch[0][0])  # the server has it: that is what we wanted
+        else:
+            result.parked[batch[0][0]] = f"refused by CM.com: {text}"
+
+
+# --- store-thread helpers (run with StoreThread.call) ----------------------------------------
+
+def _json(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _load_session(store: Store, who: str, service_key: str) -> tuple[dict | None, dict | None]:
+    jwt = _json(store.get(JWT_KEY))
+    service = _json(store.get(SERVICE_KEY))
+    return (jwt if jwt and jwt.get("who") == who else None,
+            service if service and service.get("key") == service_key else None)
+
+
+def _durability(store: Store, level: str) -> None:
+    """The syncer's own connection writes a list the server can send again: no fsync per page.
+
+    In WAL mode `NORMAL` still commits atomically and a power cut can only lose the newest
+    commits, in order, so the store falls back to an earlier consistent list. What it saves is an
+    fsync inside every page's write lock, which a scan's commit would otherwise queue behind
+    (SD cards: 10-400 ms each). Only this connection changes; the scan path stays `FULL`.
+    """
+    store.db.conn.execute(f"PRAGMA synchronous = {'NORMAL' if level == 'NORMAL' else 'FULL'}")
+
+
+def _still_pending(store: Store, nonces: list[str]) -> list[str]:
+    marks = ",".join("?" * len(nonces))
+    return [r[0] for r in store.db.conn.execute(
+        f"SELECT nonce FROM scans WHERE upload = 'pending' AND nonce IN ({marks})", nonces)]  # noqa: S608
+
+
+def _parse_page(content: bytes) -> tuple[list[dict[str, Any]], int]:
+    """(barcodes, last page) of one Get Barcodes answer; Unreachable when it is not one."""
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        raise Unreachable("barcode page is not JSON") from None
+    barcodes = body.get("barcodes") if isinstance(body, dict) else None
+    if not isinstance(barcodes, list):
+        raise Unreachable("barcode page without a barcodes list")
+    pagination = body.get("pagination") if isinstance(body.get("pagination"), dict) else {}
+    pages = pagination.get("pages") if isinstance(pagination.get("pages"), dict) else {}
+    last = pages.get("last_page", pagination.get("total_pages", 1))
+    return [b for b in barcodes if isinstance(b, dict)], last if isinstance(last, int) else 1
+
+
+def _upsert_page(store: Store, backend: str, content: bytes, service: str, fetched: float) -> tuple[int, int, int]:
+    barcodes, last = _parse_page(content)
+    rows = [r for raw in barcodes for r in ticket_rows(raw, service, fetched)]
+    store.upsert_tickets(backend, rows)
+    firsts = [r for r in rows if r["token"] == r["ticket_key"]]
+    return len(firsts), sum(r["status"] == "canceled" for r in firsts), last
+
+
+def create(config: Config) -> Backend:
+    return CMBackend(config)
