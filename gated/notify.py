@@ -1,14 +1,27 @@
-"""sd_notify for systemd: READY, STATUS, WATCHDOG and STOPPING; silent when not run by systemd."""
+"""sd_notify for systemd: READY, STATUS, WATCHDOG and STOPPING; silent when not run by systemd.
+
+The datagram is sent without blocking. systemd-python's `daemon.notify()` blocks when the
+receiver's queue is full, and a blocked notify would stall the decision loop that sends it:
+a manager that is slow to read must cost a status line, never a visitor's scan.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import time
+
+log = logging.getLogger(__name__)
 
 
 class Notifier:
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        path = os.environ.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(path)
+        # "@name" is an abstract socket (leading NUL), as sd_notify(3) documents.
+        self._address = "\0" + path[1:] if path.startswith("@") else path
+        self._socket: socket.socket | None = None
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         # systemd sets WATCHDOG_PID to the service's main pid; a child that inherited it is not ours.
@@ -18,10 +31,14 @@ class Notifier:
         self._last_status = ""
 
     def _send(self, text: str) -> None:
-        if self.enabled:
-            from systemd import daemon
-
-            daemon.notify(text)
+        if not self.enabled:
+            return
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.sendto(text.encode(), socket.MSG_DONTWAIT, self._address)
+        except OSError as e:  # queue full (EAGAIN), manager gone: drop this one, the next will try again
+            log.debug("sd_notify %r not sent: %s", text.split("\n", 1)[0], e)
 
     def ready(self, status: str) -> None:
         self._last_status = status

@@ -251,3 +251,21 @@ def test_sigterm_sends_stopping_puts_the_relay_in_its_safe_state_and_exits_0(wri
     gated.wait_line(re.escape(relay_line))
     gated.wait_line(r"stopped$")
     assert gated.wait_exit() == 0  # well before the 30 s pulse would have ended
+
+
+def test_a_manager_that_stops_reading_never_blocks_the_gate(tmp_path, monkeypatch):
+    """The kernel queues a few hundred datagrams; after that sends must be dropped, not wait."""
+    import socket as socketmod
+
+    from gated.notify import Notifier
+
+    path = str(tmp_path / "deaf.sock")
+    deaf = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    deaf.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    notifier = Notifier()
+    for i in range(5000):  # far past the queue length: a blocking send would hang here
+        notifier.status(f"online, {i} queued")
+    first = deaf.recv(4096)
+    deaf.close()
+    assert first == b"STATUS=online, 0 queued"
