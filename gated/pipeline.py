@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gated.config import Config
 from gated.debounce import Debouncer
@@ -27,6 +27,9 @@ class Gate:
         self.store = store
         self.outputs = outputs
         self.on_queued = on_queued
+        # Called with (scan, decision) once the scan is recorded and acted on, e.g. to share the
+        # admission with other lanes (gated.mqtt). Must return at once: it runs on the scan path.
+        self.on_decided: list[Callable[[Scan, Decision], None]] = []
         self.tasks: set[asyncio.Task] = set()
         self.last_scan = ""
         self.last_line = ""
@@ -62,6 +65,7 @@ class Gate:
         queue = self.decider.backend.online and decision.source is Source.OFFLINE \
             and decision.reason is not Reason.MALFORMED
         commit_started = time.monotonic()
+        recorded = True
         try:
             await self.store.call(Store.record, scan, decision, lane=self.lane, scan_mode=self.scan_mode,
                                   latency_ms=decided_ms, queue_upload=queue)
@@ -70,22 +74,27 @@ class Gate:
             log.error("scan not recorded, so not admitted: %s", e,
                       extra={"GATED_EVENT": "store_error"})
             decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
-            queue = False
+            queue = recorded = False
 
         self.last_commit_ms = (time.monotonic() - commit_started) * 1000
+        if decision.admitted:  # the relay first: it is what the visitor waits for
+            hold = self.outputs.release()
+            if hold is not None:
+                self._spawn(self._after_passage(scan, hold))
         self.outputs.signal(decision.admitted)
-        if decision.admitted:
-            self._spawn(self._release(scan, decision))
         acted_ms = self.last_act_ms = (time.monotonic() - scan.received) * 1000
         self._log(scan, decision, label, acted_ms)
+        for callback in self.on_decided if recorded else ():
+            try:
+                callback(scan, decision)
+            except Exception:  # a hook's bug must not stop the gate
+                log.exception("after-scan hook failed", extra={"GATED_EVENT": "hook_failed"})
         if queue:
             self.on_queued()
         return decision
 
-    async def _release(self, scan: Scan, decision: Decision) -> None:
-        passed = await self.outputs.release()
-        if passed is None:
-            return
+    async def _after_passage(self, scan: Scan, hold: Awaitable[bool]) -> None:
+        passed = await hold
         try:
             await self.store.call(Store.mark_passed, scan.nonce, passed)
         except StoreError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gpiozero import LED, Buzzer, Device, DigitalInputDevice, DigitalOutputDevice
 from gpiozero.exc import GPIOZeroError
@@ -68,6 +68,7 @@ class Outputs:
         self.relay_cfg = config.relay
         self._closers: list[Device] = []
         self._hold = asyncio.Lock()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self.on_emergency = on_emergency
         self.pin_factory = pin_factory or Device.pin_factory or Device._default_pin_factory()
         names = {config.relay.pin: "relay"}
@@ -147,26 +148,52 @@ class Outputs:
 
     # --- outputs ---------------------------------------------------------------------------
 
+    # Pulses are timed on the event loop (call_later), not with gpiozero's blink(): blink starts
+    # a thread per pulse and joins the previous one, about 1 ms of the scan path each, while a
+    # timer costs microseconds and a new pulse simply replaces the pending switch-off.
+
+    def _pulse(self, name: str, device: Device, seconds: float) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        device.on()
+        self._timers[name] = asyncio.get_running_loop().call_later(seconds, self._switch_off, name, device)
+
+    def _switch_off(self, name: str, device: Device) -> None:
+        self._timers.pop(name, None)
+        if name == "relay" and self.emergency_active:
+            return  # the emergency holds it open
+        device.off()
+
     def signal(self, admitted: bool) -> None:
-        """LEDs and buzzer for a verdict; returns at once, gpiozero times them."""
-        for section, led in self.leds.values():
+        """LEDs and buzzer for a verdict; returns at once, the loop switches them off."""
+        for name, (section, led) in self.leds.items():
             if section.shows == ("admit" if admitted else "deny"):
-                led.blink(on_time=section.on_seconds, off_time=0, n=1, background=True)
+                self._pulse(f"led.{name}", led, section.on_seconds)
             else:
+                timer = self._timers.pop(f"led.{name}", None)
+                if timer is not None:
+                    timer.cancel()
                 led.off()
         if self.buzzer is not None:
             seconds = self.config.buzzer.admit_beep_seconds if admitted else self.config.buzzer.deny_beep_seconds
-            self.buzzer.beep(on_time=seconds, off_time=0, n=1, background=True)
+            self._pulse("buzzer", self.buzzer, seconds)
 
-    async def release(self) -> bool | None:
-        """Let one person through. Returns whether they passed (None when no sensor tells)."""
+    def release(self) -> Awaitable[bool] | None:
+        """Let one person through.
+
+        Without a passage sensor the relay is pulsed now and None returned. With one, the
+        returned awaitable holds the relay until the contact reports a pass (True) or the
+        timeout (False): one person at a time, so a second admitted visitor waits for the first.
+        """
         if self.emergency_active:
             return None  # already held open
         if self.passage is None:
-            self.relay.blink(on_time=self.relay_cfg.pulse_seconds, off_time=0, n=1, background=True)
+            self._pulse("relay", self.relay, self.relay_cfg.pulse_seconds)
             return None
-        # Hold until the passage contact reports a pass, one person at a time: a second admitted
-        # visitor waits for the first to pass (or time out) before the relay releases for them.
+        return self._hold_for_passage()
+
+    async def _hold_for_passage(self) -> bool:
         async with self._hold:
             loop = asyncio.get_running_loop()
             passed = asyncio.Event()
@@ -199,6 +226,9 @@ class Outputs:
 
     def safe_state(self) -> None:
         """Outputs to their configured stop state: relay locked (fail-secure) or open (fail-safe)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for _, led in self.leds.values():
             led.off()
         if self.buzzer is not None:
