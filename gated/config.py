@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gated.errors import ConfigError
+from gated.mqtt import MQTT
+from gated.mqtt import check as check_mqtt
 from gated.schema import Key, Section, check_table, did_you_mean, fmt
 
 DEFAULT_PATH = "/etc/gated/gated.toml"
@@ -150,8 +152,8 @@ WALLET_GOOGLE = {
 WALLET = {"apple": WALLET_APPLE, "google": WALLET_GOOGLE}
 
 FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
-         "store": STORE, "log": LOG}
-OPTIONAL = ("buzzer",)
+         "store": STORE, "log": LOG, "mqtt": MQTT}
+OPTIONAL = ("buzzer", "mqtt")
 SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input", "wallet"])
 
 
@@ -173,13 +175,14 @@ class Config:
     log: Section
     wallet_apple: Section | None = None  # [wallet.apple]: NFC wallet keys, read by the nfc reader
     wallet_google: Section | None = None
+    mqtt: Section | None = None  # [mqtt]: lane-to-lane sharing and fleet status (gated.mqtt)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def sections(self) -> list[Section]:
         out = [self.lane, self.backend, self.backend_options, *self.readers.values(), self.gpio,
                self.relay, *self.leds.values()]
         out += [s for s in (self.buzzer, self.passage, self.emergency) if s is not None]
-        out += [s for s in (self.wallet_apple, self.wallet_google) if s is not None]
+        out += [s for s in (self.wallet_apple, self.wallet_google, self.mqtt) if s is not None]
         return out + [self.offline, self.store, self.log]
 
 
@@ -295,11 +298,14 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
                             "Wallets: apple, google.")
 
     buzzer = fixed("buzzer") if "buzzer" in raw else None
+    mqtt = fixed("mqtt") if "mqtt" in raw else None
+    if mqtt is not None:
+        problems += check_mqtt(mqtt)
     config = Config(
         path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
         gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
         emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"),
-        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), raw=raw,
+        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), mqtt=mqtt, raw=raw,
     )
     _cross_check(config, problems)
     if problems:

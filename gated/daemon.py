@@ -1,9 +1,10 @@
 """`gated run`: build everything from the config, start in dependency order, stop in reverse.
 
-Start: store -> backend -> decider -> outputs (relay idle first) -> uploader/syncer -> readers,
-then READY=1. Stop (SIGTERM): readers first, the scans already read are still decided, relay holds
-finish, outputs go to their safe state, the store is closed last. SIGHUP reloads the config between
-two scans; scans read meanwhile wait in the queue, none is lost.
+Start: store -> backend -> decider -> outputs (relay idle first) -> MQTT lane link -> uploader/syncer
+-> readers, then READY=1. Stop (SIGTERM): readers first, the scans already read are still decided, the
+lane link shares its last admissions, relay holds finish, outputs go to their safe state, the store is
+closed last. SIGHUP reloads the config between two scans; scans read meanwhile wait in the queue, none
+is lost. A signed MQTT mode command is applied the same way, between two scans.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from gated import __version__
+from gated import __version__, mqtt
 from gated import config as configmod
 from gated.config import Config
 from gated.drivers import build_reader
@@ -34,6 +35,13 @@ from gated.upload import Syncer, Uploader
 log = logging.getLogger("gated")
 
 _RELOAD = object()  # queue sentinel: reload the config between two scans
+
+
+@dataclass(frozen=True)
+class _SetMode:
+    """Queue item: a lane mode asked for by a signed MQTT command, applied between two scans."""
+
+    mode: str
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Daemon:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.readers: dict[str, tuple[Section, asyncio.Task]] = {}
         self.stopping = asyncio.Event()
+        self.link: mqtt.LaneLink | None = None
 
     async def run(self) -> int:
         c = self.config
@@ -110,6 +119,14 @@ class Daemon:
                 await p.backend.sync(p.store)
             except GatedError as e:
                 log.warning("offline data not refreshed: %s", e, extra={"GATED_EVENT": "sync_failed"})
+        loop = asyncio.get_running_loop()
+        try:  # after the outputs, before the readers: the first scan's admission is shared
+            self.link = mqtt.attach(c, p.store, p.gate, on_mode=lambda mode: loop.call_soon_threadsafe(
+                self.queue.put_nowait, _SetMode(mode)))
+        except ConfigError as e:  # a secret file found wrong only when it is read
+            log.error("cannot start:\n%s", configmod.report(e), extra={"GATED_EVENT": "start_failed"})
+            await p.close()
+            return 2
         self.uploader = Uploader(p.backend, p.store)
         self.uploader.can_upload = lambda: p.decider.breaker.allows()
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
@@ -117,7 +134,6 @@ class Daemon:
         # for the breaker's probe (on_reconnect below): waking now would only fail again.
         p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
         p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
-        loop = asyncio.get_running_loop()
         background = [loop.create_task(self.uploader.run(), name="uploader"),
                       loop.create_task(self.syncer.run(), name="syncer"),
                       loop.create_task(self._housekeeping(), name="housekeeping")]
@@ -129,9 +145,12 @@ class Daemon:
         stats = await p.store.call(Store.queue_stats)
         log.info("readers: %s", ", ".join(r.describe() for r in self._reader_objs.values()))
         log.info("outputs: %s", p.outputs.describe())
+        if self.link is not None:
+            log.info("lanes: %s", self.link.describe())
         log.info("policy: %s; offline fallback %s; queue: %d", self._policy_text(), c.offline.fallback,
                  stats.pending)
         self.notifier.ready(self._status(stats.pending))
+        self._share_status(stats.pending)
         log.info("ready in %.0f ms", (time.monotonic() - started) * 1000, extra={"GATED_EVENT": "ready"})
 
         await self._decision_loop()
@@ -143,8 +162,10 @@ class Daemon:
         await asyncio.gather(*(t for _, t in self.readers.values()), return_exceptions=True)
         while not self.queue.empty():  # scans already read are decided, not dropped
             item = self.queue.get_nowait()
-            if item is not _RELOAD:
+            if isinstance(item, tuple):
                 await p.gate.handle(*item)
+        if self.link is not None:  # its last admissions shared, then "offline" announced
+            await asyncio.to_thread(self.link.stop)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -161,6 +182,10 @@ class Daemon:
         return f"{p.backend.describe()} {mode} -> offline"
 
     def _status(self, queued: int) -> str:
+        last = f", last {self.parts.gate.last_scan}" if self.parts.gate.last_scan else ""
+        return f"{self._state()}, {queued} queued{last}"
+
+    def _state(self) -> str:
         d = self.parts.decider
         if d.emergency:
             state = "EMERGENCY: free passage"
@@ -171,8 +196,20 @@ class Daemon:
                 time.monotonic() - (d.breaker.opened_at or time.monotonic()))))
         else:
             state = "online"
-        last = f", last {self.parts.gate.last_scan}" if self.parts.gate.last_scan else ""
-        return f"{state}, {queued} queued{last}"
+        return state
+
+    def _share_status(self, queued: int) -> None:
+        """The fleet's view of this lane (retained on the MQTT broker), refreshed with STATUS=."""
+        if self.link is None:
+            return
+        d = self.parts.decider
+        readers = {}
+        for name, (_, task) in self.readers.items():
+            connected = getattr(self._reader_objs.get(name), "connected", None)
+            readers[name] = "stopped" if task.done() else {True: "connected", False: "disconnected"}.get(
+                connected, "running")
+        self.link.set_status(api=self._state(), queue=queued, last_scan=self.parts.gate.last_scan,
+                             mode="emergency" if d.emergency else d.mode, readers=readers)
 
     async def _decision_loop(self) -> None:
         """Take scans one at a time; the watchdog is fed from here, so a stuck scan path is noticed."""
@@ -192,9 +229,13 @@ class Daemon:
                 if item is _RELOAD:
                     await self._reload()
                     continue
+                if isinstance(item, _SetMode):
+                    await self._set_mode(item.mode)
+                    continue
                 await self.parts.gate.handle(*item)
                 stats = await self.parts.store.call(Store.queue_stats)
                 self.notifier.status(self._status(stats.pending))
+                self._share_status(stats.pending)
         finally:
             stop.cancel()
 
@@ -206,6 +247,7 @@ class Daemon:
             ticks += 1
             stats = await self.syncer.store.call(Store.queue_stats)
             self.notifier.status(self._status(stats.pending))
+            self._share_status(stats.pending)
             if ticks % 12 == 0:  # every minute
                 try:
                     await self.syncer.store.call(Store.checkpoint)
@@ -264,6 +306,9 @@ class Daemon:
         if new.store.path != old.store.path:
             log.warning("[store] path changed; it takes effect at the next restart")
             new.store = old.store
+        if new.mqtt != old.mqtt:
+            log.warning("[mqtt] changed; it takes effect at the next restart")
+            new.mqtt = old.mqtt
         if new.backend != old.backend or new.backend_options != old.backend_options:
             backend = build_backend(new)
             try:
@@ -304,6 +349,18 @@ class Daemon:
         self.config = new
         log.info("configuration reloaded from %s (%s)", new.path, ", ".join(changed) or "settings only",
                  extra={"GATED_EVENT": "config_reloaded"})
+
+    async def _set_mode(self, mode: str) -> None:
+        """A remote mode command, applied as a reload that changes only [lane] mode (until the next one)."""
+        new = replace(self.config, lane=Section(self.config.lane.where, {**self.config.lane, "mode": mode}))
+        self.parts.decider.apply(new)
+        self.parts.gate.apply(new)
+        self.config = new
+        log.info("%s mode is now %s (MQTT command); [lane] mode in %s applies again at the next reload",
+                 new.lane.name, mode, new.path, extra={"GATED_EVENT": "mode_changed"})
+        stats = await self.parts.store.call(Store.queue_stats)
+        self.notifier.status(self._status(stats.pending))
+        self._share_status(stats.pending)
 
 
 async def one_scan(config: Config, scan: Scan, label: str) -> tuple[int, str]:
