@@ -131,6 +131,8 @@ STORE = {
     "path": Key("path", default="/var/lib/gated/gated.db", must_exist=False),
     "retention_seconds": Key("float", default=30 * 86400.0, above=0,
                              help="how long uploaded scans are kept for audit"),
+    "on_error": Key("str", default="deny", choices=("deny", "admit"),
+                    help="a scan that cannot be recorded: deny it (fail-secure) or let the decision stand"),
 }
 LOG = {
     "journal": Key("str", default="auto", choices=("auto", "yes", "no"),
@@ -224,7 +226,7 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
         return check_table(f"[{name}]", raw.get(name, {}), FIXED[name], base, problems)
 
     lane = fixed("lane")
-    if not lane.serial:
+    if not lane.get("serial"):  # absent also when the value given was refused (a problem is listed)
         lane["serial"] = _machine_serial()
 
     backend_raw = raw.get("backend", {})
@@ -253,6 +255,7 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
     for name, table in _named(raw, "reader", problems).items():
         where = f"[reader.{name}]"
         rtype = table.get("type") if isinstance(table, dict) else None
+        rtype = rtype if isinstance(rtype, str) else None  # anything else is reported by check_table below
         schema = dict(READER_COMMON)
         if rtype in AVAILABLE_READERS:
             schema |= module_schema(AVAILABLE_READERS[rtype])
@@ -340,9 +343,9 @@ def _cross_check(config: Config, problems: list[str]) -> None:
             problems.append(f"{where} pin = {pin}: GPIO{pin} is already used by {used[pin]}.")
         else:
             used[pin] = where
-    if config.backend.get("breaker_failures", 0) > config.backend.get("breaker_window", 5):
-        problems.append(f"[backend] breaker_failures = {config.backend.breaker_failures}: must be at most "
-                        f"breaker_window ({config.backend.breaker_window}).")
+    failures, window = config.backend.get("breaker_failures", 0), config.backend.get("breaker_window", 5)
+    if failures > window:
+        problems.append(f"[backend] breaker_failures = {failures}: must be at most breaker_window ({window}).")
     stdin = [n for n, r in config.readers.items() if r.get("type") == "stdin"]
     if len(stdin) > 1:
         problems.append(f"[reader.{stdin[1]}] type = \"stdin\": only one reader can read the terminal "

@@ -13,7 +13,12 @@ import asyncio
 import logging
 import signal
 import time
+import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+
+from gpiozero import Device
+from gpiozero.exc import GPIOZeroError, PinFactoryFallback
 
 from gated import __version__, mqtt
 from gated import config as configmod
@@ -29,7 +34,7 @@ from gated.policy import build_backend
 from gated.policy.base import Backend
 from gated.policy.decider import Decider
 from gated.schema import Section
-from gated.store import Store, StoreThread
+from gated.store import Store, StoreCorrupt, StoreThread
 from gated.upload import Syncer, Uploader
 
 log = logging.getLogger("gated")
@@ -63,9 +68,27 @@ class Parts:
         self.store.close()
 
 
+def open_store(path: str) -> StoreThread:
+    """The scan path's store. A damaged file is moved aside and a fresh store created, so a gate
+    never crash-loops on it; the old file keeps its queue and sessions for a technician."""
+    try:
+        return StoreThread(path, "store")
+    except StoreCorrupt as e:
+        if not Store.looks_like_a_store(path):  # e.g. [store] path naming the config file by mistake
+            raise StoreError(f"{e}; not moved aside, it does not look like a store: check [store] path") from None
+        try:
+            moved = Store.quarantine(path)
+        except OSError as move_error:
+            raise StoreError(f"{e}; and it cannot be moved aside: {move_error.strerror}") from None
+        log.error("store damaged (%s); moved aside to %s and started a fresh one. Scans still queued in it "
+                  "are not uploaded, and pairings in it must be made again (gated pair)", e, moved,
+                  extra={"GATED_EVENT": "store_error", "GATED_STORE_MOVED": str(moved)})
+        return StoreThread(path, "store")
+
+
 async def build(config: Config, *, simulate: bool = False) -> Parts:
     """Store -> backend -> decider -> outputs -> gate. Raises StoreError or DriverError."""
-    store = StoreThread(config.store.path, "store")
+    store = open_store(config.store.path)
     try:
         backend = build_backend(config)
         try:
@@ -84,8 +107,37 @@ async def build(config: Config, *, simulate: bool = False) -> Parts:
 
 def _outputs(config: Config, simulate: bool, decider: Decider) -> Outputs:
     """Outputs wired to the decider: the emergency input switches it to free passage."""
-    return Outputs(config, pin_factory=make_pin_factory("mock" if simulate else config.gpio.pin_factory),
-                   on_emergency=lambda active: setattr(decider, "emergency", active))
+    factory = make_pin_factory("mock" if simulate else config.gpio.pin_factory) or _auto_pin_factory()
+    return Outputs(config, pin_factory=factory, on_emergency=lambda active: setattr(decider, "emergency", active))
+
+
+def _auto_pin_factory() -> object:
+    """gpiozero's own choice for `pin_factory = "auto"`; on a machine without GPIO one clear line, not a traceback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PinFactoryFallback)  # four warnings for one fault, reported below
+        try:
+            return Device.pin_factory or Device._default_pin_factory()
+        except (GPIOZeroError, ImportError, OSError, RuntimeError) as e:
+            raise DriverError(f'[gpio] pin_factory = "auto": no GPIO found on this machine ({e}); on a bench '
+                              'without hardware set pin_factory = "mock"') from None
+
+
+async def _keep_running(name: str, run: Callable[[], Awaitable[None]], pause: float = 5.0) -> None:
+    """Run a background loop (uploader, syncer, housekeeping) for the life of the daemon.
+
+    A failure there (a store error, a backend's bug on an odd answer) must not end it silently:
+    uploads or syncs would stop for good while scans go on. Log it and start it again.
+    """
+    while True:
+        try:
+            await run()
+            return
+        except GatedError as e:
+            log.error("%s stopped: %s; restarting it in %g s", name, e, pause, extra={"GATED_EVENT": "task_failed"})
+        except Exception:
+            log.exception("%s failed unexpectedly; restarting it in %g s", name, pause,
+                          extra={"GATED_EVENT": "task_failed"})
+        await asyncio.sleep(pause)
 
 
 class Daemon:
@@ -134,15 +186,16 @@ class Daemon:
         # for the breaker's probe (on_reconnect below): waking now would only fail again.
         p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
         p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
-        background = [loop.create_task(self.uploader.run(), name="uploader"),
-                      loop.create_task(self.syncer.run(), name="syncer"),
-                      loop.create_task(self._housekeeping(), name="housekeeping")]
+        background = [loop.create_task(_keep_running(name, run), name=name) for name, run in (
+            ("uploader", self.uploader.run), ("syncer", self.syncer.run), ("housekeeping", self._housekeeping))]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.queue.put_nowait(_RELOAD))
         self._start_readers(c.readers, c)
 
         stats = await p.store.call(Store.queue_stats)
+        if stats.pending:  # scans queued before a restart go out now, not after the uploader's idle minute
+            self.uploader.wake()
         log.info("readers: %s", ", ".join(r.describe() for r in self._reader_objs.values()))
         log.info("outputs: %s", p.outputs.describe())
         if self.link is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,7 +13,7 @@ from gated.debounce import Debouncer
 from gated.drivers.gpio import Outputs
 from gated.errors import GatedError, StoreError
 from gated.logs import NOTICE
-from gated.model import Decision, Reason, Scan, ScanMode, Source, deny
+from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.decider import Decider
 from gated.store import Store, StoreThread
 from gated.tokens import Malformed, normalise, redact, redact_field
@@ -41,6 +42,7 @@ class Gate:
         self.scan_mode = ScanMode(config.lane.scan_mode)
         self.readers = config.readers
         self.debouncer = Debouncer(config.lane.debounce_seconds)
+        self.on_error = config.store.get("on_error", "deny")
 
     async def handle(self, scan: Scan, label: str | None = None) -> Decision | None:
         """Decide, record, act on and log one scan; None when it was a debounced repeat."""
@@ -59,7 +61,7 @@ class Gate:
                 log.debug("%s repeat of %s on %s within the debounce window; ignored",
                           self.lane, redact(scan.token), label)
                 return None
-            decision = await self.decider.decide(scan, self.scan_mode)
+            decision = await self._decide(scan)
 
         decided_ms = (time.monotonic() - scan.received) * 1000
         queue = self.decider.backend.online and decision.source is Source.OFFLINE \
@@ -69,12 +71,16 @@ class Gate:
         try:
             await self.store.call(Store.record, scan, decision, lane=self.lane, scan_mode=self.scan_mode,
                                   latency_ms=decided_ms, queue_upload=queue)
-        except StoreError as e:
-            # Not recorded means not admitted: an admission nobody can account for is the worse fault.
-            log.error("scan not recorded, so not admitted: %s", e,
-                      extra={"GATED_EVENT": "store_error"})
-            decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
+        except (StoreError, sqlite3.Error) as e:
             queue = recorded = False
+            if self.on_error == "admit":
+                # The installer chose a moving lane over a complete record: say so on every such scan.
+                log.error("scan not recorded (%s); decision kept because [store] on_error = \"admit\": it will "
+                          "not be uploaded", e, extra={"GATED_EVENT": "store_error"})
+            else:
+                # Not recorded means not admitted: an admission nobody can account for is the worse fault.
+                log.error("scan not recorded, so not admitted: %s", e, extra={"GATED_EVENT": "store_error"})
+                decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
 
         self.last_commit_ms = (time.monotonic() - commit_started) * 1000
         if decision.admitted:  # the relay first: it is what the visitor waits for
@@ -92,6 +98,22 @@ class Gate:
         if queue:
             self.on_queued()
         return decision
+
+    async def _decide(self, scan: Scan) -> Decision:
+        """The decider's verdict; a store that cannot be read follows [store] on_error, a bug denies."""
+        name = self.decider.backend.name
+        try:
+            return await self.decider.decide(scan, self.scan_mode)
+        except (StoreError, sqlite3.Error) as e:  # offline data and anti-passback live in the store
+            if self.on_error == "admit":
+                log.error("store unreadable (%s); admitted without a check because [store] on_error = \"admit\"",
+                          e, extra={"GATED_EVENT": "store_error"})
+                return admit(Reason.FALLBACK_ADMIT, backend=name, ticket_key=scan.token, detail=f"store: {e}")
+            log.error("store unreadable, scan not decided: %s", e, extra={"GATED_EVENT": "store_error"})
+            return deny(Reason.ERROR, backend=name, detail=f"store: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug in one decision must cost one denied scan, not the daemon
+            log.exception("deciding a scan failed unexpectedly; denied", extra={"GATED_EVENT": "decide_error"})
+            return deny(Reason.ERROR, backend=name, detail=f"{type(e).__name__} in gated")
 
     async def _after_passage(self, scan: Scan, hold: Awaitable[bool]) -> None:
         passed = await hold

@@ -29,6 +29,13 @@ migrations = Migrations("gated")
 # Upload states of a scan row.
 NONE, PENDING, SENT, PARKED = "none", "pending", "sent", "parked"
 
+# SQLite's result codes for a file that is damaged or is not a database at all.
+_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+class StoreCorrupt(StoreError):
+    """The store file is damaged or not an SQLite database; `quarantine()` moves it aside."""
+
 
 @migrations()
 def m001_initial(db: Database) -> None:
@@ -118,17 +125,52 @@ class Store:
                 raise StoreError(f"{self.path}: SQLite refused WAL/synchronous=FULL "
                                  f"(journal_mode={mode}, synchronous={sync})")
             migrations.apply(self.db)
+            self._high_water = self._max_wall()
         except sqlite3.DatabaseError as e:
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            if getattr(e, "sqlite_errorcode", None) in _CORRUPT_CODES:
+                raise StoreCorrupt(f"{self.path}: {e}") from e
             raise StoreError(f"{self.path}: {e}") from e
         except OSError as e:
             raise StoreError(f"{self.path}: {e.strerror or e}") from e
-        self._high_water = self._max_wall()
         # With [mqtt] sharing on: the venue-keyed hash of a ticket identity (gated.mqtt), the form
         # in which other lanes' admissions arrive. None: only this lane's admissions count.
         self._shared_hash: Callable[[str], str] | None = None
 
     def close(self) -> None:
         self.db.close()
+
+    @staticmethod
+    def looks_like_a_store(path: str | os.PathLike[str]) -> bool:
+        """An SQLite file (its header), or named like one: only such a file may be moved aside as damaged."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                header = f.read(16)
+        except OSError:
+            return False
+        return header == b"SQLite format 3\x00" or path.suffix in (".db", ".sqlite", ".sqlite3")
+
+    @staticmethod
+    def quarantine(path: str | os.PathLike[str], now: float | None = None) -> Path:
+        """Move a damaged store (with its -wal and -shm) aside as PATH.corrupt-<time>; return the new name.
+
+        Nothing is deleted: the queue and sessions in it can still be read out by hand.
+        """
+        path = Path(path)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(time.time() if now is None else now))
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+        path.rename(target)
+        return target
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -774,6 +774,11 @@ class CMBackend(HttpBackend):
         except (BackendRejected, ConfigError) as e:
             raise self._refused(e) from None
         if response.status_code in (200, 201):
+            # Only CM.com's Upload Confirmation Object ({"info": {...}}) says the scans are in: a 200 from
+            # a captive portal or a proxy is no confirmation, and taking it for one would lose them.
+            body = json_body(response)
+            if not isinstance(body, dict) or not isinstance(body.get("info"), dict):
+                raise Unreachable(f"upload answered HTTP {response.status_code} without CM.com's confirmation")
             result.sent += [nonce for nonce, _ in batch]
             return
         if response.status_code != 400:

@@ -171,6 +171,10 @@ class Decider:
                 await asyncio.wait_for(self.backend.probe(), max(self.timeout, 2.0))
             except (Unreachable, TimeoutError):
                 continue
+            except Exception:  # a backend bug must not leave the breaker open for good
+                log.exception("probe of the ticket API failed unexpectedly; trying again",
+                              extra={"GATED_EVENT": "probe_failed"})
+                continue
             opened = self.breaker.opened_at or time.monotonic()
             self.breaker.close()
             log.info("ticket API reachable again after %s", _duration(time.monotonic() - opened),

@@ -402,7 +402,8 @@ class EntryBackend(Backend):
         for problem in problems:
             log.warning("Entry Get Events: %s", problem)
         keys = data.get("nfcKeys") if isinstance(data.get("nfcKeys"), dict) else {}
-        nfc = {w: [k for k in keys.get(w) or [] if isinstance(k, dict)] for w in ("apple", "google")}
+        lists = {w: keys.get(w) if isinstance(keys.get(w), list) else [] for w in ("apple", "google")}
+        nfc = {w: [k for k in lists[w] if isinstance(k, dict)] for w in ("apple", "google")}
         await store.call(_save, {"timezone": tz_name, "events": events}, masks, nfc)
         n_masks = sum(len(m) for m in masks.values())
         summary = (f"Entry offline data: {len(events)} events today ({', '.join(e['eventId'] for e in events)}), "
@@ -536,6 +537,12 @@ class EntryBackend(Backend):
         nonces = [r["nonce"] for r in rows]
         code = response.status_code
         rid = response.request.headers.get("PAC-Request-Id")
+        if 200 <= code < 300 or code == 409:
+            # Entry confirms with {"message": "... successful at <file>"}: a 200 (or 409) from a captive
+            # portal or a proxy is no confirmation, and marking those scans sent would lose them. Retry.
+            body = json_body(response)
+            if not isinstance(body, dict) or code != 409 and not isinstance(body.get("message"), str):
+                raise Unreachable(f"Offline Scan Upload answered HTTP {code} without Entry's confirmation")
         if 200 <= code < 300 or code == 409:
             if code == 409:
                 log.info("Entry already has upload %s (HTTP 409, PAC-Request-Id %s); counted as uploaded",

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gated import __version__
 from gated.config import Config
-from gated.errors import BackendRejected, ConfigError, Unreachable
+from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import HttpBackend, json_body, request
@@ -151,6 +151,8 @@ class PretixBackend(HttpBackend):
         lst = body.get("list") if isinstance(body.get("list"), dict) else {}
         who = str(position.get("attendee_name") or position.get("order") or "")
         common = dict(source=Source.ONLINE, backend=self.name, event_id=lst.get("event"), message=who)
+        if status == "ok" and not 200 <= response.status_code < 300:
+            raise Unreachable(f"HTTP {response.status_code} with an \"ok\" body: not pretix's answer")
         if status == "ok":
             if body.get("require_attention"):
                 common["message"] = f"{who} (attention)".strip()
@@ -229,6 +231,17 @@ class PretixBackend(HttpBackend):
     # --- offline data --------------------------------------------------------------------
 
     async def sync(self, store: StoreThread) -> None:
+        try:
+            await self._sync(store)
+        except GatedError:
+            raise
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            # pretix answered, but not in its documented shapes (another version, a proxy's JSON):
+            # the offline data already stored stays in use, and the syncer says why at WARNING.
+            raise BackendRejected(f"pretix answered in an unexpected shape ({type(e).__name__}: {str(e)[:80]})") \
+                from None
+
+    async def _sync(self, store: StoreThread) -> None:
         event = await self._get_json(f"{self.event_path}/", "event detail")
         keys = (event.get("valid_keys") or {}).get("pretix_sig1") or []
         try:

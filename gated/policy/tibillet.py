@@ -130,6 +130,10 @@ class TibilletBackend(HttpBackend):
         common = dict(source=Source.ONLINE, backend=self.name, backend_code=f"{response.status_code} {text}".strip(),
                       event_id=ticket.get("event"), message=who or text)
         code = response.status_code
+        if code == 200 and not isinstance(body.get("success"), bool):
+            # Every 200 of the scan API says success true or false; without it this is not TiBillet's
+            # answer (another API version, a proxy's page): decide offline rather than deny online.
+            raise Unreachable("HTTP 200 without a success flag")
         if code == 200 and body.get("success") is True:
             return admit(Reason.OK, ticket_key=ticket.get("uuid"), **common)
         if code == 200 and "already" in text.lower():
@@ -155,8 +159,10 @@ class TibilletBackend(HttpBackend):
         _refuse_auth(response)
         if response.status_code != 200:
             raise Unreachable(f"test_api answered HTTP {response.status_code}")
-        info = json_body(response).get("device_info") or {}
-        self.device_uuid = info.get("uuid") or self.device_uuid
+        body = json_body(response)
+        info = body.get("device_info") if isinstance(body, dict) else None
+        if isinstance(info, dict) and isinstance(info.get("uuid"), str):
+            self.device_uuid = info["uuid"]
 
     async def lookup(self, token: str) -> list[str] | None:
         response = await self._post("check_ticket/", token)
@@ -238,12 +244,12 @@ class TibilletBackend(HttpBackend):
                 continue
             try:
                 response = await self._post("ticket/", row["token"], timeout=self.slow_seconds)
+                why = self._upload_refusal(response)
             except Unreachable as e:
                 if i == 0:
                     raise
                 result.retry.update({r["nonce"]: str(e) for r in rows[i:]})
                 return result
-            why = self._upload_refusal(response)
             if why is None:
                 result.sent.append(row["nonce"])
             else:
@@ -251,14 +257,13 @@ class TibilletBackend(HttpBackend):
         return result
 
     def _upload_refusal(self, response: httpx.Response) -> str | None:
-        """None when the server now counts the scan, else why it never will."""
-        try:
-            body = json_body(response)
-        except Unreachable:
-            return f"HTTP {response.status_code} without JSON"
+        """None when the server now counts the scan, else why it never will; Unreachable when it did not say."""
+        body = json_body(response)  # a proxy's HTML page or broken JSON is no answer: retried, not parked
+        if not isinstance(body, dict):
+            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
         if response.status_code == 200 and body.get("success") is True:
             return None
-        ticket = body.get("ticket") or {}
+        ticket = body.get("ticket") if isinstance(body.get("ticket"), dict) else {}
         text = body.get("message") or body.get("error") or body.get("detail") or ""
         if response.status_code == 200 and "already" in str(text).lower():
             by = ticket.get("scanned_by")

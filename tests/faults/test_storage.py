@@ -1,0 +1,327 @@
+"""Storage faults: disk full, read-only, damaged file. Each one is logged with what the lane does, never a crash.
+
+The lane's state under a store fault is `[store] on_error`: "deny" (default, fail-secure) denies a
+scan that cannot be recorded with reason `error`; "admit" lets the decision stand and says on every
+such scan that it was not recorded. A damaged file at start is moved aside and a fresh store made.
+
+Disk full is SQLite's own SQLITE_FULL, reached with `PRAGMA max_page_count` on the scan path's
+connection (in-process), and a real full filesystem: a 1 MiB tmpfs in a private mount namespace
+of the daemon (root only). Read-only is that tmpfs remounted read-only under the running daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gated.daemon import build
+from gated.errors import StoreError
+from gated.logs import MESSAGE_IDS
+from gated.model import Reason, Scan, Source, Verdict
+from gated.store import Store
+
+LOCAL = '[backend]\ntype = "local"\n[backend.local]\nmasks = ["DISK-######"]\n'
+
+
+def _quick(cfg):
+    cfg.lane["debounce_seconds"] = 0.0
+    cfg.relay["pulse_seconds"] = 0.01
+    for led in cfg.leds.values():
+        led["on_seconds"] = 0.01
+    return cfg
+
+
+def _stored(path: Path) -> list[tuple[str, str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return conn.execute("SELECT token, verdict, reason FROM scans ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+async def _fill_until_full(parts, limit: int = 400):
+    """Freeze the file at its current size, then scan until a record no longer fits."""
+    await parts.store.call(lambda s: s.db.conn.execute(
+        "PRAGMA max_page_count = " + str(s.db.conn.execute("PRAGMA page_count").fetchone()[0])))
+    out = []
+    for n in range(limit):
+        decision = await parts.gate.handle(Scan(token=f"DISK-{n:06d}", reader="front"))
+        out.append((f"DISK-{n:06d}", decision))
+        if await parts.store.call(Store.count) < len(out):  # this one did not fit
+            break
+    for n in range(limit, limit + 3):  # the store stays full: what the next visitors get
+        out.append((f"DISK-{n:06d}", await parts.gate.handle(Scan(token=f"DISK-{n:06d}", reader="front"))))
+    return out
+
+
+def test_disk_full_denies_each_unrecordable_scan_as_error_and_logs_it(load_config, caplog):
+    caplog.set_level(logging.INFO, logger="gated")
+    cfg = _quick(load_config(LOCAL))
+
+    async def run():
+        parts = await build(cfg)
+        try:
+            await parts.backend.sync(parts.store)
+            scanned = await _fill_until_full(parts)
+            await parts.store.call(lambda s: s.db.conn.execute("PRAGMA max_page_count = 1073741823"))
+            after = await parts.gate.handle(Scan(token="DISK-999999", reader="front"))
+            return scanned, after
+        finally:
+            await parts.close()
+
+    scanned, after = asyncio.run(run())
+    refused = [(t, d) for t, d in scanned if d.reason is Reason.ERROR]
+    assert len(refused) == 4 and all(d.verdict is Verdict.DENY for _, d in refused)
+    assert all("database or disk is full" in d.detail for _, d in refused)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4 and all(r.getMessage().startswith("scan not recorded, so not admitted: ")
+                                    and r.GATED_EVENT == "store_error" for r in errors)
+    assert "store_error" in MESSAGE_IDS  # journald shows these with the store_error MESSAGE_ID
+    stored = _stored(Path(cfg.store.path))
+    admitted = [t for t, d in scanned if d.admitted]
+    assert [t for t, v, _ in stored if v == "admit"] == admitted + ["DISK-999999"]  # every admit was recorded
+    assert not {t for t, _ in refused} & {t for t, _, _ in stored}
+    assert after.admitted and after.reason is Reason.OK  # room again: the lane is back to normal
+
+
+def test_disk_full_with_on_error_admit_keeps_the_lane_moving_and_says_so_on_every_scan(load_config, caplog,
+                                                                                         tmp_path):
+    caplog.set_level(logging.INFO, logger="gated")
+    cfg = _quick(load_config(LOCAL + f'[store]\non_error = "admit"\npath = "{tmp_path / "gated.db"}"\n'))
+
+    async def run():
+        parts = await build(cfg)
+        try:
+            await parts.backend.sync(parts.store)
+            return await _fill_until_full(parts)
+        finally:
+            await parts.close()
+
+    scanned = asyncio.run(run())
+    assert all(d.admitted and d.reason is Reason.OK for _, d in scanned)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4
+    assert all('decision kept because [store] on_error = "admit": it will not be uploaded' in e for e in errors)
+    stored = {t for t, _, _ in _stored(Path(cfg.store.path))}
+    assert len(stored) == len(scanned) - 4  # the four scans made while full are nowhere but in the log
+
+
+@pytest.mark.parametrize("damage", ["garbage", "overwritten_header_page", "truncated"])
+def test_damaged_store_at_start_is_moved_aside_and_a_fresh_one_used(load_config, caplog, damage):
+    caplog.set_level(logging.INFO, logger="gated")
+    cfg = _quick(load_config(LOCAL))
+    db = Path(cfg.store.path)
+    Store(db).close()
+    original = db.read_bytes()
+    if damage == "garbage":
+        db.write_bytes(os.urandom(8192))
+    elif damage == "overwritten_header_page":
+        db.write_bytes(original[:100] + os.urandom(4096 - 100) + original[4096:])
+    else:
+        db.write_bytes(original[:1000])
+    damaged = db.read_bytes()
+
+    async def run():
+        parts = await build(cfg)
+        try:
+            await parts.backend.sync(parts.store)
+            return await parts.gate.handle(Scan(token="DISK-000001", reader="front"))
+        finally:
+            await parts.close()
+
+    decision = asyncio.run(run())
+    assert decision.admitted and decision.source is Source.OFFLINE
+    (moved,) = list(db.parent.glob("gated.db.corrupt-*"))
+    assert moved.read_bytes() == damaged  # kept as it was, for a technician
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.GATED_EVENT == "store_error" and error.GATED_STORE_MOVED == str(moved)
+    assert f"moved aside to {moved} and started a fresh one" in error.getMessage()
+    assert [t for t, _, _ in _stored(db)] == ["DISK-000001"]
+
+
+def test_gated_run_on_a_damaged_store_starts_once_and_decides(write_config, run_gated):
+    config = write_config(LOCAL)
+    db = config.parent / "gated.db"
+    db.write_bytes(b"this is not an SQLite file\n" * 100)
+    gated = run_gated(config)
+    gated.wait_line(r"ERROR: store damaged .*; moved aside to .*gated\.db\.corrupt-\d{8}T\d{6} and started a fresh")
+    gated.wait_line(r"ready in \d+ ms")
+    gated.feed("DISK-000042")
+    m = gated.verdict()
+    assert (m["word"], m["reason"], m["tail"]) == ("ADMIT", "ok", "0042")
+    assert gated.stop() == 0
+    assert len(list(config.parent.glob("gated.db.corrupt-*"))) == 1  # one start, one move: no loop
+
+
+# --- real filesystem faults under a running daemon (root: a tmpfs in its own mount namespace) ----
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
+                                reason="needs root, unshare and nsenter for a private tmpfs")
+
+
+def _in_namespace(pid: int, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", "-t", str(pid), "-m", *cmd], capture_output=True, text=True, timeout=20)
+
+
+@pytest.fixture
+def tmpfs_gate(write_config, run_gated, tmp_path):
+    """`gated run` whose state directory is a 1 MiB tmpfs only it can see."""
+    state = tmp_path / "state"
+    state.mkdir()
+
+    def start(extra: str = ""):
+        config = write_config(LOCAL + extra + f'[store]\npath = "{state / "gated.db"}"\n')
+        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount -t tmpfs -o size=1m,mode=0700 gated-test "{state}" && exec "$@"', "sh"]
+        gated = run_gated(config, wrap=wrap)
+        gated.wait_line(r"ready in \d+ ms")
+        return gated, state
+
+    return start
+
+
+@needs_root
+def test_full_filesystem_under_the_running_gate_denies_unrecordable_scans_until_space_returns(tmpfs_gate):
+    gated, state = tmpfs_gate()
+    gated.feed("DISK-000001")
+    assert gated.verdict()["word"] == "ADMIT"
+    fill = _in_namespace(gated.pid, "dd", "if=/dev/zero", f"of={state}/fill", "bs=64k")
+    assert "No space left on device" in fill.stderr
+    refused = None
+    for n in range(2, 40):  # pages SQLite already holds may take a few more scans before one does not fit
+        gated.feed(f"DISK-{n:06d}")
+        m = gated.verdict()
+        if m["word"] == "DENY":
+            refused = m
+            break
+    assert refused is not None and refused["reason"] == "error"
+    assert any("scan not recorded, so not admitted:" in line and "full" in line for line in gated.seen)
+    assert _in_namespace(gated.pid, "rm", f"{state}/fill").returncode == 0
+    gated.feed("DISK-000777")  # space is back: the lane admits again, without a restart
+    m = gated.verdict()
+    assert (m["word"], m["reason"], m["tail"]) == ("ADMIT", "ok", "0777"), "\n".join(gated.seen[-12:])
+    assert gated.stop() == 0
+
+
+def _immutable(paths: list[Path], on: bool) -> bool:
+    """chattr +i / -i: even root cannot write an immutable file, through fds already open too."""
+    if not shutil.which("chattr"):
+        return False
+    return subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)], capture_output=True).returncode == 0
+
+
+def test_store_made_read_only_under_the_running_gate_denies_and_logs_until_writable(write_config, run_gated):
+    config = write_config(LOCAL)
+    db = config.parent / "gated.db"
+    gated = run_gated(config)
+    gated.wait_line(r"ready in \d+ ms")
+    gated.feed("DISK-000001")
+    assert gated.verdict()["word"] == "ADMIT"
+    files = [db, db.with_name("gated.db-wal"), db.with_name("gated.db-shm")]
+    if not _immutable(files, True):
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the immutable flag)")
+    try:
+        gated.feed("DISK-000002", "DISK-000003")
+        for tail in ("0002", "0003"):
+            m = gated.verdict()
+            assert (m["word"], m["reason"], m["tail"]) == ("DENY", "error", tail)
+        assert sum("scan not recorded, so not admitted:" in line for line in gated.seen) == 2
+    finally:
+        _immutable(files, False)
+    gated.feed("DISK-000004")
+    m = gated.verdict()
+    assert (m["word"], m["reason"], m["tail"]) == ("ADMIT", "ok", "0004")
+    assert gated.stop() == 0
+    assert [t for t, v, _ in _stored(db)] == ["DISK-000001", "DISK-000004"]
+
+
+@needs_root
+def test_read_only_store_at_start_is_one_clear_error_and_exit_1_with_the_relay_untouched(write_config, run_gated,
+                                                                                          tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    seed = tmp_path / "seed.db"
+    Store(seed).close()
+    config = write_config(LOCAL + f'[store]\npath = "{state / "gated.db"}"\n')
+    wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs gated-test "{state}" && cp "{seed}" "{state}/gated.db" '
+            f'&& mount -o remount,ro "{state}" && exec "$@"', "sh"]
+    gated = run_gated(config, wrap=wrap)
+    assert gated.wait_exit() == 1  # systemd's Restart= tries again later; each try says the same
+    errors = [line for line in gated.seen if "ERROR" in line]
+    assert len(errors) == 1 and f"cannot start: {state / 'gated.db'}" in errors[0], gated.seen
+    assert not any("output relay" in line or "Traceback" in line for line in gated.seen)  # relay as wired: locked
+
+
+# --- the store failing while a scan is decided ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("on_error", "word", "reason"), [("deny", Verdict.DENY, Reason.ERROR),
+                                                          ("admit", Verdict.ADMIT, Reason.FALLBACK_ADMIT)])
+def test_a_store_that_cannot_be_read_while_deciding_follows_on_error(load_config, tickets_csv, caplog, tmp_path,
+                                                                     on_error, word, reason):
+    caplog.set_level(logging.INFO, logger="gated")
+    tickets_csv("token\nLIST-000001\n")
+    cfg = _quick(load_config('[backend]\ntype = "local"\n[backend.local]\ntickets = "tickets.csv"\n'
+                             f'[store]\non_error = "{on_error}"\npath = "{tmp_path / "gated.db"}"\n'))
+
+    async def run():
+        parts = await build(cfg)
+        try:
+            await parts.backend.sync(parts.store)
+            damage = sqlite3.connect(cfg.store.path)  # the ticket list's table gone under the gate
+            damage.execute("DROP TABLE tickets")
+            damage.commit()
+            damage.close()
+            return await parts.gate.handle(Scan(token="LIST-000001", reader="front"))
+        finally:
+            await parts.close()
+
+    decision = asyncio.run(run())
+    assert (decision.verdict, decision.reason) == (word, reason) and "no such table" in decision.detail
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.GATED_EVENT == "store_error" and "no such table: " in error.getMessage()
+
+
+def test_offline_data_of_an_unexpected_shape_costs_one_denied_scan_not_the_gate(make_kit, load_config, caplog):
+    caplog.set_level(logging.INFO, logger="gated")
+    kit = make_kit("pretix")
+    cfg = _quick(load_config(kit.toml(kit.sim.url)))
+
+    async def run():
+        parts = await build(cfg)
+        try:
+            await kit.prepare(parts)
+            kit.sim.fail_status = 503
+            await parts.store.call(lambda s: s.db.conn.execute(  # as an older gated might have left it
+                "UPDATE offline_data SET value = '[]' WHERE name LIKE 'pretix:%'"))
+            broken = await parts.gate.handle(Scan(token=kit.tokens[0], reader="front"))
+            kit.sim.fail_status = None
+            await parts.backend.sync(parts.store)  # fresh data from pretix repairs it
+            kit.sim.fail_status = 503
+            return broken, await parts.gate.handle(Scan(token=kit.tokens[1], reader="front"))
+        finally:
+            await parts.close()
+
+    broken, repaired = asyncio.run(run())
+    assert (broken.verdict, broken.reason, broken.detail) == (Verdict.DENY, Reason.ERROR, "AttributeError in gated")
+    assert repaired.admitted and repaired.source is Source.OFFLINE
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.getMessage() == "deciding a scan failed unexpectedly; denied" and error.exc_info
+
+
+def test_a_store_path_naming_some_other_file_is_refused_not_moved(load_config, tmp_path):
+    other = tmp_path / "gated.toml.bak"  # an installer's slip: [store] path names a text file
+    other.write_text("[lane]\nname = 'north-3'\n" * 50)
+    cfg = _quick(load_config(LOCAL + f'[store]\npath = "{other}"\n'))
+    with pytest.raises(StoreError, match="not moved aside, it does not look like a store: check \\[store\\] path"):
+        asyncio.run(build(cfg))
+    assert other.exists() and not list(tmp_path.glob("*.corrupt-*"))
