@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import ssl
 from typing import Any
 
@@ -17,8 +18,12 @@ import httpx
 
 from gated import __version__
 from gated.config import Config
-from gated.errors import Unreachable
+from gated.errors import ConfigError, Unreachable
 from gated.policy.base import Backend
+from gated.secrets import read_secret
+from gated.store import Store, StoreThread
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = f"gated/{__version__}"
 
@@ -86,3 +91,13 @@ class HttpBackend(Backend):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    async def _credential(self, store: StoreThread | None, file: str, where: str, kv_key: str) -> str | None:
+        """The device credential: from its secret file when configured, else as `gated pair` stored it."""
+        if file:
+            try:
+                return read_secret(file, where)
+            except ConfigError as e:  # logged, not raised: the gate still decides offline
+                log.error("%s", "; ".join(e.problems), extra={"GATED_EVENT": "config_problem"})
+                return None
+        return await store.call(Store.get, kv_key) if store is not None else None

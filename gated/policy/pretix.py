@@ -29,13 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gated import __version__
 from gated.config import Config
-from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
+from gated.errors import BackendRejected, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import HttpBackend, json_body, request
 from gated.policy.signatures import load_sig1_keys, verify_sig1
 from gated.schema import Key
-from gated.secrets import read_secret
 from gated.store import Store, StoreThread
 from gated.timeparse import iso, parse_time
 from gated.tokens import redact
@@ -104,15 +103,8 @@ class PretixBackend(HttpBackend):
             log.warning("pretix: no device token yet; run `gated pair TOKEN` with the device's setup token "
                         "(deciding offline until then)", extra={"GATED_EVENT": "not_paired"})
 
-
     async def _load_credentials(self) -> None:
-        if self.token_file:
-            try:
-                self.token = read_secret(self.token_file, "[backend.pretix] token_file")
-            except ConfigError as e:
-                log.error("%s", "; ".join(e.problems), extra={"GATED_EVENT": "config_problem"})
-        elif self._store is not None:
-            self.token = await self._store.call(Store.get, KV_TOKEN)
+        self.token = await self._credential(self._store, self.token_file, "[backend.pretix] token_file", KV_TOKEN)
 
     def _headers(self) -> dict[str, str]:
         if not self.token:

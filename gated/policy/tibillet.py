@@ -23,13 +23,12 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from gated.config import Config
-from gated.errors import BackendRejected, ConfigError, Unreachable
+from gated.errors import BackendRejected, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import HttpBackend, json_body, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.schema import Key
-from gated.secrets import read_secret
 from gated.store import Store, StoreThread
 from gated.tokens import redact
 
@@ -87,15 +86,9 @@ class TibilletBackend(HttpBackend):
             log.warning("TiBillet: no API key yet; run `gated pair CODE` with the device's pairing code "
                         "(deciding offline until then)", extra={"GATED_EVENT": "not_paired"})
 
-
     async def _load_credentials(self) -> None:
-        if self.api_key_file:
-            try:
-                self.api_key = read_secret(self.api_key_file, "[backend.tibillet] api_key_file")
-            except ConfigError as e:
-                log.error("%s", "; ".join(e.problems), extra={"GATED_EVENT": "config_problem"})
-        elif self._store is not None:
-            self.api_key = await self._store.call(Store.get, KV_API_KEY)
+        self.api_key = await self._credential(self._store, self.api_key_file, "[backend.tibillet] api_key_file",
+                                              KV_API_KEY)
         if self._store is not None and self.device_uuid is None:
             self.device_uuid = await self._store.call(Store.get, KV_DEVICE_UUID)
 
