@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -65,12 +64,19 @@ def figures(quick: bool) -> list[Figure]:
 # --- the measuring process -------------------------------------------------------------------
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process image. Not getrusage's ru_maxrss: Linux carries that across
+    exec, so a child of a big parent (python -m benchmarks after its million-ticket runs) would
+    report the parent's peak. VmHWM belongs to the current address space alone."""
+    return _status_mb("VmHWM:")
 
 
 def _current_rss_mb() -> float:
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
