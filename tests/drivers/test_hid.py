@@ -23,6 +23,7 @@ from gated.daemon import build
 from gated.drivers.hid import POLL_SECONDS, HidReader, list_devices
 from gated.drivers.keymap import keystrokes
 from gated.model import InputKind, Reason, Verdict
+from tests.drivers.support import Running, until
 
 LOG = "gated.drivers.hid"
 EVENT = "llHHi"  # struct input_event on 64-bit Linux
@@ -97,35 +98,6 @@ def bench():
     b = Bench()
     yield b
     b.close()
-
-
-async def until(condition, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
-class Running:
-    def __init__(self, reader: HidReader):
-        self.reader = reader
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self):
-        async for scan in self.reader.scans():
-            self.queue.put_nowait(scan)
-
-    async def connected(self) -> Running:
-        await until(lambda: self.reader.connected, what=f"{self.reader.name} to open its device")
-        return self
-
-    async def next(self, timeout: float = 2.0):
-        return await asyncio.wait_for(self.queue.get(), timeout)
-
-    async def stop(self):
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 DEVICE = "/dev/input/by-id/usb-Acme_Scanner-event-kbd"

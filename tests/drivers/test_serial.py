@@ -19,6 +19,7 @@ from gated.drivers import build_reader
 from gated.drivers.serial_qr import SerialReader, list_devices
 from gated.model import InputKind, Reason, Verdict
 from gated.tokens import Malformed, normalise
+from tests.drivers.support import Running, until
 
 LOG = "gated.drivers.serial_qr"
 
@@ -72,14 +73,6 @@ def socat(tmp_path):
     pair.stop()
 
 
-async def until(condition, timeout: float = 5.0, what: str = "condition") -> None:
-    """Wait for `condition()` to hold, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 async def read_bytes(fd: int, n: int, timeout: float = 2.0) -> bytes:
     """Read n bytes the reader sent to the engine side, waiting at most `timeout`."""
     loop = asyncio.get_running_loop()
@@ -95,30 +88,6 @@ async def read_bytes(fd: int, n: int, timeout: float = 2.0) -> bytes:
     finally:
         loop.remove_reader(fd)
     return bytes(got)
-
-
-class Running:
-    """A reader's scans() consumed in the background into a queue."""
-
-    def __init__(self, reader):
-        self.reader = reader
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self):
-        async for scan in self.reader.scans():
-            self.queue.put_nowait(scan)
-
-    async def connected(self) -> Running:
-        await until(lambda: self.reader.connected, what=f"{self.reader.name} to open its port")
-        return self
-
-    async def next(self, timeout: float = 2.0):
-        return await asyncio.wait_for(self.queue.get(), timeout)
-
-    async def stop(self):
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 def write_all(fd: int, data: bytes) -> None:
