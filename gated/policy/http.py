@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import certifi
@@ -19,9 +20,10 @@ import httpx
 from gated import __version__
 from gated.config import Config
 from gated.errors import ConfigError, Unreachable
-from gated.policy.base import Backend
+from gated.policy.base import Backend, UploadResult
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
+from gated.tokens import redact
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,33 @@ class HttpBackend(Backend):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    async def replay(self, rows: list[dict[str, Any]], replayable: Callable[[dict[str, Any]], bool],
+                     send: Callable[[dict[str, Any]], Awaitable[str | None]]) -> UploadResult:
+        """Upload by replaying each offline scan, one request each, for APIs without a batch upload.
+
+        `send(row)` returns None when the server now counts the scan, or why it never will (parked);
+        it raises Unreachable when the API did not answer: on the first row that fails the round
+        (the Uploader backs off), later rows are kept for the next round, what was sent stays sent.
+        Rows that need no replay (denies, nobody passed) count as done.
+        """
+        result = UploadResult()
+        for i, row in enumerate(rows):
+            if not replayable(row):
+                result.sent.append(row["nonce"])
+                continue
+            try:
+                why = await send(row)
+            except Unreachable as e:
+                if i == 0:
+                    raise
+                result.retry.update({r["nonce"]: str(e) for r in rows[i:]})
+                return result
+            if why is None:
+                result.sent.append(row["nonce"])
+            else:
+                result.parked[row["nonce"]] = f"{redact(row['token'])}: {why}"
+        return result
 
     async def _credential(self, store: StoreThread | None, file: str, where: str, kv_key: str) -> str | None:
         """The device credential: from its secret file when configured, else as `gated pair` stored it."""

@@ -346,27 +346,16 @@ class PretixBackend(HttpBackend):
 
     async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
         """Replay offline check-ins: original time, same nonce, `force` (they happened either way)."""
-        result = UploadResult()
-        for i, row in enumerate(rows):
-            if row["verdict"] != "admit" or row["passed"] == 0 or not row["token"]:
-                result.sent.append(row["nonce"])  # refused or nobody passed: no check-in to report
-                continue
+        async def send(row: dict[str, Any]) -> str | None:
             body = self._redeem_body(row["token"], row["scan_mode"], row["nonce"])
             body |= {"force": True, "datetime": iso(row["wall"])}
-            try:
-                response = await self._call("POST", f"{self.org_path}/checkinrpc/redeem/", json=body,
-                                            timeout=SLOW_CALL_SECONDS)
-                why = _upload_refusal(response)
-            except Unreachable as e:
-                if i == 0:
-                    raise
-                result.retry.update({r["nonce"]: str(e) for r in rows[i:]})
-                return result
-            if why is None:
-                result.sent.append(row["nonce"])
-            else:
-                result.parked[row["nonce"]] = f"{redact(row['token'])}: {why}"
-        return result
+            response = await self._call("POST", f"{self.org_path}/checkinrpc/redeem/", json=body,
+                                        timeout=SLOW_CALL_SECONDS)
+            return _upload_refusal(response)
+
+        # Refused scans and check-ins nobody passed through have nothing to report.
+        return await self.replay(rows, lambda r: r["verdict"] == "admit" and r["passed"] != 0 and bool(r["token"]),
+                                 send)
 
     async def not_passed(self, row: dict[str, Any]) -> None:
         if row["source"] == "mode" or (row["source"] == "offline" and row["upload"] == "pending"):

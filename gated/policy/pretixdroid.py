@@ -132,24 +132,15 @@ class PretixdroidBackend(HttpBackend):
                     message='pretixdroid has no offline data; set [offline] fallback = "admit" to keep lanes moving')
 
     async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
-        result = UploadResult()
-        for i, row in enumerate(rows):
-            if row["verdict"] != "admit" or row["scan_mode"] != "entry" or row["passed"] == 0 or not row["token"]:
-                result.sent.append(row["nonce"])
-                continue
-            try:
-                body = await self._redeem(row["token"], timeout=SLOW_CALL_SECONDS)
-            except Unreachable as e:
-                if i == 0:
-                    raise
-                result.retry.update({r["nonce"]: str(e) for r in rows[i:]})
-                return result
+        async def send(row: dict[str, Any]) -> str | None:
+            body = await self._redeem(row["token"], timeout=SLOW_CALL_SECONDS)
             code = body.get("reason")
             if body["status"] == "ok" or code == "already_redeemed":
-                result.sent.append(row["nonce"])
-            else:
-                result.parked[row["nonce"]] = f"{redact(row['token'])}: admitted offline, pretix says {code}"
-        return result
+                return None
+            return f"admitted offline, pretix says {code}"
+
+        return await self.replay(rows, lambda r: r["verdict"] == "admit" and r["scan_mode"] == "entry"
+                                 and r["passed"] != 0 and bool(r["token"]), send)
 
 
 def create(config: Config) -> Backend:

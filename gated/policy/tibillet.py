@@ -30,7 +30,6 @@ from gated.policy.http import HttpBackend, json_body, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.schema import Key
 from gated.store import Store, StoreThread
-from gated.tokens import redact
 
 log = logging.getLogger(__name__)
 
@@ -225,29 +224,16 @@ class TibilletBackend(HttpBackend):
 
     async def upload(self, rows: list[dict[str, Any]]) -> UploadResult:
         """Replay offline entries with `ticket`, one request each; nothing else has an endpoint."""
-        result = UploadResult()
         if self.device_uuid is None:
             try:
                 await self.probe()
             except Unreachable:
                 pass  # decided per row below: without it, "already scanned" cannot be told apart
-        for i, row in enumerate(rows):
-            if not _replayable(row):
-                result.sent.append(row["nonce"])  # a deny, an exit or nobody passed: nothing to replay
-                continue
-            try:
-                response = await self._post("ticket/", row["token"], timeout=self.slow_seconds)
-                why = self._upload_refusal(response)
-            except Unreachable as e:
-                if i == 0:
-                    raise
-                result.retry.update({r["nonce"]: str(e) for r in rows[i:]})
-                return result
-            if why is None:
-                result.sent.append(row["nonce"])
-            else:
-                result.parked[row["nonce"]] = f"{redact(row['token'])}: {why}"
-        return result
+        async def send(row: dict[str, Any]) -> str | None:
+            response = await self._post("ticket/", row["token"], timeout=self.slow_seconds)
+            return self._upload_refusal(response)
+
+        return await self.replay(rows, _replayable, send)  # a deny, an exit or nobody passed: nothing to replay
 
     def _upload_refusal(self, response: httpx.Response) -> str | None:
         """None when the server now counts the scan, else why it never will; Unreachable when it did not say."""
