@@ -6,18 +6,15 @@ daemon's own pid the way systemd does (through `exec` from sh), so the watchdog 
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.faults.gatedrun import GatedRun
 
 TICKETS = """
     token,name
@@ -63,58 +60,6 @@ class NotifySocket:
         self.sock.close()
 
 
-class GatedRun:
-    """`gated run` in a subprocess: codes go in on stdin, log lines come back from stderr."""
-
-    def __init__(self, config: Path, env: dict[str, str]):
-        # systemd sets WATCHDOG_PID to the service's main pid; exec keeps sh's pid for python.
-        self.proc = subprocess.Popen(
-            ["sh", "-c", 'WATCHDOG_PID="${WATCHDOG_PID:-$$}" exec "$@"', "sh",
-             sys.executable, "-m", "gated", "run", "--config", str(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace", env=env)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def feed(self, *codes: str) -> None:
-        self.proc.stdin.write("".join(f"{c}\n" for c in codes))
-        self.proc.stdin.flush()
-
-    def wait_line(self, pattern: str, timeout: float = 5.0) -> str:
-        """The next stderr line matching `pattern`; fails after `timeout` or when stderr ends."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                raise AssertionError(f"no line matching {pattern!r}; gated said:\n" + "\n".join(self.seen))
-            self.seen.append(line)
-            if re.search(pattern, line):
-                return line
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait_exit(self, timeout: float = 10.0) -> int:
-        rc = self.proc.wait(timeout)
-        while self.lines.get(timeout=timeout) is not None:  # collect what is left for messages
-            pass
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def notify(tmp_path: Path):
     sock = NotifySocket(tmp_path / "notify.sock")
@@ -129,10 +74,9 @@ def start(tmp_path: Path, notify: NotifySocket, tickets_csv):
     started: list[GatedRun] = []
 
     def run(config: Path, watchdog_usec: int = 600_000, **env_extra: str) -> GatedRun:
-        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "GATED_CONFIG")}
-        env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(watchdog_usec), PYTHONIOENCODING="utf-8",
-                   **env_extra)
-        gated = GatedRun(config, env)
+        env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec), **env_extra}
+        # WATCHDOG_PID is the main pid, as systemd sets it, unless a test names another process.
+        gated = GatedRun(config, env=env, watchdog_pid_self="WATCHDOG_PID" not in env_extra)
         started.append(gated)
         return gated
 
