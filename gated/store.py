@@ -95,6 +95,12 @@ def m001_initial(db: Database) -> None:
     db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+@migrations()
+def m002_outbox_index(db: Database) -> None:
+    # queue_stats() counts pending and parked rows; without this it reads the whole journal.
+    db.execute("CREATE INDEX scans_outbox ON scans(upload, wall) WHERE upload IN ('pending', 'parked')")
+
+
 @dataclass(frozen=True)
 class QueueStats:
     pending: int

@@ -132,6 +132,28 @@ def test_status_names_the_last_scan_and_its_verdict_after_each_scan(write_config
                         notify.wait(r"^STATUS=.*last DENY"))
 
 
+def test_status_counts_scans_queued_while_the_ticket_api_is_down(write_config, start, notify, tmp_path):
+    key = tmp_path / "entry.key"
+    key.write_text("not-used-the-api-is-down\n")
+    key.chmod(0o600)
+    gated = start(write_config(f"""
+        [backend]
+        type = "entry"
+        url = "http://127.0.0.1:9"
+        [backend.entry]
+        api_key_file = "{key}"
+        venue_code = "TS"
+        data_account_id = "390"
+        make = "Raspberry Pi"
+        model = "Pi 4"
+        masks = ["VIP-####"]
+    """))
+    notify.wait(r"READY=1")
+    gated.feed("VIP-0001", "VIP-0002")  # port 9 refuses: both decided offline (no events synced yet) and queued
+    assert re.fullmatch(r"STATUS=OFFLINE since \d\d:\d\d, 2 queued, last ADMIT \d\d:\d\d:\d\d",
+                        notify.wait(r"^STATUS=.*2 queued"))
+
+
 def test_sighup_applies_a_changed_config_and_decides_a_scan_read_during_the_reload(write_config, start,
                                                                                    notify):
     # A relay held for a passage that never comes keeps the reload waiting (outputs are rebuilt
