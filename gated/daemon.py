@@ -148,7 +148,6 @@ class Daemon:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.readers: dict[str, tuple[Section, asyncio.Task]] = {}
         self.stopping = asyncio.Event()
-        self.queued = 0  # scans waiting for upload, for STATUS=
         self.link: mqtt.LaneLink | None = None
 
     async def run(self) -> int:
@@ -185,12 +184,7 @@ class Daemon:
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
         # Offline-first backends upload as they go. A scan queued because the API just failed waits
         # for the breaker's probe (on_reconnect below): waking now would only fail again.
-        def queued() -> None:
-            self.queued += 1  # exact again at the next housekeeping tick (uploads drain it)
-            if p.decider.offline_first:
-                self.uploader.wake()
-
-        p.gate.on_queued = queued
+        p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
         p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
         background = [loop.create_task(_keep_running(name, run), name=name) for name, run in (
             ("uploader", self.uploader.run), ("syncer", self.syncer.run), ("housekeeping", self._housekeeping))]
@@ -200,7 +194,6 @@ class Daemon:
         self._start_readers(c.readers, c)
 
         stats = await p.store.call(Store.queue_stats)
-        self.queued = stats.pending
         if stats.pending:  # scans queued before a restart go out now, not after the uploader's idle minute
             self.uploader.wake()
         log.info("readers: %s", ", ".join(r.describe() for r in self._reader_objs.values()))
@@ -293,10 +286,10 @@ class Daemon:
                     await self._set_mode(item.mode)
                     continue
                 await self.parts.gate.handle(*item)
-                # The queue depth is counted, not queried: a SQL count per scan would sit between
-                # this scan and the next one.
-                self.notifier.status(self._status(self.queued))
-                self._share_status(self.queued)
+                # A covering index (scans_outbox) keeps this count small whatever the journal holds.
+                stats = await self.parts.store.call(Store.queue_stats)
+                self.notifier.status(self._status(stats.pending))
+                self._share_status(stats.pending)
         finally:
             stop.cancel()
 
@@ -306,9 +299,9 @@ class Daemon:
         while True:
             await asyncio.sleep(5)
             ticks += 1
-            self.queued = (await self.syncer.store.call(Store.queue_stats)).pending
-            self.notifier.status(self._status(self.queued))
-            self._share_status(self.queued)
+            stats = await self.syncer.store.call(Store.queue_stats)
+            self.notifier.status(self._status(stats.pending))
+            self._share_status(stats.pending)
             if ticks % 12 == 0:  # every minute
                 try:
                     await self.syncer.store.call(Store.checkpoint)
