@@ -132,12 +132,12 @@ def child(url: str, barcodes: int, scans: int, uploads: int) -> dict:
                     admitted.append(token)
                 decide.append(parts.gate.last_act_ms)
 
-            during = []
+            during = []; commits = []
             started = time.perf_counter()
             reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
             while not reload.done() and len(during) < 20_000:
                 await parts.gate.handle(Scan(token=f"CM{rng.randrange(barcodes):08d}", reader="front"))
-                during.append(parts.gate.last_act_ms)
+                during.append(parts.gate.last_act_ms); commits.append(parts.gate.last_commit_ms)
                 await asyncio.sleep(0.02)  # a busy lane, not a flood: the reload is what is measured
             await reload
             reload_s = time.perf_counter() - started
@@ -151,7 +151,7 @@ def child(url: str, barcodes: int, scans: int, uploads: int) -> dict:
             await parts.close()
             sync_store.close()
         return {"ingest_s": ingest, "rss_before_mb": before, "peak_rss_mb": peak, "decide_ms": decide,
-                "during_reload_ms": during, "reload_s": reload_s, "upload_s": upload_s, "uploaded": uploaded}
+                "during_reload_ms": during, "commits": commits, "reload": parts.backend.last_reload, "reload_s": reload_s, "upload_s": upload_s, "uploaded": uploaded}
 
     def _seed_uploads(store: Store, n: int, barcodes: int, lane: str) -> None:
         # The queue as offline scans leave it, written the way the pipeline writes them; fsync off

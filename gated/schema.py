@@ -41,6 +41,11 @@ class Section(dict):
         except KeyError:
             raise AttributeError(f"{self.where} has no key {name!r}") from None
 
+    def __reduce__(self) -> tuple:
+        # Pickled whole for the child process that reloads a ticket list (gated.policy.reload);
+        # without this, unpickling asks __getattr__ for `where` before it exists.
+        return (Section, (self.where, dict(self)))
+
 
 def fmt(value: Any) -> str:
     """A value as the installer would have typed it in TOML."""

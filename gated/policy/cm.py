@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from gated import reload
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, Verdict
@@ -381,6 +382,7 @@ class CMBackend(HttpBackend):
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._auth_failed = False
+        self.last_reload: dict[str, Any] = {}  # the last full reload's result (benchmarks read its peak RSS)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -457,6 +459,8 @@ class CMBackend(HttpBackend):
         async with self._auth_lock:
             if self.jwt and self.jwt != stale and self.jwt_renew_at > time.time():
                 return  # renewed by another request meanwhile
+            if self._password is None:  # the reload process reads it only when its token runs out
+                self._password = read_secret(self.options.password_file, "[backend.cm] password_file")
             response = await request(self.client, "POST", "userlogin", timeout=SLOW, json={
                 "credentials": {"username": self.username, "password": self._password}})
             if response.status_code in (400, 401, 403):
@@ -628,8 +632,8 @@ class CMBackend(HttpBackend):
     async def sync(self, store: StoreThread, *, full: bool = False) -> None:
         """Download the barcode list: in full the first time (and every few hours), else the changes.
 
-        Runs on the syncer's own store: pages are written in small transactions while scans keep
-        reading the previous list; a full list replaces it only once it is complete.
+        A full list is downloaded by a child process into a new list file (gated.reload), which
+        scans start to read only once it is complete; changes are written into the current one.
         """
         try:
             await self._ready()
@@ -641,14 +645,10 @@ class CMBackend(HttpBackend):
             started = time.time()
             full = (full or state.get("service") != self.service_uuid or "compare" not in state
                     or started - state.get("full_at", 0.0) > FULL_RELOAD_SECONDS or started < EARLIEST_TRUSTED)
-            await store.call(_durability, "NORMAL")
-            try:
-                if full:
-                    count, canceled = await self._download_full(store)
-                else:
-                    count, canceled = await self._download_delta(store, int(state["compare"]))
-            finally:
-                await store.call(_durability, "FULL")
+            if full:
+                count, canceled = await self._download_full(store)
+            else:
+                count, canceled = await self._download_delta(store, int(state["compare"]))
             state = {"service": self.service_uuid, "compare": int(started),
                      "full_at": started if full else state["full_at"], "synced_at": time.time()}
             await store.call(Store.set, SYNC_KEY, json.dumps(state))
@@ -685,6 +685,30 @@ class CMBackend(HttpBackend):
         return response.content, fetched
 
     async def _download_full(self, store: StoreThread) -> tuple[int, int]:
+        """The whole list, downloaded and written by a child process (gated.reload explains why)."""
+        result = await reload.run_in_child({"config": self.config, "state": self.reload_state(),
+                                            "store": str(store.store.path)})
+        self.last_reload = result
+        return result["barcodes"], result["canceled"]
+
+    def reload_state(self) -> dict[str, Any]:
+        """What the reload process needs to go on with this session: no new login, no new service lookup."""
+        return {"who": self.who, "jwt": self.jwt, "jwt_renew_at": self.jwt_renew_at, "user_uuid": self.user_uuid,
+                "service_uuid": self.service_uuid, "service_name": self.service_name}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """In the reload process: take over the daemon's session (see reload_state)."""
+        self.who, self.jwt, self.jwt_renew_at = state["who"], state["jwt"], state["jwt_renew_at"]
+        self.user_uuid, self.service_uuid, self.service_name = (state["user_uuid"], state["service_uuid"],
+                                                                state["service_name"])
+        self._resolved = True
+
+    async def reload_here(self, store: StoreThread) -> dict[str, Any]:
+        """In the reload process: download every page into a new generation of the list."""
+        count, canceled = await self._download_pages(store)
+        return {"barcodes": count, "canceled": canceled, "peak_rss_mb": reload.peak_rss_mb()}
+
+    async def _download_pages(self, store: StoreThread) -> tuple[int, int]:
         loop = asyncio.get_running_loop()
         service = self.service_uuid
         seen = {"barcodes": 0, "canceled": 0}
@@ -809,17 +833,6 @@ def _load_session(store: Store, who: str, service_key: str) -> tuple[dict | None
     service = _json(store.get(SERVICE_KEY))
     return (jwt if jwt and jwt.get("who") == who else None,
             service if service and service.get("key") == service_key else None)
-
-
-def _durability(store: Store, level: str) -> None:
-    """The syncer's own connection writes a list the server can send again: no fsync per page.
-
-    In WAL mode `NORMAL` still commits atomically and a power cut can only lose the newest
-    commits, in order, so the store falls back to an earlier consistent list. What it saves is an
-    fsync inside every page's write lock, which a scan's commit would otherwise queue behind
-    (SD cards: 10-400 ms each). Only this connection changes; the scan path stays `FULL`.
-    """
-    store.db.conn.execute(f"PRAGMA synchronous = {'NORMAL' if level == 'NORMAL' else 'FULL'}")
 
 
 def _still_pending(store: Store, nonces: list[str]) -> list[str]:

@@ -221,7 +221,6 @@ SQL_SINKS = {"execute", "executemany", "executescript", "query", "_one"}
 ALLOWED = {
     ("gated/store.py", "_one"): "executes its `sql` argument; every caller of _one is itself checked here",
     ("gated/store.py", "count"): "`where` is a literal clause written by its callers (tests); values go in `params`",
-    ("gated/policy/cm.py", "_durability"): "PRAGMA takes no parameters; the value is one of two literals",
     ("gated/policy/cm.py", "_still_pending"): "builds only the `?` placeholders; the values are parameters",
 }
 

@@ -25,7 +25,7 @@ from gated.daemon import build
 from gated.errors import StoreError
 from gated.logs import MESSAGE_IDS
 from gated.model import Reason, Scan, Source, Verdict
-from gated.store import Store
+from gated.store import Store, lists_dir
 
 LOCAL = '[backend]\ntype = "local"\n[backend.local]\nmasks = ["DISK-######"]\n'
 
@@ -277,7 +277,8 @@ def test_a_store_that_cannot_be_read_while_deciding_follows_on_error(load_config
         parts = await build(cfg)
         try:
             await parts.backend.sync(parts.store)
-            damage = sqlite3.connect(cfg.store.path)  # the ticket list's table gone under the gate
+            (listed,) = lists_dir(cfg.store.path).glob("*.sqlite")
+            damage = sqlite3.connect(listed)  # the ticket list's table gone under the gate
             damage.execute("DROP TABLE tickets")
             damage.commit()
             damage.close()
