@@ -46,13 +46,12 @@ async def run_in_child(job: dict[str, Any]) -> dict[str, Any]:
     `job` holds "config" (Config), "state" (the backend's reload_state()) and "store" (the path).
     Cancelling this coroutine (the daemon stopping) ends the child before it returns.
     """
-    payload = pickle.dumps(job)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gated.reload", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        proc.stdin.write(_HEADER.pack(len(payload)) + payload)
+        proc.stdin.write(encode_job(job))
         await proc.stdin.drain()
         # Not communicate(): it closes stdin at once, and a closed stdin tells the child to stop.
         out, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
@@ -75,6 +74,12 @@ async def run_in_child(job: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+def encode_job(job: dict[str, Any]) -> bytes:
+    """The job as the child reads it from stdin: length, then the pickle."""
+    payload = pickle.dumps(job)
+    return _HEADER.pack(len(payload)) + payload
+
+
 def _last_json(out: bytes) -> dict[str, Any] | None:
     for line in reversed(out.decode(errors="replace").splitlines()):
         with contextlib.suppress(ValueError):
@@ -90,6 +95,15 @@ def peak_rss_mb() -> float:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def written_mb() -> float:
+    """What this process had the kernel write to disk so far (/proc/self/io write_bytes)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1]) / 1e6
     return float("nan")
 
 

@@ -410,10 +410,19 @@ class Store:
         """Replace a backend's whole ticket list; scans see the old list until the new one is complete.
 
         `on_chunk(rows_so_far)` is called after each chunk of rows (progress on a terminal).
+        One load of a list at a time, across processes (the daemon's reload, `gated scan`).
         """
-        self._sweep_lists()
         folder = self.lists_dir
+        with _list_lock(folder, backend):
+            return self._load_locked(folder, backend, rows, chunk, on_chunk)
+
+    def _load_locked(self, folder: Path, backend: str, rows: Iterable[dict[str, Any]], chunk: int,
+                     on_chunk: Callable[[int], None] | None) -> int:
         loading = f"loading:{backend}"
+        stale = self.get(loading)
+        if stale:  # holding the lock, a load still named is one that was killed
+            _remove_list(folder / stale)
+        self._sweep_lists()
         name = f"{_file_safe(backend)}.{time.time_ns()}.sqlite"
         self.set(loading, name)  # before the file exists: a sweep never takes a file nobody names
         old = self.get(f"tickets:{backend}")  # not inside the write below: a read there would make it
@@ -484,6 +493,23 @@ def lists_dir(store_path: str | os.PathLike[str]) -> Path:
     """The folder of a store's ticket list files: `gated.db` -> `gated.db-tickets/`."""
     path = Path(store_path)
     return path.with_name(path.name + "-tickets")
+
+
+@contextmanager
+def _list_lock(folder: Path, backend: str) -> Iterator[None]:
+    """An exclusive lock per list (flock: the kernel lets go when its holder dies)."""
+    import fcntl
+
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(folder / f".{_file_safe(backend)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as e:
+        raise StoreError(f"{folder}: {e.strerror or e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _file_safe(name: str) -> str:

@@ -92,3 +92,59 @@ def test_prune_forgets_tokens_then_rows_but_never_unsent_scans(tmp_path):
     assert s.scan(old_sent.nonce) is None
     assert s.scan(old_unsent.nonce)["token"] == "UNSENT"  # still to upload: untouched
     assert s.scan(recent.nonce)["token"] is None and s.scan(recent.nonce)["token_hash"]
+
+
+def test_ticket_list_files_are_owner_only(tmp_path):
+    s = Store(tmp_path / "g.db")
+    s.load_tickets("local", [{"token": "A1", "name": "Ada"}])
+    (listed,) = s.lists_dir.glob("*.sqlite")
+    assert stat.S_IMODE(os.stat(s.lists_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(listed).st_mode) == 0o600
+    s.close()
+
+
+def test_a_file_left_by_a_load_that_was_killed_is_removed_by_the_next_load(tmp_path):
+    s = Store(tmp_path / "g.db")
+    s.load_tickets("local", [{"token": "OLD"}])
+    # What a reload process killed half way leaves: its file, named by loading:<list> only.
+    half = s.lists_dir / "local.1.sqlite"
+    half.write_bytes(b"half a list")
+    s.set("loading:local", half.name)
+    stray = s.lists_dir / "cm.2.sqlite"  # named by nothing at all (a store moved aside)
+    stray.write_bytes(b"")
+    s.load_tickets("local", [{"token": "NEW"}])
+    assert not half.exists() and not stray.exists() and s.get("loading:local") is None
+    assert s.ticket("local", "NEW") is not None and len(list(s.lists_dir.glob("*.sqlite"))) == 1
+    s.close()
+
+
+def test_a_list_switched_by_another_process_is_read_from_its_new_file(tmp_path):
+    loader, scans = Store(tmp_path / "g.db"), Store(tmp_path / "g.db")
+    loader.load_tickets("cm", [{"token": "FIRST"}])
+    assert scans.ticket("cm", "FIRST") is not None  # the scan path now holds the first file open
+    loader.load_tickets("cm", [{"token": "SECOND"}])  # and the loader removed that file
+    assert scans.ticket("cm", "SECOND") is not None and scans.ticket("cm", "FIRST") is None
+    loader.upsert_tickets("cm", [{"token": "THIRD", "max_entries": 2}])
+    assert scans.ticket("cm", "THIRD")["max_entries"] == 2 and scans.ticket_count("cm") == 2
+    loader.close()
+    scans.close()
+
+
+def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_path):
+    import sqlite_utils
+
+    from gated.store import migrations
+
+    path = tmp_path / "g.db"
+    db = sqlite_utils.Database(path)
+    migrations.apply(db, stop_before="m003_ticket_lists_in_files")
+    db.execute("INSERT INTO tickets (backend, token, name, max_entries) VALUES ('local@1', 'KEPT-1', 'Kay', 2)")
+    db.execute("INSERT INTO tickets (backend, token) VALUES ('local@0', 'STALE-1')")  # an old generation
+    db.execute("INSERT INTO kv (key, value) VALUES ('tickets:local', 'local@1')")
+    db.conn.commit()
+    db.close()
+    s = Store(path)
+    assert s.ticket("local", "KEPT-1")["name"] == "Kay" and s.ticket("local", "STALE-1") is None
+    assert s.ticket_count("local") == 1
+    assert "tickets" not in s.db.table_names()
+    s.close()

@@ -706,7 +706,8 @@ class CMBackend(HttpBackend):
     async def reload_here(self, store: StoreThread) -> dict[str, Any]:
         """In the reload process: download every page into a new generation of the list."""
         count, canceled = await self._download_pages(store)
-        return {"barcodes": count, "canceled": canceled, "peak_rss_mb": reload.peak_rss_mb()}
+        return {"barcodes": count, "canceled": canceled, "peak_rss_mb": reload.peak_rss_mb(),
+                "written_mb": reload.written_mb()}
 
     async def _download_pages(self, store: StoreThread) -> tuple[int, int]:
         loop = asyncio.get_running_loop()

@@ -62,6 +62,15 @@ class Hold:
     release: threading.Event = field(default_factory=threading.Event)
 
 
+_SCRAMBLE = 19_937_563  # coprime to 10**8: n -> n * _SCRAMBLE mod 10**8 is a permutation of 8-digit codes
+_UNSCRAMBLE = pow(_SCRAMBLE, -1, 10**8)
+
+
+def generated_barcode(prefix: str, index: int, scrambled: bool = False) -> str:
+    """The `index`-th generated barcode of `generate()`."""
+    return f"{prefix}{index * _SCRAMBLE % 10**8 if scrambled else index:08d}"
+
+
 def info(status: int, message: str) -> Response:
     """The spec's Info Message error shape."""
     return Response(status, {"info": {"message": message}})
@@ -103,7 +112,7 @@ class CMSimulator(Simulator):
         self.logins = 0
         self.services: dict[str, dict[str, Any]] = {}
         self.barcodes: dict[str, dict[str, dict[str, Any]]] = {}  # service -> barcode_id -> row
-        self.generated: dict[str, tuple[int, str, int]] = {}  # service -> (count, prefix, updated)
+        self.generated: dict[str, tuple[int, str, int, bool]] = {}  # service -> (count, prefix, updated, scrambled)
         self.updated: dict[tuple[str, str], int] = {}  # (service, barcode_id) -> unix time of last change
         self.uploads: list[dict[str, Any]] = []  # every upload record kept (duplicates dropped)
         self._upload_keys: set[tuple] = set()
@@ -142,10 +151,14 @@ class CMSimulator(Simulator):
 
     update_barcode = add_barcode
 
-    def generate(self, service: str, count: int, prefix: str = "CM") -> None:
-        """`count` valid single-entry barcodes PREFIX00000000 …, made on demand."""
+    def generate(self, service: str, count: int, prefix: str = "CM", *, scrambled: bool = False) -> None:
+        """`count` valid single-entry barcodes PREFIX00000000 …, made on demand.
+
+        `scrambled`: the n-th barcode is `generated_barcode(prefix, n, True)`, so pages come in no
+        order of the codes, as a real ticket shop's do (codes are random, pages follow creation).
+        """
         with self.lock:
-            self.generated[service] = (count, prefix, int(self.clock()))
+            self.generated[service] = (count, prefix, int(self.clock()), scrambled)
 
     def barcode(self, service: str, barcode_id: str) -> dict[str, Any] | None:
         with self.lock:
@@ -169,11 +182,12 @@ class CMSimulator(Simulator):
         return None
 
     def _generated_index(self, service: str, barcode_id: str) -> int | None:
-        count, prefix, _ = self.generated.get(service, (0, "", 0))
+        count, prefix, _, scrambled = self.generated.get(service, (0, "", 0, False))
         digits = barcode_id[len(prefix):]
-        if count and barcode_id.startswith(prefix) and len(digits) == 8 and digits.isdigit() and int(digits) < count:
-            return int(digits)
-        return None
+        if not (count and barcode_id.startswith(prefix) and len(digits) == 8 and digits.isdigit()):
+            return None
+        index = int(digits) * _UNSCRAMBLE % 10**8 if scrambled else int(digits)
+        return index if index < count else None
 
     def _touch(self, service: str, row: dict[str, Any]) -> None:
         self.barcodes.setdefault(service, {})[row["barcode_id"]] = row
@@ -297,7 +311,7 @@ class CMSimulator(Simulator):
         with self.lock:
             if service not in self.services:
                 return info(401, "Unauthorized: not this scan user's service")
-            count, prefix, gen_updated = self.generated.get(service, (0, "", 0))
+            count, prefix, gen_updated, scrambled = self.generated.get(service, (0, "", 0, False))
             gen = count if compare is None or gen_updated >= compare else 0
             extras = sorted(b for b in self.barcodes[service]
                             if (self._generated_index(service, b) is None or not gen)
@@ -307,7 +321,7 @@ class CMSimulator(Simulator):
             start = (page - 1) * limit
             rows = []
             for i in range(start, min(total, start + limit)):
-                barcode_id = f"{prefix}{i:08d}" if i < gen else extras[i - gen]
+                barcode_id = generated_barcode(prefix, i, scrambled) if i < gen else extras[i - gen]
                 row = self.barcodes[service].get(barcode_id) or blank_barcode(barcode_id)
                 rows.append(self._public(row))
         return Response(200, {
@@ -456,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081, help="0 picks a free port (printed)")
     parser.add_argument("--barcodes", type=int, default=1000, help="generated barcodes CM00000000 …")
+    parser.add_argument("--scrambled", action="store_true", help="barcodes in no order (see generate())")
     parser.add_argument("--username", default="scanner")
     parser.add_argument("--password", default="letmein")
     parser.add_argument("--service-name", default="Main Entrance")
@@ -464,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = CMSimulator(username=args.username, password=args.password, token_ttl=args.token_ttl,
                       host=args.host, port=args.port)
     service = sim.add_service(args.service_name)
-    sim.generate(service, args.barcodes)
+    sim.generate(service, args.barcodes, scrambled=args.scrambled)
     sim.start()
     print(f"{sim.api_url} user {args.username!r} service {args.service_name!r} ({service}), "
           f"{args.barcodes} barcodes CM00000000..", flush=True)

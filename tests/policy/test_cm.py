@@ -271,6 +271,23 @@ def test_full_download_walks_every_page_with_limit_and_page_headers(sim, cm):
     assert count == 1234 + 10 and d.admitted
 
 
+def test_a_list_arriving_in_no_order_of_its_codes_is_loaded_whole(sim, cm):
+    # Real shops' codes are random and their pages follow creation: the benchmark's case too.
+    from gated.simulators.cm import generated_barcode
+
+    sim.generate(sim.service, 1500, scrambled=True)
+    codes = [generated_barcode("CM", i, True) for i in (1, 6, 1499)]
+
+    async def run():
+        async with gate(cm(strategy="local")) as (parts, _):
+            return (await parts.store.call(Store.ticket_count, "cm"), [await scan(parts, c) for c in codes],
+                    await scan(parts, generated_barcode("CM", 1500, True)))
+
+    count, decisions, beyond = asyncio.run(run())
+    assert codes != sorted(codes) and count == 1500 + 10
+    assert all(d.admitted for d in decisions) and beyond.backend_code == "40"
+
+
 def test_delta_sync_asks_for_changes_since_the_previous_start_and_picks_up_a_cancelled_barcode(sim, cm):
     async def run():
         async with gate(cm(strategy="local")) as (parts, sync_store):
@@ -303,6 +320,40 @@ def test_scans_during_a_full_reload_are_decided_on_the_previous_list(sim, cm):
 
     (old, new_during), new_after = asyncio.run(run())
     assert old.admitted and new_during.backend_code == "40" and new_after.admitted
+
+
+def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_later(sim, cm):
+    """A daemon killed mid-reload (SIGKILL, power) must not leave a process writing on, nor a file."""
+    import subprocess
+    import sys
+
+    from gated import reload
+    from gated.store import lists_dir
+
+    config = cm(strategy="local", cm_extra="page_size = 5\n")
+
+    async def run():
+        async with gate(config) as (parts, sync_store):
+            job = {"config": config, "state": parts.backend.reload_state(), "store": config.store.path}
+            sim.hold = hold = Hold(page=2)
+            child = subprocess.Popen([sys.executable, "-m", "gated.reload"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            child.stdin.write(reload.encode_job(job))
+            child.stdin.flush()
+            assert await asyncio.to_thread(hold.reached.wait, 10)  # page 1 is in its file
+            half = await sync_store.call(lambda s: s.get("loading:cm"))
+            child.stdin.close()  # what the kernel does to the pipe when the daemon dies
+            code = await asyncio.to_thread(child.wait, 10)
+            hold.release.set()
+            admitted_meanwhile = await scan(parts, "OK-1")  # the previous list still decides
+            sim.hold = None
+            await parts.backend.sync(sync_store, full=True)
+            files = sorted(p.name for p in lists_dir(config.store.path).glob("*.sqlite"))
+            return code, half, admitted_meanwhile, files, await scan(parts, "NEVER-1")
+
+    code, half, admitted_meanwhile, files, after = asyncio.run(run())
+    assert code != 0 and half is not None and admitted_meanwhile.admitted
+    assert half not in files and len(files) == 1 and after.admitted
 
 
 # --- offline fallback and upload -----------------------------------------------------------
