@@ -714,16 +714,22 @@ class CMBackend(HttpBackend):
         service = self.service_uuid
         seen = {"barcodes": 0, "canceled": 0}
 
+        def fetch(page: int) -> concurrent.futures.Future:
+            return asyncio.run_coroutine_threadsafe(self._page(page, None), loop)
+
         def rows() -> Iterator[dict[str, Any]]:
-            # Runs on the syncer's store thread inside Store.load_tickets; each page is fetched on
-            # the event loop, parsed here, so neither parsing nor writing holds up the loop.
+            # Runs on the store thread inside Store.load_tickets; each page is fetched on the event
+            # loop, the next one while this one is parsed and written here.
             page, last = 1, 1
+            coming = fetch(1)
             while page <= last:
                 if self._closing:
                     raise Unreachable("stopping")
-                content, fetched = self._wait(asyncio.run_coroutine_threadsafe(self._page(page, None), loop))
+                content, fetched = self._wait(coming)
                 barcodes, last = _parse_page(content)
                 del content
+                if barcodes and page < last:
+                    coming = fetch(page + 1)
                 # An httpx Response and its stream refer to each other, so each page's body (300-400 kB)
                 # would wait for a full collection; freeing it here keeps one page in memory at a time.
                 gc.collect(1)
