@@ -381,8 +381,13 @@ def _keep_owner(path: Path) -> None:
     st = path.parent.stat()
     if st.st_uid == 0:
         return
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        p = Path(f"{path}{suffix}")
+    from gated.store import lists_dir
+
+    lists = lists_dir(path)
+    owned = [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
+    if lists.is_dir():  # ticket list files, which opening an older store moves there (m003)
+        owned += [lists, *lists.iterdir()]
+    for p in owned:
         try:
             if p.exists() and p.stat().st_uid == 0:
                 os.chown(p, st.st_uid, st.st_gid)
