@@ -19,7 +19,15 @@ class DriverError(GatedError, OSError):
 
 
 class Unreachable(GatedError, ConnectionError):
-    """The ticketing API did not answer usefully in time: decide offline."""
+    """The ticketing API did not answer usefully in time: decide offline.
+
+    `unsent`: the request certainly never reached the server (no connection was made). Otherwise
+    the server may have acted on it and only its answer was lost.
+    """
+
+    def __init__(self, message: str = "", *, unsent: bool = False):
+        super().__init__(message)
+        self.unsent = unsent
 
 
 class BackendRejected(GatedError):

@@ -101,6 +101,9 @@ class Decision:
     event_id: str | None = None
     max_entries: int = 1  # how many times this ticket may enter (offline anti-passback)
     detail: str = ""  # why an offline fallback happened, for the log
+    # Decided offline after an online request whose answer was lost: the API may hold the scan
+    # already, and a backend without an idempotency key checks before uploading it (Entry).
+    online_unanswered: bool = False
 
     @property
     def admitted(self) -> bool:

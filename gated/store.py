@@ -117,6 +117,12 @@ def m003_ticket_lists_in_files(db: Database) -> None:
     db.execute("DROP TABLE tickets")
 
 
+@migrations()
+def m004_online_unanswered(db: Database) -> None:
+    # Decision.online_unanswered: the API may hold this scan from a request whose answer was lost.
+    db.execute("ALTER TABLE scans ADD COLUMN online_unanswered INTEGER NOT NULL DEFAULT 0")
+
+
 @dataclass(frozen=True)
 class QueueStats:
     pending: int
@@ -227,13 +233,13 @@ class Store:
             conn.execute(
                 """INSERT INTO scans (nonce, wall, lane, reader, input, nfc_type, scan_mode, token,
                    token_hash, verdict, reason, source, backend, backend_code, message, ticket_key,
-                   event_id, latency_ms, upload)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   event_id, latency_ms, upload, online_unanswered)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (scan.nonce, scan.wall, lane, scan.reader, str(scan.input), scan.nfc_type,
                  str(scan_mode), scan.token, token_hash(scan.token), str(decision.verdict),
                  str(decision.reason), str(decision.source), decision.backend, decision.backend_code,
                  decision.message, decision.ticket_key, decision.event_id, latency_ms,
-                 PENDING if queue_upload else NONE),
+                 PENDING if queue_upload else NONE, int(decision.online_unanswered)),
             )
             if decision.admitted and decision.ticket_key is not None:
                 conn.execute(
@@ -270,6 +276,12 @@ class Store:
         return self._one("SELECT max(wall) FROM scans")
 
     # --- anti-passback ---------------------------------------------------------------------
+
+    def online_near(self, token: str, scan_mode: str, wall: float, window: float) -> int:
+        """How many scans of `token` the API answered online within `window` seconds of `wall`."""
+        return self._one("SELECT count(*) FROM scans WHERE token_hash = ? AND source = 'online' "
+                         "AND scan_mode = ? AND wall BETWEEN ? AND ?",
+                         (token_hash(token), scan_mode, wall - window, wall + window))
 
     def inside(self, ticket_key: str) -> tuple[int, int]:
         """(entries, exits) recorded for a ticket identity, from every lane that shared it.

@@ -72,16 +72,19 @@ class Decider:
         if scan.refused is not None:  # the reader saw a replayed wallet payload: no backend may admit it
             return deny(scan.refused, backend=self.backend.name, detail=scan.refused_detail)
         why = "offline-first" if self.backend.online else ""
+        unanswered = False
         if not self.offline_first:
             if self.breaker.allows():
-                decision, why = await self._online(scan, scan_mode)
+                decision, why, unanswered = await self._online(scan, scan_mode)
                 if decision is not None:
                     return decision
             else:
                 why = "API unreachable (breaker open)"
-        return await self.store.call(self._offline, scan, scan_mode, why)
+        decision = await self.store.call(self._offline, scan, scan_mode, why)
+        return replace(decision, online_unanswered=True) if unanswered else decision
 
-    async def _online(self, scan: Scan, scan_mode: ScanMode) -> tuple[Decision | None, str]:
+    async def _online(self, scan: Scan, scan_mode: ScanMode) -> tuple[Decision | None, str, bool]:
+        """(the API's decision, or None and why not, and whether the request may have reached it)."""
         started = time.monotonic()
         try:
             decision = await asyncio.wait_for(self.backend.validate(scan, scan_mode), self.timeout)
@@ -91,7 +94,7 @@ class Decider:
                 log.warning("ticket API unreachable (%s); deciding offline until it answers", why,
                             extra={"GATED_EVENT": "backend_down", "GATED_BACKEND": self.backend.name})
                 self._start_probe()
-            return None, why
+            return None, why, not getattr(e, "unsent", False)
         elapsed = time.monotonic() - started
         if self.breaker.record(True, elapsed, time.monotonic()):
             log.warning("ticket API slow (%.0f ms for a %g s deadline); deciding offline until it is quick",
@@ -100,7 +103,7 @@ class Decider:
             self._start_probe()
         if decision.admitted and decision.ticket_key is None:
             decision = replace(decision, ticket_key=scan.token)
-        return decision, ""
+        return decision, "", False
 
     def _offline(self, store: Store, scan: Scan, scan_mode: ScanMode, why: str) -> Decision:
         """Runs on the store thread: offline data and anti-passback read the same connection."""

@@ -48,6 +48,8 @@ from gated.policy.masks import MaskSet
 from gated.schema import Key
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
+from gated.timeparse import parse_time
+from gated.tokens import redact
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,9 @@ SCHEMA = {
 
 _MODE = {ScanMode.ENTRY: "Entry", ScanMode.EXIT: "Exit"}
 _RETRY_LATER = (408, 425, 429)  # 4xx that mean "not now", not "never"
+# How far Entry's scanTimestamp of an online request may be from the scan's own time and still be
+# that request: the deadline, the server's queue, and the two clocks' difference.
+LOST_ANSWER_WINDOW = 60.0
 
 
 class EntryBackend(Backend):
@@ -489,6 +494,7 @@ class EntryBackend(Backend):
         """Offline Scan Upload: per event, at most 100 scans a request; 2xx or 409 sent, 4xx parked."""
         result = UploadResult()
         events = await self.store.call(self._load) if self.store is not None else []
+        rows = await self._not_held_yet(rows, result)
         groups: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             event = None if row.get("event_id") else self.event_for(events, row["wall"])
@@ -512,6 +518,62 @@ class EntryBackend(Backend):
                     result.retry.update({r["nonce"]: str(e) for r in later})
                 break
         return result
+
+    async def _not_held_yet(self, rows: list[dict[str, Any]], result: UploadResult) -> list[dict[str, Any]]:
+        """Leave out scans Entry already holds from an online request whose answer was lost.
+
+        Entry takes no idempotency key, so such a scan uploaded again is a second record there (a
+        ticket counted in twice). Ticket Lookup's scan history tells: an online scan from this
+        device, same mode, within a minute of ours, that is not one of our answered online scans.
+        Lookup failing leaves the scan for the next round; refused or unknown, it is uploaded.
+        """
+        keep = []
+        for row in rows:
+            if not row.get("online_unanswered") or not row.get("token"):
+                keep.append(row)
+                continue
+            try:
+                held = await self._holds(row)
+            except Unreachable as e:
+                result.retry[row["nonce"]] = f"Ticket Lookup before upload: {e}"
+                continue
+            except BackendRejected as e:
+                log.info("Ticket Lookup before upload refused (%s); uploading the scan", e)
+                held = False
+            if held:
+                log.info("Entry already holds scan %s from its online request (its answer was lost); "
+                         "not uploaded again", redact(row["token"]), extra={"GATED_EVENT": "upload"})
+                result.sent.append(row["nonce"])
+            else:
+                keep.append(row)
+        return keep
+
+    async def _holds(self, row: dict[str, Any]) -> bool:
+        path = self.paths["lookup"].replace("{barcode}", quote(row["token"], safe=""))
+        body = {**self._input_fields(row["input"], row.get("nfc_type")), **self.context()}
+        response = await self._call("Ticket Lookup", path, auth="jwt", body=body, timeout=self.slow_timeout)
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise BackendRejected(f"HTTP {response.status_code}: {error_text(response)}")
+        data = json_body(response)
+        history = data.get("scanHistory") if isinstance(data, dict) else None
+        mode = _MODE[ScanMode(row["scan_mode"])]
+        near = 0
+        for h in history if isinstance(history, list) else []:
+            if not (isinstance(h, dict) and h.get("serialNumber") == self.serial and h.get("scanMode") == mode
+                    and h.get("deviceStatus") != "Offline"):
+                continue
+            try:
+                at = parse_time(h.get("scanTimestamp"))
+            except ValueError:
+                continue
+            near += at is not None and abs(at - row["wall"]) <= LOST_ANSWER_WINDOW
+        if not near or self.store is None:
+            return False
+        answered = await self.store.call(Store.online_near, row["token"], row["scan_mode"], row["wall"],
+                                         LOST_ANSWER_WINDOW)
+        return near > answered
 
     async def _upload_chunk(self, event_id: str, rows: list[dict[str, Any]], event: EntryEvent | None,
                             result: UploadResult) -> None:

@@ -52,10 +52,12 @@ async def request(client: httpx.AsyncClient, method: str, path: str, **kwargs: A
     """Send a request; raise Unreachable for network trouble and 5xx, return any other response."""
     try:
         response = await client.request(method, path, **kwargs)
+    except (httpx.ConnectTimeout, httpx.PoolTimeout):
+        raise Unreachable("timeout before a connection was made", unsent=True) from None
     except httpx.TimeoutException:
         raise Unreachable("timeout") from None
-    except httpx.ConnectError as e:
-        raise Unreachable(f"cannot connect: {_reason(e)}") from None
+    except httpx.ConnectError as e:  # refused, DNS, TLS handshake: nothing was sent
+        raise Unreachable(f"cannot connect: {_reason(e)}", unsent=True) from None
     except httpx.TransportError as e:  # reset, protocol error, TLS failure, DNS failure
         raise Unreachable(f"{type(e).__name__}: {_reason(e)}") from None
     if response.status_code >= 500:

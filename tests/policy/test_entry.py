@@ -471,6 +471,40 @@ def test_a_duplicate_reported_by_entry_counts_as_uploaded(sim, entry_config):
     assert sent == 1 and stats.pending == 0 and stats.parked == 0
 
 
+def test_a_refusal_entry_never_received_is_uploaded_though_an_earlier_admission_is_in_its_history(
+        sim, entry_config):
+    # Ticket Lookup before the upload of a scan whose online answer was lost: the history holds this
+    # lane's earlier, answered admission of the same ticket, which must not pass for the lost request.
+    async def scenario(parts):
+        await parts.backend.sync(parts.store)
+        first = await scan(parts, "3900000000001")
+        sim.stall.set()  # accepted, never answered, never acted on
+        again = await scan(parts, "3900000000001")
+        sim.stall.clear()
+        return first, again, await Uploader(parts.backend, parts.store).drain(), await rows(parts)
+
+    first, again, sent, stored = run(entry_config(sim.url), scenario)
+    assert first.source is Source.ONLINE and (again.source, again.reason) == (Source.OFFLINE, Reason.ALREADY_USED)
+    assert stored[1]["online_unanswered"] == 1 and sent == 1
+    assert len(sim.requests_to("/scan/lookup/3900000000001")) == 1
+    assert [(s["token"], s["status"]) for s in sim.received_scans()] == [("3900000000001", "Stop")]
+
+
+def test_a_request_that_never_left_the_gate_needs_no_lookup_before_its_upload(entry_config, sim):
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+
+    async def scenario(parts):
+        return await scan(parts, "3901000000001"), await rows(parts)
+
+    decision, stored = run(entry_config(f"http://127.0.0.1:{port}"), scenario)
+    assert decision.source is Source.OFFLINE and not decision.online_unanswered
+    assert stored[0]["online_unanswered"] == 0
+
+
 def test_lite_session_decides_offline_and_still_uploads(sim, entry_config):
     async def scenario(parts):
         await parts.backend.sync(parts.store)
