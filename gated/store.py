@@ -277,11 +277,13 @@ class Store:
 
     # --- anti-passback ---------------------------------------------------------------------
 
-    def online_near(self, token: str, scan_mode: str, wall: float, window: float) -> int:
-        """How many scans of `token` the API answered online within `window` seconds of `wall`."""
-        return self._one("SELECT count(*) FROM scans WHERE token_hash = ? AND source = 'online' "
-                         "AND scan_mode = ? AND wall BETWEEN ? AND ?",
-                         (token_hash(token), scan_mode, wall - window, wall + window))
+    def answered_online(self, token: str, scan_mode: str, wall: float, window: float,
+                        verdict: str | None = None) -> list[float]:
+        """When the API answered scans of `token` online within `window` seconds of `wall` (of `verdict`)."""
+        return [r[0] for r in self.db.conn.execute(
+            "SELECT wall FROM scans WHERE token_hash = ? AND source = 'online' AND scan_mode = ? "
+            "AND wall BETWEEN ? AND ? AND (? IS NULL OR verdict = ?)",
+            (token_hash(token), scan_mode, wall - window, wall + window, verdict, verdict))]
 
     def inside(self, ticket_key: str) -> tuple[int, int]:
         """(entries, exits) recorded for a ticket identity, from every lane that shared it.

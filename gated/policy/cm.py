@@ -80,6 +80,9 @@ FULL_RELOAD_SECONDS = 6 * 3600.0  # deltas never tell of barcodes removed from a
 EARLIEST_TRUSTED = 1704067200.0  # a clock before 2024 never synced: no delta from its timestamps
 SLOW = httpx.Timeout(30.0, connect=5.0)  # login, pages, uploads: off the scan path
 MARK_WAIT_SECONDS = 5.0
+# How far CM.com's check-in time of an online request may be from the scan's own time and still be
+# that request: the deadline, the server's queue, and the two clocks' difference.
+LOST_ANSWER_WINDOW = 60.0
 JWT_KEY, SERVICE_KEY, SYNC_KEY = "cm:jwt", "cm:service", "cm:sync"
 
 
@@ -778,10 +781,17 @@ class CMBackend(HttpBackend):
             raise self._refused(e) from None  # not the scans' fault: keep them queued
         result = UploadResult()
         batch: list[tuple[str, list[dict[str, Any]]]] = []
+        async with self._upload_lock:
+            held = await self._counted_already(rows)
         for row in rows:
             barcode = row["ticket_key"] or row["token"]
             if not barcode:
                 result.parked[row["nonce"]] = "ticket code no longer stored; cannot upload"
+                continue
+            if row["nonce"] in held:
+                log.info("CM.com already counted the check-in of %s from its online request (its answer "
+                         "was lost); not uploaded again", redact(barcode), extra={"GATED_EVENT": "upload"})
+                result.sent.append(row["nonce"])
                 continue
             code, message = upload_status(row)
             at = int(row["wall"])
@@ -794,6 +804,45 @@ class CMBackend(HttpBackend):
             await self._post_upload(batch, result)
         self._unmarked = set(result.sent)
         return result
+
+    async def _counted_already(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Nonces of admitted scans CM.com counted from an online request whose answer was lost.
+
+        The API has no idempotency key and no lookup, so uploading such a scan would count the
+        check-in twice. The changes since the earliest of them (Get Barcodes with a compare time)
+        tell: the barcode's last check-in (check-out) time is that scan's, not one of this lane's
+        answered online scans of it. Unreachable leaves every scan queued for the next round.
+        """
+        suspects = [r for r in rows if r.get("online_unanswered") and r["verdict"] == "admit"
+                    and (r["ticket_key"] or r["token"])]
+        if not suspects or self._store is None:
+            return set()
+        wanted = {r["ticket_key"] or r["token"] for r in suspects}
+        since = int(min(r["wall"] for r in suspects) - LOST_ANSWER_WINDOW)
+        latest: dict[str, dict[str, Any]] = {}
+        page, last = 1, 1
+        while page <= last:
+            content, _ = await self._page(page, since)
+            barcodes, last = _parse_page(content)
+            latest |= {b["barcode_id"]: b for b in barcodes if b.get("barcode_id") in wanted}
+            if not barcodes:
+                break
+            page += 1
+        held = set()
+        for r in suspects:
+            b = latest.get(r["ticket_key"] or r["token"])
+            try:
+                at = b and parse_time(b.get("last_checked_in_time" if r["scan_mode"] == "entry"
+                                            else "last_checked_out_time"))
+            except ValueError:
+                at = None
+            if not at or abs(at - r["wall"]) > LOST_ANSWER_WINDOW:
+                continue
+            answered = await self._store.call(Store.answered_online, r["token"], r["scan_mode"], r["wall"],
+                                              LOST_ANSWER_WINDOW, "admit")
+            if all(abs(at - r["wall"]) < abs(at - other) for other in answered):
+                held.add(r["nonce"])
+        return held
 
     async def _post_upload(self, batch: list[tuple[str, list[dict[str, Any]]]], result: UploadResult) -> None:
         if not batch:

@@ -571,9 +571,9 @@ class EntryBackend(Backend):
             near += at is not None and abs(at - row["wall"]) <= LOST_ANSWER_WINDOW
         if not near or self.store is None:
             return False
-        answered = await self.store.call(Store.online_near, row["token"], row["scan_mode"], row["wall"],
+        answered = await self.store.call(Store.answered_online, row["token"], row["scan_mode"], row["wall"],
                                          LOST_ANSWER_WINDOW)
-        return near > answered
+        return near > len(answered)
 
     async def _upload_chunk(self, event_id: str, rows: list[dict[str, Any]], event: EntryEvent | None,
                             result: UploadResult) -> None:

@@ -384,6 +384,28 @@ def test_offline_scans_are_uploaded_once_with_the_time_they_were_made(sim, cm, t
     assert sim.barcode(sim.service, "OK-1")["count_checked_in"] == 1
 
 
+def test_a_second_entry_cm_never_received_is_uploaded_though_the_first_is_its_last_check_in(sim, cm):
+    # Before uploading a scan whose online answer was lost, gated reads the barcode's changes: its
+    # last check-in here is this lane's earlier, answered one, which must not pass for the lost request.
+    sim.add_barcode(sim.service, "TWICE-1", validation_max_checkins=2, remaining_scans=2)
+    config = cm(strategy="direct")
+    config.backend["timeout_seconds"] = 0.3
+
+    async def run():
+        async with gate(config) as (parts, _):
+            first = await scan(parts, "TWICE-1")
+            sim.stall.set()  # accepted, never answered, never acted on
+            second = await scan(parts, "TWICE-1")
+            sim.stall.clear()
+            return first, second, await Uploader(parts.backend, parts.store).drain(), await _rows(parts)
+
+    first, second, sent, rows = asyncio.run(run())
+    assert first.source is Source.ONLINE and (second.source, second.verdict) == (Source.OFFLINE, Verdict.ADMIT)
+    assert rows[1]["online_unanswered"] == 1 and sent == 1
+    assert [u["barcode_id"] for u in sim.uploads] == ["TWICE-1"]
+    assert sim.barcode(sim.service, "TWICE-1")["count_checked_in"] == 2
+
+
 def test_an_upload_sent_again_after_a_lost_answer_is_counted_once(sim, cm):
     async def run():
         async with gate(cm(strategy="local")) as (parts, _):
