@@ -149,6 +149,7 @@ class Daemon:
         self.readers: dict[str, tuple[Section, asyncio.Task]] = {}
         self.stopping = asyncio.Event()
         self.link: mqtt.LaneLink | None = None
+        self._last_pending = 0
 
     async def run(self) -> int:
         c = self.config
@@ -287,9 +288,7 @@ class Daemon:
                     continue
                 await self.parts.gate.handle(*item)
                 # A covering index (scans_outbox) keeps this count small whatever the journal holds.
-                stats = await self.parts.store.call(Store.queue_stats)
-                self.notifier.status(self._status(stats.pending))
-                self._share_status(stats.pending)
+                await self._refresh_status(self.parts.store)
         finally:
             stop.cancel()
 
@@ -299,9 +298,7 @@ class Daemon:
         while True:
             await asyncio.sleep(5)
             ticks += 1
-            stats = await self.syncer.store.call(Store.queue_stats)
-            self.notifier.status(self._status(stats.pending))
-            self._share_status(stats.pending)
+            await self._refresh_status(self.syncer.store)
             if ticks % 12 == 0:  # every minute
                 try:
                     await self.syncer.store.call(Store.checkpoint)
@@ -346,8 +343,8 @@ class Daemon:
         try:
             await self._apply_new_config()
         finally:
-            stats = await self.parts.store.call(Store.queue_stats)
-            self.notifier.ready(self._status(stats.pending))
+            pending = await self._pending(self.parts.store)
+            self.notifier.ready(self._status(self._last_pending if pending is None else pending))
 
     async def _apply_new_config(self) -> None:
         try:
@@ -412,9 +409,23 @@ class Daemon:
         self.config = new
         log.info("%s mode is now %s (MQTT command); [lane] mode in %s applies again at the next reload",
                  new.lane.name, mode, new.path, extra={"GATED_EVENT": "mode_changed"})
-        stats = await self.parts.store.call(Store.queue_stats)
-        self.notifier.status(self._status(stats.pending))
-        self._share_status(stats.pending)
+        await self._refresh_status(self.parts.store)
+
+    async def _pending(self, store: StoreThread) -> int | None:
+        """Scans waiting for upload; None while the store cannot be read (the scans say why)."""
+        try:
+            pending = (await store.call(Store.queue_stats)).pending
+        except StoreError as e:
+            log.debug("queue not counted: %s", e)
+            return None
+        self._last_pending = pending
+        return pending
+
+    async def _refresh_status(self, store: StoreThread) -> None:
+        pending = await self._pending(store)
+        if pending is not None:
+            self.notifier.status(self._status(pending))
+            self._share_status(pending)
 
 
 async def one_scan(config: Config, scan: Scan, label: str) -> tuple[int, str]:

@@ -167,6 +167,24 @@ class Store:
         self._shared_hash: Callable[[str], str] | None = None
         self._lists: dict[str, tuple[str, sqlite3.Connection]] = {}  # list -> (its current file, connection)
 
+    def check_writable(self) -> None:
+        """StoreError, before SQLite touches the files, when their filesystem cannot be written.
+
+        Every transaction, a read too, writes to the WAL index (`gated.db-shm`), which SQLite maps
+        into memory. On a filesystem gone read-only (an SD card's errors=remount-ro) or an immutable
+        file, that write is not an error SQLite can return but SIGBUS, which kills the daemon. Two
+        syscalls per store call turn it into a StoreError, which [store] on_error handles per scan.
+        """
+        try:
+            readonly = os.statvfs(self.path.parent).f_flag & os.ST_RDONLY
+            immutable = _immutable(Path(f"{self.path}-shm"))
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e.strerror or e}") from e
+        if readonly:
+            raise StoreError(f"{self.path}: the filesystem is read-only")
+        if immutable:
+            raise StoreError(f"{self.path}-shm: the file is immutable (chattr +i)")
+
     def close(self) -> None:
         for _, conn in self._lists.values():
             conn.close()
@@ -526,6 +544,27 @@ def _list_lock(folder: Path, backend: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _immutable(path: Path) -> bool:
+    """The file's immutable flag (FS_IOC_GETFLAGS); False where it does not exist or has no flags."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        flags = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 4)
+    except OSError:  # a filesystem without inode flags (tmpfs on older kernels): cannot be immutable
+        return False
+    finally:
+        os.close(fd)
+    return bool(int.from_bytes(flags, "little") & _FS_IMMUTABLE_FL)
+
+
+_FS_IOC_GETFLAGS = 0x80086601  # linux/fs.h, as the kernel defines it for 64-bit userland
+_FS_IMMUTABLE_FL = 0x00000010
+
+
 def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
@@ -658,10 +697,14 @@ class StoreThread:
         from functools import partial
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, self.store, *args, **kwargs))
+        return await loop.run_in_executor(self._executor, partial(self._run, fn, *args, **kwargs))
 
     def call_sync(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._executor.submit(fn, self.store, *args, **kwargs).result()
+        return self._executor.submit(self._run, fn, *args, **kwargs).result()
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.store.check_writable()
+        return fn(self.store, *args, **kwargs)
 
     def close(self) -> None:
         try:

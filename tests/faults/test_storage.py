@@ -226,6 +226,13 @@ def test_store_made_read_only_under_the_running_gate_denies_and_logs_until_writa
     gated.feed("DISK-000001")
     assert gated.verdict()["word"] == "ADMIT"
     files = [db, db.with_name("gated.db-wal"), db.with_name("gated.db-shm")]
+    # A commit by another connection moves the WAL on, so the gate's next read must note a new read
+    # mark in the mapped WAL index; written back first, that write faults: without the store's own
+    # check, SIGBUS kills the daemon, as on an SD card remounted read-only.
+    other = Store(db)
+    other.set("moved-on", "1")
+    other.close()
+    os.sync()
     if not _immutable(files, True):
         pytest.skip("chattr +i is not possible here (needs root and a filesystem with the immutable flag)")
     try:
