@@ -166,6 +166,7 @@ class Store:
         # in which other lanes' admissions arrive. None: only this lane's admissions count.
         self._shared_hash: Callable[[str], str] | None = None
         self._lists: dict[str, tuple[str, sqlite3.Connection]] = {}  # list -> (its current file, connection)
+        self._shm_fd: int | None = None  # the WAL index, for check_writable()
 
     def check_writable(self) -> None:
         """StoreError, before SQLite touches the files, when their filesystem cannot be written.
@@ -177,7 +178,10 @@ class Store:
         """
         try:
             readonly = os.statvfs(self.path.parent).f_flag & os.ST_RDONLY
-            immutable = _immutable(Path(f"{self.path}-shm"))
+            if self._shm_fd is None and os.path.exists(f"{self.path}-shm"):
+                # Kept open: SQLite removes the file only when the last connection, ours too, closes.
+                self._shm_fd = os.open(f"{self.path}-shm", os.O_RDONLY | os.O_NOFOLLOW)
+            immutable = self._shm_fd is not None and _immutable(self._shm_fd)
         except OSError as e:
             raise StoreError(f"{self.path}: {e.strerror or e}") from e
         if readonly:
@@ -189,6 +193,9 @@ class Store:
         for _, conn in self._lists.values():
             conn.close()
         self._lists.clear()
+        if self._shm_fd is not None:
+            os.close(self._shm_fd)
+            self._shm_fd = None
         self.db.close()
 
     @staticmethod
@@ -544,20 +551,14 @@ def _list_lock(folder: Path, backend: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _immutable(path: Path) -> bool:
-    """The file's immutable flag (FS_IOC_GETFLAGS); False where it does not exist or has no flags."""
+def _immutable(fd: int) -> bool:
+    """The file's immutable flag (FS_IOC_GETFLAGS); False on a filesystem without inode flags."""
     import fcntl
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False
-    try:
         flags = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 4)
-    except OSError:  # a filesystem without inode flags (tmpfs on older kernels): cannot be immutable
+    except OSError:  # tmpfs on older kernels, some FUSE filesystems: no flags, so never immutable
         return False
-    finally:
-        os.close(fd)
     return bool(int.from_bytes(flags, "little") & _FS_IMMUTABLE_FL)
 
 
