@@ -1,8 +1,9 @@
 """Record every scan durably before the gate acts, and keep the queue, offline data and sessions.
 
-One SQLite file (WAL, synchronous=FULL). A Store object belongs to one thread: the daemon gives
-the scan path its own Store on a single worker thread, and the uploader and syncer open their own,
-so a long sync never holds the scan path's connection.
+One SQLite file (WAL, synchronous=FULL), and beside it a folder of ticket list files, one per
+list (see load_tickets). A Store object belongs to one thread: the daemon gives the scan path its
+own Store on a single worker thread, and the uploader and syncer open their own, so a long sync
+never holds the scan path's connection.
 """
 
 from __future__ import annotations
