@@ -91,19 +91,19 @@ def _last_json(out: bytes) -> dict[str, Any] | None:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: its own, unlike ru_maxrss, which exec inherits)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _proc_self("status", "VmHWM:") / 1024
 
 
 def written_mb() -> float:
     """What this process had the kernel write to disk so far (/proc/self/io write_bytes)."""
-    with open("/proc/self/io") as f:
+    return _proc_self("io", "write_bytes:") / 1e6
+
+
+def _proc_self(name: str, field: str) -> float:
+    with open(f"/proc/self/{name}") as f:
         for line in f:
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1]) / 1e6
+            if line.startswith(field):
+                return float(line.split()[1])
     return float("nan")
 
 
