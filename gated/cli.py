@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 
@@ -286,6 +287,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    finally:
+        if args.func in (cmd_scan, cmd_queue, cmd_lookup, cmd_pair) and os.geteuid() == 0:
+            _hand_back_store(args.config)
+
+
+def _hand_back_store(config_path: str | None) -> None:
+    """As root, leave the store's files to the service user (gated.store.keep_owner)."""
+    from gated.store import keep_owner
+
+    try:
+        keep_owner(configmod.load(config_path).store.path)
+    except ConfigError:
+        pass  # the command said what is wrong with the file; nothing of the store was opened
 
 
 if __name__ == "__main__":

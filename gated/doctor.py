@@ -370,31 +370,6 @@ def check_journal(system: System) -> Check:
 # --- store, backend, offline data, queue ---------------------------------------------------
 
 
-def _keep_owner(path: Path) -> None:
-    """Give files doctor created as root in the state folder back to the folder's owner.
-
-    Doctor is run as root, the daemon as `gated`: a root-owned gated.db-wal left behind would
-    stop the daemon writing its own store.
-    """
-    if os.geteuid() != 0 or not path.parent.exists():
-        return
-    st = path.parent.stat()
-    if st.st_uid == 0:
-        return
-    from gated.store import lists_dir
-
-    lists = lists_dir(path)
-    owned = [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
-    if lists.is_dir():  # ticket list files, which opening an older store moves there (m003)
-        owned += [lists, *lists.iterdir()]
-    for p in owned:
-        try:
-            if p.exists() and p.stat().st_uid == 0:
-                os.chown(p, st.st_uid, st.st_gid)
-        except OSError:
-            pass
-
-
 def _local_tickets(config: Config, progress: Progress) -> Check:
     from gated.policy.local import TicketListError, read_ticket_csv
 
@@ -428,7 +403,7 @@ class StoreFacts:
 async def _store_and_backend(config: Config, system: System, now: float, progress: Progress) -> StoreFacts:
     """Backend reachable and credentials accepted; offline data age; queue backlog."""
     from gated.policy import build_backend
-    from gated.store import Store, StoreThread
+    from gated.store import Store, StoreThread, keep_owner
 
     facts = StoreFacts()
     store_path = Path(config.store.path)
@@ -457,7 +432,7 @@ async def _store_and_backend(config: Config, system: System, now: float, progres
     finally:
         await backend.close()
         store.close()
-        _keep_owner(store_path)
+        keep_owner(store_path)
     return facts
 
 

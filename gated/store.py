@@ -529,6 +529,31 @@ _TICKET_COLUMNS = ("token", "ticket_key", "name", "valid_from", "valid_until", "
                    "event_id", "data")
 
 
+def keep_owner(store_path: str | os.PathLike[str]) -> None:
+    """Give files a root-run command created in the state folder back to the folder's owner.
+
+    `gated doctor`, `scan`, `queue`, `lookup` and `pair` may be run as root, the daemon runs as
+    `gated`: a root-owned gated.db-wal or ticket list file left behind would stop the daemon
+    writing its own store.
+    """
+    path = Path(store_path)
+    if os.geteuid() != 0 or not path.parent.exists():
+        return
+    st = path.parent.stat()
+    if st.st_uid == 0:
+        return
+    lists = lists_dir(path)
+    owned = [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
+    if lists.is_dir():
+        owned += [lists, *lists.iterdir()]
+    for p in owned:
+        try:
+            if p.exists() and p.stat().st_uid == 0:
+                os.chown(p, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+
+
 def lists_dir(store_path: str | os.PathLike[str]) -> Path:
     """The folder of a store's ticket list files: `gated.db` -> `gated.db-tickets/`."""
     path = Path(store_path)

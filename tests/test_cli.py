@@ -100,3 +100,21 @@ def test_queue_shows_parked_scans_retries_them_and_exports_without_tokens(write_
     assert capsys.readouterr().out.startswith("1 parked scans queued again")
     assert cli.main(["queue", "--config", str(config)]) == 0
     assert "queued for upload: 3\n" in capsys.readouterr().out
+
+
+def test_scan_run_as_root_leaves_the_store_and_its_list_files_to_the_service_user(write_config, tickets_csv):
+    import os
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to set owners")
+    config = local(write_config, tickets_csv)
+    state = Path(config).parent
+    shutil.chown(state, user="nobody")  # as scripts/install leaves /var/lib/gated: the service user's
+    assert scan(config, "T-0001").returncode == 0  # loads the local list: a list file is created
+    made = [*state.glob("gated.db*"), *(state / "gated.db-tickets").iterdir()]
+    assert any(p.name.endswith(".sqlite") for p in made)
+    assert {p.owner() for p in made} == {"nobody"}, {p.name: p.owner() for p in made}
