@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from gated import cli
 from gated.model import Reason, Scan, ScanMode, Source, deny
@@ -103,12 +108,6 @@ def test_queue_shows_parked_scans_retries_them_and_exports_without_tokens(write_
 
 
 def test_scan_run_as_root_leaves_the_store_and_its_list_files_to_the_service_user(write_config, tickets_csv):
-    import os
-    import shutil
-    from pathlib import Path
-
-    import pytest
-
     if os.geteuid() != 0:
         pytest.skip("needs root to set owners")
     config = local(write_config, tickets_csv)
