@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 NICENESS = 10
 ERRORS: dict[str, type[GatedError]] = {c.__name__: c for c in (Unreachable, BackendRejected, StoreError)}
 _HEADER = struct.Struct("!I")
+DEADLINE = 3600.0  # a stuck reload (a server trickling bytes) must not hold the uploads' lock for ever
 
 
 async def run_in_child(job: dict[str, Any]) -> dict[str, Any]:
@@ -46,17 +47,23 @@ async def run_in_child(job: dict[str, Any]) -> dict[str, Any]:
     `job` holds "config" (Config), "state" (the backend's reload_state()) and "store" (the path).
     Cancelling this coroutine (the daemon stopping) ends the child before it returns.
     """
+    # -P: not the current directory first on sys.path (`sudo gated scan` may start it anywhere).
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gated.reload", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-P", "-m", "gated.reload", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         proc.stdin.write(encode_job(job))
         await proc.stdin.drain()
         # Not communicate(): it closes stdin at once, and a closed stdin tells the child to stop.
-        out, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+        out, err = await asyncio.wait_for(asyncio.gather(proc.stdout.read(), proc.stderr.read()), DEADLINE)
         proc.stdin.close()
         await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise Unreachable(f"ticket list reload took more than {DEADLINE / 60:g} minutes; stopped") from None
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -42,7 +42,7 @@ class Section(dict):
             raise AttributeError(f"{self.where} has no key {name!r}") from None
 
     def __reduce__(self) -> tuple:
-        # Pickled whole for the child process that reloads a ticket list (gated.policy.reload);
+        # Pickled whole for the child process that reloads a ticket list (gated.reload);
         # without this, unpickling asks __getattr__ for `where` before it exists.
         return (Section, (self.where, dict(self)))
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -303,13 +306,21 @@ class Store:
 
     # --- anti-passback ---------------------------------------------------------------------
 
-    def answered_online(self, token: str, scan_mode: str, wall: float, window: float,
-                        verdict: str | None = None) -> list[float]:
-        """When the API answered scans of `token` online within `window` seconds of `wall` (of `verdict`)."""
-        return [r[0] for r in self.db.conn.execute(
-            "SELECT wall FROM scans WHERE token_hash = ? AND source = 'online' AND scan_mode = ? "
-            "AND wall BETWEEN ? AND ? AND (? IS NULL OR verdict = ?)",
-            (token_hash(token), scan_mode, wall - window, wall + window, verdict, verdict))]
+    def online_requests(self, token: str, scan_mode: str, wall: float, window: float) -> tuple[int, int]:
+        """(answered, unanswered): this lane's scans of `token` that went to the API within `window` of `wall`."""
+        row = self.db.conn.execute(
+            "SELECT coalesce(sum(source = 'online'), 0), coalesce(sum(online_unanswered), 0) FROM scans "
+            "WHERE token_hash = ? AND scan_mode = ? AND wall BETWEEN ? AND ?",
+            (token_hash(token), scan_mode, wall - window, wall + window)).fetchone()
+        return row[0], row[1]
+
+    def admissions_near(self, ticket_key: str, direction: str, wall: float, window: float, but: str) -> int:
+        """Admissions of a ticket within `window` of `wall`, this lane's and shared ones, other than scan `but`."""
+        local = token_hash(ticket_key)
+        shared = self._shared_hash(ticket_key) if self._shared_hash is not None else local
+        return self._one("SELECT count(*) FROM admissions WHERE key_hash IN (?, ?) AND direction = ? "
+                         "AND wall BETWEEN ? AND ? AND nonce != ?",
+                         (local, shared, direction, wall - window, wall + window, but))
 
     def inside(self, ticket_key: str) -> tuple[int, int]:
         """(entries, exits) recorded for a ticket identity, from every lane that shared it.
@@ -513,7 +524,10 @@ class Store:
 
     def ticket_count(self, backend: str) -> int:
         conn = self._list(backend)
-        return conn.execute("SELECT count(*) FROM tickets").fetchone()[0] if conn is not None else 0
+        try:
+            return conn.execute("SELECT count(*) FROM tickets").fetchone()[0] if conn is not None else 0
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"ticket list {self._lists[backend][0]}: {e}") from e
 
     # --- sessions and small state ----------------------------------------------------------
 
@@ -554,6 +568,9 @@ def keep_owner(store_path: str | os.PathLike[str]) -> None:
             pass
 
 
+LIST_LOCK_WAIT = 600.0  # seconds a list load waits for another process's load of the same list
+
+
 def lists_dir(store_path: str | os.PathLike[str]) -> Path:
     """The folder of a store's ticket list files: `gated.db` -> `gated.db-tickets/`."""
     path = Path(store_path)
@@ -562,16 +579,30 @@ def lists_dir(store_path: str | os.PathLike[str]) -> Path:
 
 @contextmanager
 def _list_lock(folder: Path, backend: str) -> Iterator[None]:
-    """An exclusive lock per list (flock: the kernel lets go when its holder dies)."""
+    """An exclusive lock per list (flock: the kernel lets go when its holder dies).
+
+    Opened read-only and created 0644 (it holds nothing): a lock file a root-run command left
+    behind still locks for the service user.
+    """
     import fcntl
 
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(folder / f".{_file_safe(backend)}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(folder / f".{_file_safe(backend)}.lock", os.O_CREAT | os.O_RDONLY, 0o644)
     except OSError as e:
         raise StoreError(f"{folder}: {e.strerror or e}") from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        wait = LIST_LOCK_WAIT
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{folder}: another process has been loading the {backend} list for "
+                                     f"{wait:g} s (a stopped `gated scan`?)") from None
+                time.sleep(0.1)
         yield
     finally:
         os.close(fd)
@@ -582,13 +613,14 @@ def _immutable(fd: int) -> bool:
     import fcntl
 
     try:
-        flags = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 4)
+        flags = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(struct.calcsize("l")))
     except OSError:  # tmpfs on older kernels, some FUSE filesystems: no flags, so never immutable
         return False
-    return bool(int.from_bytes(flags, "little") & _FS_IMMUTABLE_FL)
+    return bool(int.from_bytes(flags[:4], sys.byteorder) & _FS_IMMUTABLE_FL)
 
 
-_FS_IOC_GETFLAGS = 0x80086601  # linux/fs.h, as the kernel defines it for 64-bit userland
+# linux/fs.h: _IOR('f', 1, long), so its size field is sizeof(long): 0x80086601 on 64-bit, 0x80046601 on 32.
+_FS_IOC_GETFLAGS = 0x80006601 | struct.calcsize("l") << 16
 _FS_IMMUTABLE_FL = 0x00000010
 
 
@@ -598,12 +630,15 @@ def _file_safe(name: str) -> str:
 
 def _open_list(path: Path) -> sqlite3.Connection:
     """Open a complete list file for reading and for deltas; never create one (mode=rw)."""
+    conn = None
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, check_same_thread=False)
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA synchronous = FULL")  # deltas: the sync state in the store says they are in
         conn.execute("SELECT 1 FROM tickets LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
+        if conn is not None:
+            conn.close()
         raise StoreError(f"ticket list {path}: {e}") from e
     return conn
 

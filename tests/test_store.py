@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import time
 
+import pytest
+import sqlite_utils
+
+from gated import store as storemod
+from gated.errors import StoreError
 from gated.model import Reason, Scan, ScanMode, Source, admit, deny
 from gated.store import Store
 
@@ -131,13 +137,9 @@ def test_a_list_switched_by_another_process_is_read_from_its_new_file(tmp_path):
 
 
 def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_path):
-    import sqlite_utils
-
-    from gated.store import migrations
-
     path = tmp_path / "g.db"
     db = sqlite_utils.Database(path)
-    migrations.apply(db, stop_before="m003_ticket_lists_in_files")
+    storemod.migrations.apply(db, stop_before="m003_ticket_lists_in_files")
     db.execute("INSERT INTO tickets (backend, token, name, max_entries) VALUES ('local@1', 'KEPT-1', 'Kay', 2)")
     db.execute("INSERT INTO tickets (backend, token) VALUES ('local@0', 'STALE-1')")  # an old generation
     db.execute("INSERT INTO kv (key, value) VALUES ('tickets:local', 'local@1')")
@@ -147,4 +149,21 @@ def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_
     assert s.ticket("local", "KEPT-1")["name"] == "Kay" and s.ticket("local", "STALE-1") is None
     assert s.ticket_count("local") == 1
     assert "tickets" not in s.db.table_names()
+    s.close()
+
+
+def test_a_load_waits_for_another_process_loading_the_same_list_and_gives_up_with_a_reason(tmp_path, monkeypatch):
+    s = Store(tmp_path / "g.db")
+    s.load_tickets("cm", [{"token": "OLD"}])
+    lock = os.open(s.lists_dir / ".cm.lock", os.O_RDONLY)  # what a `gated scan` stopped mid-load holds
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    monkeypatch.setattr(storemod, "LIST_LOCK_WAIT", 0.3)
+    try:
+        with pytest.raises(StoreError, match="another process has been loading the cm list"):
+            s.load_tickets("cm", [{"token": "NEW"}])
+    finally:
+        os.close(lock)
+    assert s.ticket("cm", "OLD") is not None  # the list in use is untouched
+    s.load_tickets("cm", [{"token": "NEW"}])  # and once it is let go, the load goes through
+    assert s.ticket("cm", "NEW") is not None
     s.close()

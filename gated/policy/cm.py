@@ -1,8 +1,9 @@
 """Decide with CM.com's Ticket Scan API: check in/out online ("scan direct") or from the downloaded barcodes.
 
-Both strategies keep the service's barcode list in the store: `direct` asks the API per scan and falls
-back to the list when it does not answer; `local` ("scan locally" in CM.com's words) always decides from
-the list, and every scan decided from it is uploaded afterwards with Post Upload.
+Both strategies keep the service's barcode list in a list file beside the store: `direct` asks the
+API per scan and falls back to the list when it does not answer; `local` ("scan locally" in CM.com's
+words) always decides from the list, and every scan decided from it is uploaded afterwards with Post
+Upload.
 
 The list is downloaded in full (X-PAGINATION-LIMIT/PAGE) and then as deltas (X-COMPARE-TIMESTAMP = the
 integer start time of the previous sync). Each stored barcode keeps the server's `count_checked_in`
@@ -788,18 +789,20 @@ class CMBackend(HttpBackend):
             if not barcode:
                 result.parked[row["nonce"]] = "ticket code no longer stored; cannot upload"
                 continue
-            if row["nonce"] in held:
-                log.info("CM.com already counted the check-in of %s from its online request (its answer "
-                         "was lost); not uploaded again", redact(barcode), extra={"GATED_EVENT": "upload"})
-                result.sent.append(row["nonce"])
-                continue
             code, message = upload_status(row)
             at = int(row["wall"])
             records = [{"barcode_id": barcode, "checked_in_time": at, "status_code": code, "status_message": message}]
+            if row["nonce"] in held:
+                log.info("CM.com already counted the check-in of %s from its online request (its answer "
+                         "was lost); not uploaded again", redact(barcode), extra={"GATED_EVENT": "upload"})
+                records = []
             if row["passed"] == 0 and code == 100:  # admitted, nobody passed: check out again
                 records.append({"barcode_id": barcode, "checked_in_time": at, "status_code": 200,
                                 "status_message": MESSAGES[200]})
-            batch.append((row["nonce"], records))
+            if records:
+                batch.append((row["nonce"], records))
+            else:
+                result.sent.append(row["nonce"])
         async with self._upload_lock:
             await self._post_upload(batch, result)
         self._unmarked = set(result.sent)
@@ -810,8 +813,10 @@ class CMBackend(HttpBackend):
 
         The API has no idempotency key and no lookup, so uploading such a scan would count the
         check-in twice. The changes since the earliest of them (Get Barcodes with a compare time)
-        tell: the barcode's last check-in (check-out) time is that scan's, not one of this lane's
-        answered online scans of it. Unreachable leaves every scan queued for the next round.
+        tell, but only the barcode's last check-in (check-out) time: it is taken for that scan only
+        when it is within a minute of it and no other admission of the ticket, on this lane or one
+        that shared it, is within two. In any doubt the scan is uploaded: counted twice, never lost.
+        Unreachable leaves every scan queued for the next round.
         """
         suspects = [r for r in rows if r.get("online_unanswered") and r["verdict"] == "admit"
                     and (r["ticket_key"] or r["token"])]
@@ -821,16 +826,21 @@ class CMBackend(HttpBackend):
         since = int(min(r["wall"] for r in suspects) - LOST_ANSWER_WINDOW)
         latest: dict[str, dict[str, Any]] = {}
         page, last = 1, 1
-        while page <= last:
-            content, _ = await self._page(page, since)
-            barcodes, last = _parse_page(content)
-            latest |= {b["barcode_id"]: b for b in barcodes if b.get("barcode_id") in wanted}
-            if not barcodes:
-                break
-            page += 1
+        try:
+            while page <= last:
+                content, _ = await self._page(page, since)
+                barcodes, last = _parse_page(content)
+                latest |= {b["barcode_id"]: b for b in barcodes if b.get("barcode_id") in wanted}
+                if not barcodes:
+                    break
+                page += 1
+        except BackendRejected as e:  # no evidence: upload them
+            log.info("CM.com changes not readable before upload (%s); uploading the scans", e)
+            return set()
         held = set()
         for r in suspects:
-            b = latest.get(r["ticket_key"] or r["token"])
+            key = r["ticket_key"] or r["token"]
+            b = latest.get(key)
             try:
                 at = b and parse_time(b.get("last_checked_in_time" if r["scan_mode"] == "entry"
                                             else "last_checked_out_time"))
@@ -838,9 +848,9 @@ class CMBackend(HttpBackend):
                 at = None
             if not at or abs(at - r["wall"]) > LOST_ANSWER_WINDOW:
                 continue
-            answered = await self._store.call(Store.answered_online, r["token"], r["scan_mode"], r["wall"],
-                                              LOST_ANSWER_WINDOW, "admit")
-            if all(abs(at - r["wall"]) < abs(at - other) for other in answered):
+            others = await self._store.call(Store.admissions_near, key, r["scan_mode"], r["wall"],
+                                            2 * LOST_ANSWER_WINDOW, r["nonce"])
+            if not others:
                 held.add(r["nonce"])
         return held
 

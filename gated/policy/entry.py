@@ -523,9 +523,11 @@ class EntryBackend(Backend):
         """Leave out scans Entry already holds from an online request whose answer was lost.
 
         Entry takes no idempotency key, so such a scan uploaded again is a second record there (a
-        ticket counted in twice). Ticket Lookup's scan history tells: an online scan from this
-        device, same mode, within a minute of ours, that is not one of our answered online scans.
-        Lookup failing leaves the scan for the next round; refused or unknown, it is uploaded.
+        ticket counted in twice). Ticket Lookup's scan history tells: the online scans from this
+        device, same mode, within a minute of ours, must account for every request of this lane for
+        the ticket within two minutes, answered or not; then all reached Entry. In any doubt the
+        scan is uploaded: counted twice, never lost. Lookup failing leaves the round for later;
+        refused or unknown, the scan is uploaded.
         """
         keep = []
         for row in rows:
@@ -535,8 +537,9 @@ class EntryBackend(Backend):
             try:
                 held = await self._holds(row)
             except Unreachable as e:
-                result.retry[row["nonce"]] = f"Ticket Lookup before upload: {e}"
-                continue
+                # The whole round waits: a batch's file name comes from its first scan, and a batch
+                # that changes with the lookups' luck could reach Entry twice under two names.
+                raise Unreachable(f"Ticket Lookup before upload: {e}") from None
             except BackendRejected as e:
                 log.info("Ticket Lookup before upload refused (%s); uploading the scan", e)
                 held = False
@@ -571,9 +574,9 @@ class EntryBackend(Backend):
             near += at is not None and abs(at - row["wall"]) <= LOST_ANSWER_WINDOW
         if not near or self.store is None:
             return False
-        answered = await self.store.call(Store.answered_online, row["token"], row["scan_mode"], row["wall"],
-                                         LOST_ANSWER_WINDOW)
-        return near > len(answered)
+        answered, unanswered = await self.store.call(Store.online_requests, row["token"], row["scan_mode"],
+                                                     row["wall"], 2 * LOST_ANSWER_WINDOW)
+        return near - answered >= max(unanswered, 1)
 
     async def _upload_chunk(self, event_id: str, rows: list[dict[str, Any]], event: EntryEvent | None,
                             result: UploadResult) -> None:

@@ -406,6 +406,29 @@ def test_a_second_entry_cm_never_received_is_uploaded_though_the_first_is_its_la
     assert sim.barcode(sim.service, "TWICE-1")["count_checked_in"] == 2
 
 
+def test_a_check_in_cm_counted_from_a_lost_answer_is_not_uploaded_but_its_check_out_is(sim, cm):
+    # Nobody passed through: CM.com's count must be annulled, though the check-in is not sent again.
+    config = cm(strategy="direct")
+    config.backend["timeout_seconds"] = 0.3
+
+    async def run():
+        async with gate(config) as (parts, _):
+            sim.stall.set()
+            decision = await scan(parts, "OK-1")
+            with sim.lock:  # CM.com acted on the request; only its answer was lost
+                sim._count_in(sim.service, sim._row(sim.service, "OK-1"), sim.clock())
+            sim.stall.clear()
+            (row,) = await _rows(parts)
+            await parts.store.call(Store.mark_passed, row["nonce"], False)  # the turnstile timed out
+            return decision, await Uploader(parts.backend, parts.store).drain()
+
+    decision, sent = asyncio.run(run())
+    assert decision.online_unanswered and decision.admitted and sent == 1
+    assert [u["status_code"] for u in sim.uploads] == [200]  # the check-out alone
+    barcode = sim.barcode(sim.service, "OK-1")
+    assert barcode["count_checked_in"] == 1 and barcode["last_checked_out_time"] is not None
+
+
 def test_an_upload_sent_again_after_a_lost_answer_is_counted_once(sim, cm):
     async def run():
         async with gate(cm(strategy="local")) as (parts, _):
