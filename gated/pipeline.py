@@ -56,23 +56,23 @@ class Gate:
             # Keep a bounded, printable trace of what arrived, never the whole blob.
             scan = scan.with_token(scan.token[:64].encode("unicode_escape").decode("ascii"))
             decision = deny(Reason.MALFORMED, backend=self.decider.backend.name, detail=str(e))
+            committed = _Commit(self, scan)
         else:
             if self.debouncer.is_repeat(scan.reader, scan.token, time.monotonic()):
                 log.debug("%s repeat of %s on %s within the debounce window; ignored",
                           self.lane, redact(scan.token), label)
                 return None
-            decision = await self._decide(scan)
+            committed = _Commit(self, scan)
+            decision = await self._decide(scan, committed)
 
-        decided_ms = (time.monotonic() - scan.received) * 1000
-        queue = self.decider.backend.online and decision.source is Source.OFFLINE \
-            and decision.reason is not Reason.MALFORMED
-        commit_started = time.monotonic()
-        recorded = True
-        try:
-            await self.store.call(Store.record, scan, decision, lane=self.lane, scan_mode=self.scan_mode,
-                                  latency_ms=decided_ms, queue_upload=queue)
-        except (StoreError, sqlite3.Error) as e:
-            queue = recorded = False
+        if not committed.done:  # decided online, by the mode, or not at all: record it now
+            try:
+                await self.store.call(committed, decision)
+            except (StoreError, sqlite3.Error) as store_error:  # refused before the commit (read-only)
+                committed.error = store_error
+        queue, recorded, e = committed.queued, committed.error is None, committed.error
+        if e is not None:
+            queue = False
             if self.on_error == "admit":
                 # The installer chose a moving lane over a complete record: say so on every such scan.
                 log.error("scan not recorded (%s); decision kept because [store] on_error = \"admit\": it will "
@@ -82,7 +82,7 @@ class Gate:
                 log.error("scan not recorded, so not admitted: %s", e, extra={"GATED_EVENT": "store_error"})
                 decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
 
-        self.last_commit_ms = (time.monotonic() - commit_started) * 1000
+        self.last_commit_ms = committed.ms
         if decision.admitted:  # the relay first: it is what the visitor waits for
             hold = self.outputs.release()
             if hold is not None:
@@ -99,11 +99,11 @@ class Gate:
             self.on_queued()
         return decision
 
-    async def _decide(self, scan: Scan) -> Decision:
+    async def _decide(self, scan: Scan, commit: Callable[[Store, Decision], None]) -> Decision:
         """The decider's verdict; a store that cannot be read follows [store] on_error, a bug denies."""
         name = self.decider.backend.name
         try:
-            return await self.decider.decide(scan, self.scan_mode)
+            return await self.decider.decide(scan, self.scan_mode, commit)
         except (StoreError, sqlite3.Error) as e:  # offline data and anti-passback live in the store
             if self.on_error == "admit":
                 log.error("store unreadable (%s); admitted without a check because [store] on_error = \"admit\"",
@@ -158,3 +158,32 @@ class Gate:
             "GATED_LATENCY_MS": f"{ms:.1f}", "GATED_NONCE": scan.nonce, "GATED_SCAN_MODE": str(self.scan_mode),
             "GATED_BACKEND_CODE": d.backend_code,
         })
+
+
+class _Commit:
+    """Record one scan and its decision, on the store thread: called by the Decider in the same hop
+    as an offline decision (one thread switch instead of two), else by the Gate after deciding.
+
+    A failed commit is kept, not raised: what it means for the visitor is the Gate's to decide.
+    """
+
+    def __init__(self, gate: Gate, scan: Scan):
+        self.gate, self.scan = gate, scan
+        self.done = False
+        self.queued = False
+        self.error: Exception | None = None
+        self.ms = 0.0
+
+    def __call__(self, store: Store, decision: Decision) -> None:
+        gate, scan = self.gate, self.scan
+        decided_ms = (time.monotonic() - scan.received) * 1000
+        self.queued = gate.decider.backend.online and decision.source is Source.OFFLINE \
+            and decision.reason is not Reason.MALFORMED
+        started = time.monotonic()
+        try:
+            store.record(scan, decision, lane=gate.lane, scan_mode=gate.scan_mode, latency_ms=decided_ms,
+                         queue_upload=self.queued)
+        except (StoreError, sqlite3.Error) as e:
+            self.error = e
+        self.ms = (time.monotonic() - started) * 1000
+        self.done = True

@@ -62,7 +62,10 @@ class Decider:
     def online(self) -> bool:
         return not self.offline_first and self.breaker.allows()
 
-    async def decide(self, scan: Scan, scan_mode: ScanMode) -> Decision:
+    async def decide(self, scan: Scan, scan_mode: ScanMode,
+                     commit: Callable[[Store, Decision], None] | None = None) -> Decision:
+        """The verdict for one scan. `commit(store, decision)`, when given, runs on the store thread
+        right after an offline decision: the scan is recorded in the same hop it was decided in."""
         if self.emergency:
             return admit(Reason.EMERGENCY, Source.MODE, backend=self.backend.name)
         if self.mode == "locked":
@@ -80,8 +83,16 @@ class Decider:
                     return decision
             else:
                 why = "API unreachable (breaker open)"
-        decision = await self.store.call(self._offline, scan, scan_mode, why)
-        return replace(decision, online_unanswered=True) if unanswered else decision
+        return await self.store.call(self._offline_then, scan, scan_mode, why, unanswered, commit)
+
+    def _offline_then(self, store: Store, scan: Scan, scan_mode: ScanMode, why: str, unanswered: bool,
+                      commit: Callable[[Store, Decision], None] | None) -> Decision:
+        decision = self._offline(store, scan, scan_mode, why)
+        if unanswered:
+            decision = replace(decision, online_unanswered=True)
+        if commit is not None:
+            commit(store, decision)
+        return decision
 
     async def _online(self, scan: Scan, scan_mode: ScanMode) -> tuple[Decision | None, str, bool]:
         """(the API's decision, or None and why not, and whether the request may have reached it)."""
