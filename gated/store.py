@@ -432,8 +432,30 @@ class Store:
             cur = conn.execute("SELECT * FROM tickets WHERE token = ?", (token,))
             row = cur.fetchone()
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"ticket list {self._lists[backend][0]}: {e}") from e
+            raise self._damaged(backend, f"ticket list {self._lists[backend][0]}: {e}") from e
         return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
+
+    def _damaged(self, backend: str, why: str) -> StoreError:
+        """Note that a list file cannot be read, so the next sync downloads it whole (list_usable)."""
+        try:
+            self.set(f"damaged:{backend}", why)
+        except StoreError:
+            pass  # the store itself fails too: the scan's own error says so
+        return StoreError(why)
+
+    def list_usable(self, backend: str) -> bool:
+        """False when a read of the list failed since it was loaded, or its file cannot be opened.
+
+        Backends with deltas (CM.com, pretix) download the whole list again then, and the local
+        backend imports its file again, instead of failing every offline scan until the next change.
+        """
+        if self.get(f"damaged:{backend}") is not None:
+            return False
+        try:
+            self._list(backend)
+        except StoreError:
+            return False
+        return True
 
     def _list(self, backend: str) -> sqlite3.Connection | None:
         """The connection to a list's current file, opened again when another process switched it."""
@@ -448,10 +470,10 @@ class Store:
                 return None
             try:
                 conn = _open_list(self.lists_dir / name)
-            except StoreError:
+            except StoreError as e:
                 if self.get(f"tickets:{backend}") != name:
                     continue  # switched (and the old file removed) between the two reads: open the new one
-                raise
+                raise self._damaged(backend, str(e)) from e
             self._lists[backend] = (name, conn)
             return conn
         return None
@@ -482,7 +504,7 @@ class Store:
             n = _build_list(folder, name, rows, chunk, on_chunk)
             with self._write() as conn:
                 conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (f"tickets:{backend}", name))
-                conn.execute("DELETE FROM kv WHERE key = ?", (loading,))
+                conn.execute("DELETE FROM kv WHERE key IN (?, ?)", (loading, f"damaged:{backend}"))
         except BaseException:
             _remove_list(folder / name)  # a half-read list never becomes current
             with self._write() as conn:

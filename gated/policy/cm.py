@@ -648,6 +648,7 @@ class CMBackend(HttpBackend):
             state = _json(await store.call(Store.get, SYNC_KEY)) or {}
             started = time.time()
             full = (full or state.get("service") != self.service_uuid or "compare" not in state
+                    or not await store.call(Store.list_usable, self.name)
                     or started - state.get("full_at", 0.0) > FULL_RELOAD_SECONDS or started < EARLIEST_TRUSTED)
             if full:
                 count, canceled = await self._download_full(store)

@@ -92,7 +92,8 @@ class LocalBackend(Backend):
                         self.tickets_path, e.strerror, await store.call(Store.ticket_count, self.name))
             return
         stamp = f"{self.tickets_path}:{st.st_size}:{st.st_mtime_ns}"
-        if await store.call(Store.get, "local:tickets_stamp") == stamp:
+        if await store.call(Store.get, "local:tickets_stamp") == stamp and \
+                await store.call(Store.list_usable, self.name):
             return
         try:
             n = await store.call(_import, self.tickets_path)

@@ -290,7 +290,7 @@ class PretixBackend(HttpBackend):
 
     async def _sync_secrets(self, store: StoreThread, resource: str, stamp: str, table: str) -> int:
         since_key = f"pretix:{self.scope}:{resource}_since"
-        since = await store.call(Store.get, since_key)
+        since = await store.call(Store.get, since_key) if await store.call(Store.list_usable, table) else None
         params = {"ordering": f"-{stamp}"}
         if since:
             params[f"{stamp}_since"] = since

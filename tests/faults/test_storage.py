@@ -299,6 +299,35 @@ def test_a_store_that_cannot_be_read_while_deciding_follows_on_error(load_config
     assert error.GATED_EVENT == "store_error" and "no such table: " in error.getMessage()
 
 
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_a_damaged_ticket_list_file_is_loaded_again_at_the_next_sync(load_config, tickets_csv, tmp_path, damage):
+    # The CSV has not changed, so without the damage noted the local backend would never import it again.
+    tickets_csv("token\nLIST-000001\n")
+    cfg = _quick(load_config('[backend]\ntype = "local"\n[backend.local]\ntickets = "tickets.csv"\n'
+                             f'[store]\npath = "{tmp_path / "gated.db"}"\n'))
+
+    async def run():
+        parts = await build(cfg)
+        await parts.backend.sync(parts.store)
+        await parts.close()
+        (listed,) = lists_dir(cfg.store.path).glob("*.sqlite")
+        if damage == "garbage":
+            listed.write_bytes(b"not a database, a sector the card mangled" * 100)
+        else:
+            listed.unlink()
+        parts = await build(cfg)  # the gate restarted on the damaged list
+        try:
+            failed = await parts.gate.handle(Scan(token="LIST-000001", reader="front"))
+            await parts.backend.sync(parts.store)
+            return failed, await parts.gate.handle(Scan(token="LIST-000001", reader="front"))
+        finally:
+            await parts.close()
+
+    failed, after = asyncio.run(run())
+    assert (failed.verdict, failed.reason) == (Verdict.DENY, Reason.ERROR)
+    assert (after.verdict, after.reason) == (Verdict.ADMIT, Reason.OK)
+
+
 def test_offline_data_of_an_unexpected_shape_costs_one_denied_scan_not_the_gate(make_kit, load_config, caplog):
     caplog.set_level(logging.INFO, logger="gated")
     kit = make_kit("pretix")

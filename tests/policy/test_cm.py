@@ -304,6 +304,28 @@ def test_delta_sync_asks_for_changes_since_the_previous_start_and_picks_up_a_can
     assert after.backend_code == "45" and after.reason is Reason.CANCELED
 
 
+def test_a_damaged_barcode_list_is_downloaded_whole_at_the_next_sync_not_as_changes(sim, cm):
+    from gated.store import lists_dir
+
+    config = cm(strategy="local")
+
+    async def run():
+        async with gate(config):
+            pass
+        (listed,) = lists_dir(config.store.path).glob("*.sqlite")
+        listed.write_bytes(b"a sector the SD card mangled" * 200)
+        async with gate(config, sync=False) as (parts, sync_store):  # restarted on the damaged file
+            failed = await scan(parts, "OK-1")
+            await parts.backend.sync(sync_store)
+            return failed, await scan(parts, "NEVER-1")
+
+    failed, after = asyncio.run(run())
+    pages = [r for r in sim.requests if r.path.endswith("/barcodes")]
+    assert (failed.verdict, failed.reason) == (Verdict.DENY, Reason.ERROR)
+    assert "x-compare-timestamp" not in pages[-1].headers  # the whole list, not the changes
+    assert after.admitted
+
+
 def test_scans_during_a_full_reload_are_decided_on_the_previous_list(sim, cm):
     config = cm(strategy="local", cm_extra="page_size = 5\n")
 
