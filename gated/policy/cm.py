@@ -84,6 +84,7 @@ MARK_WAIT_SECONDS = 5.0
 # How far CM.com's check-in time of an online request may be from the scan's own time and still be
 # that request: the deadline, the server's queue, and the two clocks' difference.
 LOST_ANSWER_WINDOW = 60.0
+LOST_ANSWER_PAGES = 20  # at most this many pages of changes are read for that check
 JWT_KEY, SERVICE_KEY, SYNC_KEY = "cm:jwt", "cm:service", "cm:sync"
 
 
@@ -829,6 +830,10 @@ class CMBackend(HttpBackend):
         page, last = 1, 1
         try:
             while page <= last:
+                if page > LOST_ANSWER_PAGES:  # hours of a busy venue's changes: not worth it, upload
+                    log.info("more than %d pages of CM.com changes since the oldest scan to check; uploading "
+                             "the scans", LOST_ANSWER_PAGES)
+                    return set()
                 content, _ = await self._page(page, since)
                 barcodes, last = _parse_page(content)
                 latest |= {b["barcode_id"]: b for b in barcodes if b.get("barcode_id") in wanted}

@@ -451,6 +451,28 @@ def test_a_check_in_cm_counted_from_a_lost_answer_is_not_uploaded_but_its_check_
     assert barcode["count_checked_in"] == 1 and barcode["last_checked_out_time"] is not None
 
 
+def test_too_many_changes_to_read_before_an_upload_mean_the_scan_is_uploaded(sim, cm):
+    # The check is bounded (20 pages of changes): past that, doubt, and doubt uploads.
+    config = cm(strategy="direct", cm_extra="page_size = 5\n")
+    config.backend["timeout_seconds"] = 0.3
+
+    async def run():
+        async with gate(config) as (parts, _):
+            sim.stall.set()
+            decision = await scan(parts, "OK-1")
+            with sim.lock:  # CM.com acted on the request; only its answer was lost
+                sim._count_in(sim.service, sim._row(sim.service, "OK-1"), sim.clock())
+            sim.stall.clear()
+            for i in range(120):  # a busy venue: 24 pages of changes since
+                sim.add_barcode(sim.service, f"BUSY-{i}")
+            return decision, await Uploader(parts.backend, parts.store).drain()
+
+    decision, sent = asyncio.run(run())
+    assert decision.online_unanswered and sent == 1 and [u["barcode_id"] for u in sim.uploads] == ["OK-1"]
+    pages = [r for r in sim.requests if r.path.endswith("/barcodes") and "x-compare-timestamp" in r.headers]
+    assert len(pages) == 20
+
+
 def test_an_upload_sent_again_after_a_lost_answer_is_counted_once(sim, cm):
     async def run():
         async with gate(cm(strategy="local")) as (parts, _):
