@@ -59,6 +59,7 @@ class Simulator:
         self.lock = threading.RLock()
         self.requests: list[Request] = []
         self.stall = threading.Event()  # set: accept requests but never answer (fault tests)
+        self.lose_answers = threading.Event()  # set: act on each request, then never answer it
         self.fail_status: int | None = None  # set: answer every request with this status
         self._routes = [getattr(self, n)._route + (getattr(self, n),) for n in dir(type(self))
                         if hasattr(getattr(type(self), n), "_route")]
@@ -107,6 +108,7 @@ class Simulator:
     def stop(self) -> None:
         """Stop like a dead server: no new connections, and the kept-alive ones are cut as well."""
         self.stall.clear()
+        self.lose_answers.clear()
         self.server.shutdown()
         self.server.server_close()
         with self.lock:
@@ -150,6 +152,9 @@ class Simulator:
                     resp = fn(req)
                 except Exception as e:  # noqa: BLE001 - a simulator bug must show as a 500, not hang
                     resp = Response(500, {"message": f"simulator error: {e}"})
+                if self.lose_answers.is_set():  # done on the server; the client never hears of it
+                    _wait_until_cleared(self.lose_answers)
+                    return None
                 return self._send(h, resp)
         self._send(h, Response(404, {"message": f"no route for {req.method} {req.path}"}))
 
