@@ -25,6 +25,15 @@ DEADLINE = 0.3  # [backend] timeout_seconds in these tests: short, so a stall co
 IDEMPOTENT = {"tibillet", "pretix", "pretixdroid", "entry", "cm"}
 
 
+def quick(cfg):
+    """A config's lane made fast for tests: no debounce, outputs on for 10 ms (nobody watches them)."""
+    cfg.lane["debounce_seconds"] = 0.0
+    cfg.relay["pulse_seconds"] = 0.01
+    for led in cfg.leds.values():
+        led["on_seconds"] = 0.01
+    return cfg
+
+
 def _secret_file(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text + "\n")

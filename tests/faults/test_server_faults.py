@@ -51,14 +51,6 @@ def _cases():
             yield pytest.param(backend, fault, marks=marks, id=f"{backend}-{fault}")
 
 
-def _quick(cfg):
-    cfg.lane["debounce_seconds"] = 0.0
-    cfg.relay["pulse_seconds"] = 0.01
-    for led in cfg.leds.values():
-        led["on_seconds"] = 0.01
-    return cfg
-
-
 async def _rows(parts):
     return await parts.store.call(lambda s: list(s.db.query("SELECT * FROM scans ORDER BY id")))
 
@@ -86,7 +78,7 @@ def test_fault_gives_an_offline_verdict_by_the_deadline_and_each_scan_is_uploade
     tls = tls_material if fault.startswith("tls_") else None
     proxy = make_proxy(kit.port, tls=tls)
     ca = str(tls.ca_file) if tls else ""
-    good = _quick(load_config(kit.toml(proxy.url, ca_file=ca)))
+    good = backends.quick(load_config(kit.toml(proxy.url, ca_file=ca)))
 
     async def run():
         parts = await build(good)
@@ -102,12 +94,13 @@ def test_fault_gives_an_offline_verdict_by_the_deadline_and_each_scan_is_uploade
         finally:
             await parts.close()
         # DNS: the same gate restarted with a host that cannot resolve, then with the right one.
-        parts = await build(_quick(load_config(kit.toml(proxy.url.replace("127.0.0.1", "gated-fault.invalid")))))
+        unresolvable = proxy.url.replace("127.0.0.1", "gated-fault.invalid")
+        parts = await build(backends.quick(load_config(kit.toml(unresolvable))))
         try:
             during = await _under_fault(parts, kit.tokens)
         finally:
             await parts.close()
-        parts = await build(_quick(load_config(kit.toml(proxy.url, ca_file=ca))))
+        parts = await build(backends.quick(load_config(kit.toml(proxy.url, ca_file=ca))))
         try:
             return *during, *await _recover_and_upload(parts), await _rows(parts)
         finally:
@@ -142,7 +135,7 @@ def test_an_upload_round_that_meets_a_fault_keeps_every_scan_and_the_next_round_
         backend, fault, make_kit, make_proxy, load_config):
     kit = make_kit(backend)
     proxy = make_proxy(kit.port)
-    cfg = _quick(load_config(kit.toml(proxy.url)))
+    cfg = backends.quick(load_config(kit.toml(proxy.url)))
     cfg.backend["offline_first"] = True  # decide offline, so every scan waits in the queue for upload
 
     async def run():

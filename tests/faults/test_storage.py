@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import gated_faults_backends as backends  # tests/faults/backends.py, registered by conftest.py
 import pytest
 
 from gated.daemon import build
@@ -28,14 +29,6 @@ from gated.model import Reason, Scan, Source, Verdict
 from gated.store import Store, lists_dir
 
 LOCAL = '[backend]\ntype = "local"\n[backend.local]\nmasks = ["DISK-######"]\n'
-
-
-def _quick(cfg):
-    cfg.lane["debounce_seconds"] = 0.0
-    cfg.relay["pulse_seconds"] = 0.01
-    for led in cfg.leds.values():
-        led["on_seconds"] = 0.01
-    return cfg
 
 
 def _stored(path: Path) -> list[tuple[str, str, str]]:
@@ -64,7 +57,7 @@ async def _fill_until_full(parts, limit: int = 400):
 
 def test_disk_full_denies_each_unrecordable_scan_as_error_and_logs_it(load_config, caplog):
     caplog.set_level(logging.INFO, logger="gated")
-    cfg = _quick(load_config(LOCAL))
+    cfg = backends.quick(load_config(LOCAL))
 
     async def run():
         parts = await build(cfg)
@@ -95,7 +88,7 @@ def test_disk_full_denies_each_unrecordable_scan_as_error_and_logs_it(load_confi
 def test_disk_full_with_on_error_admit_keeps_the_lane_moving_and_says_so_on_every_scan(load_config, caplog,
                                                                                          tmp_path):
     caplog.set_level(logging.INFO, logger="gated")
-    cfg = _quick(load_config(LOCAL + f'[store]\non_error = "admit"\npath = "{tmp_path / "gated.db"}"\n'))
+    cfg = backends.quick(load_config(LOCAL + f'[store]\non_error = "admit"\npath = "{tmp_path / "gated.db"}"\n'))
 
     async def run():
         parts = await build(cfg)
@@ -117,7 +110,7 @@ def test_disk_full_with_on_error_admit_keeps_the_lane_moving_and_says_so_on_ever
 @pytest.mark.parametrize("damage", ["garbage", "overwritten_header_page", "truncated"])
 def test_damaged_store_at_start_is_moved_aside_and_a_fresh_one_used(load_config, caplog, damage):
     caplog.set_level(logging.INFO, logger="gated")
-    cfg = _quick(load_config(LOCAL))
+    cfg = backends.quick(load_config(LOCAL))
     db = Path(cfg.store.path)
     Store(db).close()
     original = db.read_bytes()
@@ -277,7 +270,7 @@ def test_a_store_that_cannot_be_read_while_deciding_follows_on_error(load_config
                                                                      on_error, word, reason):
     caplog.set_level(logging.INFO, logger="gated")
     tickets_csv("token\nLIST-000001\n")
-    cfg = _quick(load_config('[backend]\ntype = "local"\n[backend.local]\ntickets = "tickets.csv"\n'
+    cfg = backends.quick(load_config('[backend]\ntype = "local"\n[backend.local]\ntickets = "tickets.csv"\n'
                              f'[store]\non_error = "{on_error}"\npath = "{tmp_path / "gated.db"}"\n'))
 
     async def run():
@@ -303,7 +296,7 @@ def test_a_store_that_cannot_be_read_while_deciding_follows_on_error(load_config
 def test_a_damaged_ticket_list_file_is_loaded_again_at_the_next_sync(load_config, tickets_csv, tmp_path, damage):
     # The CSV has not changed, so without the damage noted the local backend would never import it again.
     tickets_csv("token\nLIST-000001\n")
-    cfg = _quick(load_config('[backend]\ntype = "local"\n[backend.local]\ntickets = "tickets.csv"\n'
+    cfg = backends.quick(load_config('[backend]\ntype = "local"\n[backend.local]\ntickets = "tickets.csv"\n'
                              f'[store]\npath = "{tmp_path / "gated.db"}"\n'))
 
     async def run():
@@ -331,7 +324,7 @@ def test_a_damaged_ticket_list_file_is_loaded_again_at_the_next_sync(load_config
 def test_offline_data_of_an_unexpected_shape_costs_one_denied_scan_not_the_gate(make_kit, load_config, caplog):
     caplog.set_level(logging.INFO, logger="gated")
     kit = make_kit("pretix")
-    cfg = _quick(load_config(kit.toml(kit.sim.url)))
+    cfg = backends.quick(load_config(kit.toml(kit.sim.url)))
 
     async def run():
         parts = await build(cfg)
@@ -358,7 +351,7 @@ def test_offline_data_of_an_unexpected_shape_costs_one_denied_scan_not_the_gate(
 def test_a_store_path_naming_some_other_file_is_refused_not_moved(load_config, tmp_path):
     other = tmp_path / "gated.toml.bak"  # an installer's slip: [store] path names a text file
     other.write_text("[lane]\nname = 'north-3'\n" * 50)
-    cfg = _quick(load_config(LOCAL + f'[store]\npath = "{other}"\n'))
+    cfg = backends.quick(load_config(LOCAL + f'[store]\npath = "{other}"\n'))
     with pytest.raises(StoreError, match="not moved aside, it does not look like a store: check \\[store\\] path"):
         asyncio.run(build(cfg))
     assert other.exists() and not list(tmp_path.glob("*.corrupt-*"))
