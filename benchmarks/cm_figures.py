@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import Figure, latency_text, pct, workdir, write_config
+from benchmarks.common import Figure, latency_text, pct, rss_mb, workdir, write_config
+from gated.reload import peak_rss_mb
 
 
 def start_simulator(barcodes: int) -> tuple[subprocess.Popen, str]:
@@ -78,24 +79,6 @@ def _steal_ms() -> float:
     return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
-def _rss_mb() -> float:
-    """Peak RSS of this process image. Not getrusage's ru_maxrss: Linux carries that across
-    exec, so a child of a big parent (python -m benchmarks after its million-ticket runs) would
-    report the parent's peak. VmHWM belongs to the current address space alone."""
-    return _status_mb("VmHWM:")
-
-
-def _current_rss_mb() -> float:
-    return _status_mb("VmRSS:")
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(url: str, barcodes: int, scans: int, uploads: int) -> dict:
     import logging
 
@@ -126,11 +109,11 @@ def child(url: str, barcodes: int, scans: int, uploads: int) -> dict:
         parts = await build(cfg)
         sync_store = StoreThread(cfg.store.path, "sync")
         try:
-            before = _current_rss_mb()
+            before = rss_mb(os.getpid())
             started = time.perf_counter()
             await parts.backend.sync(sync_store)
             ingest = time.perf_counter() - started
-            peak = _rss_mb()
+            peak = peak_rss_mb()  # VmHWM: this process's own, which ru_maxrss is not
             first_reload = dict(parts.backend.last_reload)
 
             rng = random.Random(7)
