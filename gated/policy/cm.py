@@ -385,7 +385,6 @@ class CMBackend(HttpBackend):
         self._unmarked: set[str] = set()  # the last upload's nonces, until the Uploader marked them sent
         self._store: StoreThread | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._closing = False
         self._auth_failed = False
         self.last_reload: dict[str, Any] = {}  # the last full reload's result (benchmarks read its peak RSS)
 
@@ -531,7 +530,6 @@ class CMBackend(HttpBackend):
         return Unreachable(f"refused: {text}")
 
     async def close(self) -> None:
-        self._closing = True
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await super().close()
@@ -724,14 +722,13 @@ class CMBackend(HttpBackend):
             return asyncio.run_coroutine_threadsafe(self._page(page, None), loop)
 
         def rows() -> Iterator[dict[str, Any]]:
-            # Runs on the store thread inside Store.load_tickets; each page is fetched on the event
-            # loop, the next one while this one is parsed and written here.
+            # Runs in the reload process, on its store thread inside Store.load_tickets; each page is
+            # fetched on the event loop, the next one while this one is parsed and written here. The
+            # daemon stopping ends the whole process, so a page is simply waited for.
             page, last = 1, 1
             coming = fetch(1)
             while page <= last:
-                if self._closing:
-                    raise Unreachable("stopping")
-                content, fetched = self._wait(coming)
+                content, fetched = coming.result()
                 barcodes, last = _parse_page(content)
                 del content
                 if barcodes and page < last:
@@ -750,16 +747,6 @@ class CMBackend(HttpBackend):
 
         await store.call(Store.load_tickets, self.name, rows(), self.page_size)
         return seen["barcodes"], seen["canceled"]
-
-    def _wait(self, future: concurrent.futures.Future) -> Any:
-        """Block the syncer's thread for a page, but never past a stop: the loop may be closing."""
-        while True:
-            try:
-                return future.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if self._closing:
-                    future.cancel()
-                    raise Unreachable("stopping") from None
 
     async def _download_delta(self, store: StoreThread, compare: int) -> tuple[int, int]:
         page, last, count, canceled = 1, 1, 0, 0
