@@ -24,7 +24,7 @@ from urllib.parse import quote
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from gated.errors import StoreError
+from gated.errors import GatedError, StoreError
 from gated.model import Decision, Scan, ScanMode
 from gated.tokens import token_hash
 
@@ -713,6 +713,9 @@ def _build_list(folder: Path, name: str, rows: Iterable[dict[str, Any]], chunk: 
         conn.close()
         _fsync(path)
         _fsync(folder)  # the file's name too, before the store names it as current
+    except GatedError:  # from the rows (a download that failed): not the disk's doing, say it as it is
+        conn.close()
+        raise
     except sqlite3.DatabaseError as e:
         conn.close()
         raise StoreError(f"{path}: {e}") from e

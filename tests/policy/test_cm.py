@@ -353,6 +353,32 @@ def test_scans_during_a_full_reload_are_decided_on_the_previous_list(sim, cm):
     assert old.admitted and new_during.backend_code == "40" and new_after.admitted
 
 
+def test_a_full_reload_that_fails_half_way_keeps_the_previous_list_and_says_why(sim, cm):
+    from gated.errors import Unreachable
+    from gated.store import lists_dir
+
+    config = cm(strategy="local", cm_extra="page_size = 5\n")
+
+    async def run():
+        async with gate(config) as (parts, sync_store):
+            sim.add_barcode(sim.service, "NEW-1")
+            sim.hold = hold = Hold(page=2)
+            reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
+            assert await asyncio.to_thread(hold.reached.wait, 10)
+            sim.fail_status = 503  # page 3 and on: the server falls over mid-download
+            hold.release.set()
+            with pytest.raises(Unreachable, match="HTTP 503"):
+                await asyncio.wait_for(reload, 20)
+            sim.fail_status = None
+            files = list(lists_dir(config.store.path).glob("*.sqlite"))
+            loading = await sync_store.call(lambda s: s.get("loading:cm"))
+            return files, loading, await scan(parts, "OK-1"), await scan(parts, "NEW-1")
+
+    files, loading, old, new = asyncio.run(run())
+    assert len(files) == 1 and loading is None  # the half list is gone, nothing half-named is left
+    assert old.admitted and new.backend_code == "40"  # decided on the previous list
+
+
 def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_later(sim, cm):
     """A daemon killed mid-reload (SIGKILL, power) must not leave a process writing on, nor a file."""
     import subprocess
