@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -12,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gated import cli
+from gated import cli, reload
 from gated.daemon import build
-from gated.errors import ConfigError
+from gated.errors import ConfigError, Unreachable
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
 from gated.policy.cm import MESSAGES, SYNC_KEY, scan_user
-from gated.simulators.cm import CMSimulator, Hold
-from gated.store import Store, StoreThread
+from gated.simulators.cm import CMSimulator, Hold, generated_barcode
+from gated.store import Store, StoreThread, lists_dir
 from gated.upload import Uploader
 
 ROOT = Path(__file__).parent.parent.parent
@@ -282,8 +284,6 @@ def test_full_download_walks_every_page_with_limit_and_page_headers(sim, cm):
 
 def test_a_list_arriving_in_no_order_of_its_codes_is_loaded_whole(sim, cm):
     # Real shops' codes are random and their pages follow creation: the benchmark's case too.
-    from gated.simulators.cm import generated_barcode
-
     sim.generate(sim.service, 1500, scrambled=True)
     codes = [generated_barcode("CM", i, True) for i in (1, 6, 1499)]
 
@@ -314,8 +314,6 @@ def test_delta_sync_asks_for_changes_since_the_previous_start_and_picks_up_a_can
 
 
 def test_a_damaged_barcode_list_is_downloaded_whole_at_the_next_sync_not_as_changes(sim, cm):
-    from gated.store import lists_dir
-
     config = cm(strategy="local")
 
     async def run():
@@ -335,18 +333,24 @@ def test_a_damaged_barcode_list_is_downloaded_whole_at_the_next_sync_not_as_chan
     assert after.admitted
 
 
+async def held_reload(sim, parts, sync_store) -> tuple[asyncio.Task, Hold]:
+    """A full reload started after NEW-1 was added, held at its second page (pages of 5)."""
+    sim.add_barcode(sim.service, "NEW-1")
+    sim.hold = hold = Hold(page=2)
+    task = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
+    assert await asyncio.to_thread(hold.reached.wait, 10)
+    return task, hold
+
+
 def test_scans_during_a_full_reload_are_decided_on_the_previous_list(sim, cm):
     config = cm(strategy="local", cm_extra="page_size = 5\n")
 
     async def run():
         async with gate(config) as (parts, sync_store):
-            sim.add_barcode(sim.service, "NEW-1")
-            sim.hold = hold = Hold(page=2)
-            reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
-            assert await asyncio.to_thread(hold.reached.wait, 5)
+            reloading, hold = await held_reload(sim, parts, sync_store)
             during = await scan(parts, "OK-1"), await scan(parts, "NEW-1")
             hold.release.set()
-            await asyncio.wait_for(reload, 10)
+            await asyncio.wait_for(reloading, 10)
             return during, await scan(parts, "NEW-1")
 
     (old, new_during), new_after = asyncio.run(run())
@@ -354,21 +358,15 @@ def test_scans_during_a_full_reload_are_decided_on_the_previous_list(sim, cm):
 
 
 def test_a_full_reload_that_fails_half_way_keeps_the_previous_list_and_says_why(sim, cm):
-    from gated.errors import Unreachable
-    from gated.store import lists_dir
-
     config = cm(strategy="local", cm_extra="page_size = 5\n")
 
     async def run():
         async with gate(config) as (parts, sync_store):
-            sim.add_barcode(sim.service, "NEW-1")
-            sim.hold = hold = Hold(page=2)
-            reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
-            assert await asyncio.to_thread(hold.reached.wait, 10)
+            reloading, hold = await held_reload(sim, parts, sync_store)
             sim.fail_status = 503  # page 3 and on: the server falls over mid-download
             hold.release.set()
             with pytest.raises(Unreachable, match="HTTP 503"):
-                await asyncio.wait_for(reload, 20)
+                await asyncio.wait_for(reloading, 20)
             sim.fail_status = None
             files = list(lists_dir(config.store.path).glob("*.sqlite"))
             loading = await sync_store.call(lambda s: s.get("loading:cm"))
@@ -381,12 +379,6 @@ def test_a_full_reload_that_fails_half_way_keeps_the_previous_list_and_says_why(
 
 def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_later(sim, cm):
     """A daemon killed mid-reload (SIGKILL, power) must not leave a process writing on, nor a file."""
-    import subprocess
-    import sys
-
-    from gated import reload
-    from gated.store import lists_dir
-
     config = cm(strategy="local", cm_extra="page_size = 5\n")
 
     async def run():
