@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -10,7 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,3 +100,35 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+@contextlib.asynccontextmanager
+async def housekeeping(store_path: str | os.PathLike[str]) -> AsyncIterator[None]:
+    """The daemon's WAL checkpoints (Daemon._housekeeping) on its cadence and on a connection of
+    their own, as the syncer's: the scans' commits are measured against the WAL the daemon keeps."""
+    from gated.daemon import HOUSEKEEPING_SECONDS
+    from gated.store import Store, StoreThread
+
+    store = StoreThread(store_path, "housekeeping")
+
+    async def checkpoints() -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            await store.call(Store.checkpoint)
+
+    task = asyncio.get_running_loop().create_task(checkpoints())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        store.close()
+
+
+def set_idle(pid: int, idle: bool) -> None:
+    """Every thread of process `pid` to SCHED_IDLE (or back to SCHED_OTHER); threads it starts later inherit."""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setscheduler(int(tid), policy, os.sched_param(0))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     Figure,
+    housekeeping,
     latency_text,
     notify_socket,
     pct,
@@ -53,6 +54,10 @@ def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
     from gated.daemon import build
 
     async def run() -> tuple[list[float], list[float], float]:
+        async with housekeeping(cfg.store.path):
+            return await measured()
+
+    async def measured() -> tuple[list[float], list[float], float]:
         parts = await build(cfg)
         started = time.perf_counter()
         await parts.backend.sync(parts.store)

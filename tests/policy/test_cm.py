@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -375,6 +376,31 @@ def test_a_full_reload_that_fails_half_way_keeps_the_previous_list_and_says_why(
     files, loading, old, new = asyncio.run(run())
     assert len(files) == 1 and loading is None  # the half list is gone, nothing half-named is left
     assert old.admitted and new.backend_code == "40"  # decided on the previous list
+
+
+def test_the_reload_process_only_takes_cpu_time_the_lane_leaves(sim, cm):
+    """SCHED_IDLE (and nice 10): a scan's threads take the CPU from it the moment they wake."""
+    config = cm(strategy="local", cm_extra="page_size = 5\n")
+
+    async def run():
+        async with gate(config) as (parts, _):
+            job = {"config": config, "state": parts.backend.reload_state(), "store": config.store.path}
+            sim.hold = hold = Hold(page=2)
+            child = subprocess.Popen([sys.executable, "-m", "gated.reload"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                child.stdin.write(reload.encode_job(job))
+                child.stdin.flush()
+                assert await asyncio.to_thread(hold.reached.wait, 10)  # downloading and writing
+                threads = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+                return {os.sched_getscheduler(t) for t in threads}, os.getpriority(os.PRIO_PROCESS, child.pid)
+            finally:
+                child.stdin.close()
+                hold.release.set()
+                await asyncio.to_thread(child.wait, 10)
+
+    policies, niceness = asyncio.run(run())
+    assert policies == {os.SCHED_IDLE} and niceness == reload.NICENESS
 
 
 def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_later(sim, cm):
