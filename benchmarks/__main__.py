@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import shutil
 import sys
@@ -40,6 +41,9 @@ def main() -> int:
     rows: list[Figure] = []
     started = time.monotonic()
     for run in figures(args.quick):
+        # What one figure wrote and left to the kernel (a 1,000,000-line CSV) must not be written
+        # back in the middle of the next one's commits.
+        os.sync()
         for fig in run():
             rows.append(fig)
             print(f"  {fig.verdict:4}  {fig.name}: {fig.value}  [target {fig.target}]", flush=True)

@@ -111,74 +111,74 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int) -> di
     """)))
 
     async def run() -> dict:
-        async with housekeeping(cfg.store.path):
-            return await measured()
-
-    async def measured() -> dict:
         parts = await build(cfg)
         sync_store = StoreThread(cfg.store.path, "sync")
         try:
-            before = rss_mb(os.getpid())
-            started = time.perf_counter()
-            await parts.backend.sync(sync_store)
-            ingest = time.perf_counter() - started
-            peak = peak_rss_mb()  # VmHWM: this process's own, which ru_maxrss is not
-            first_reload = dict(parts.backend.last_reload)
-
-            rng = random.Random(7)
-            admitted: list[str] = []
-            decide = []
-            for i in range(scans):
-                kind = i % 3
-                if kind == 0 or not admitted:
-                    token = generated_barcode("CM", rng.randrange(barcodes), True)  # valid, mostly first entry
-                elif kind == 1:
-                    token = rng.choice(admitted)  # second entry: counted locally, denied 50
-                else:
-                    token = f"NOPE{rng.randrange(10**9)}"  # unknown: 40
-                decision = await parts.gate.handle(Scan(token=token, reader="front"))
-                if decision.admitted:
-                    admitted.append(token)
-                decide.append(parts.gate.last_act_ms)
-
-            async def paced(until: asyncio.Task | None, n: int) -> tuple[list[float], list[float]]:
-                # A busy lane, not a flood: what runs beside it is what is measured.
-                acted, committed = [], []
-                while (until is None and len(acted) < n) or (until is not None and not until.done()):
-                    token = generated_barcode("CM", rng.randrange(barcodes), True)
-                    await parts.gate.handle(Scan(token=token, reader="front"))
-                    acted.append(parts.gate.last_act_ms)
-                    committed.append(parts.gate.last_commit_ms)
-                    await asyncio.sleep(0.02)
-                return acted, committed
-
-            steal = _steal_ms()
-            started = time.perf_counter()
-            paced_ms, _ = await paced(None, scans // 2)
-            paced_steal = (_steal_ms() - steal) / (time.perf_counter() - started)
-            steal = _steal_ms()
-            started = time.perf_counter()
-            reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
-            during, commits = await paced(reload, 0)
-            await reload
-            reload_s = time.perf_counter() - started
-            reload_steal = (_steal_ms() - steal) / reload_s
-            set_idle(sim_pid, False)
-            try:
-                reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
-                competing, _ = await paced(reload, 0)
-                await reload
-            finally:
-                set_idle(sim_pid, True)
-
-            await parts.gate.drain()
-            await parts.store.call(_seed_uploads, uploads, barcodes, cfg.lane.name)
-            started = time.perf_counter()
-            uploaded = await Uploader(parts.backend, parts.store).drain()
-            upload_s = time.perf_counter() - started
+            async with housekeeping(parts.store):
+                return await measured(parts, sync_store)
         finally:
             await parts.close()
             sync_store.close()
+
+    async def measured(parts, sync_store: StoreThread) -> dict:
+        before = rss_mb(os.getpid())
+        started = time.perf_counter()
+        await parts.backend.sync(sync_store)
+        ingest = time.perf_counter() - started
+        peak = peak_rss_mb()  # VmHWM: this process's own, which ru_maxrss is not
+        first_reload = dict(parts.backend.last_reload)
+
+        rng = random.Random(7)
+        admitted: list[str] = []
+        decide = []
+        for i in range(scans):
+            kind = i % 3
+            if kind == 0 or not admitted:
+                token = generated_barcode("CM", rng.randrange(barcodes), True)  # valid, mostly first entry
+            elif kind == 1:
+                token = rng.choice(admitted)  # second entry: counted locally, denied 50
+            else:
+                token = f"NOPE{rng.randrange(10**9)}"  # unknown: 40
+            decision = await parts.gate.handle(Scan(token=token, reader="front"))
+            if decision.admitted:
+                admitted.append(token)
+            decide.append(parts.gate.last_act_ms)
+
+        async def paced(until: asyncio.Task | None, n: int) -> tuple[list[float], list[float]]:
+            # A busy lane, not a flood: what runs beside it is what is measured.
+            acted, committed = [], []
+            while (until is None and len(acted) < n) or (until is not None and not until.done()):
+                token = generated_barcode("CM", rng.randrange(barcodes), True)
+                await parts.gate.handle(Scan(token=token, reader="front"))
+                acted.append(parts.gate.last_act_ms)
+                committed.append(parts.gate.last_commit_ms)
+                await asyncio.sleep(0.02)
+            return acted, committed
+
+        steal = _steal_ms()
+        started = time.perf_counter()
+        paced_ms, _ = await paced(None, scans // 2)
+        paced_steal = (_steal_ms() - steal) / (time.perf_counter() - started)
+        steal = _steal_ms()
+        started = time.perf_counter()
+        reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
+        during, commits = await paced(reload, 0)
+        await reload
+        reload_s = time.perf_counter() - started
+        reload_steal = (_steal_ms() - steal) / reload_s
+        set_idle(sim_pid, False)
+        try:
+            reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
+            competing, _ = await paced(reload, 0)
+            await reload
+        finally:
+            set_idle(sim_pid, True)
+
+        await parts.gate.drain()
+        await parts.store.call(_seed_uploads, uploads, barcodes, cfg.lane.name)
+        started = time.perf_counter()
+        uploaded = await Uploader(parts.backend, parts.store).drain()
+        upload_s = time.perf_counter() - started
         return {"ingest_s": ingest, "rss_before_mb": before, "peak_rss_mb": peak, "decide_ms": decide,
                 "paced_ms": paced_ms, "paced_steal": paced_steal, "reload_steal": reload_steal,
                 "during_reload_ms": during, "commits": commits, "competing_ms": competing,

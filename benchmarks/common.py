@@ -15,6 +15,10 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gated.store import StoreThread
 
 
 @dataclass
@@ -103,18 +107,18 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def housekeeping(store_path: str | os.PathLike[str]) -> AsyncIterator[None]:
-    """The daemon's WAL checkpoints (Daemon._housekeeping) on its cadence and on a connection of
-    their own, as the syncer's: the scans' commits are measured against the WAL the daemon keeps."""
+async def housekeeping(scans: StoreThread) -> AsyncIterator[None]:
+    """The daemon's WAL upkeep (Daemon._housekeeping) on its cadence, checkpoints on a connection of
+    their own as the syncer's: the scans' commits are measured against the WAL the daemon keeps."""
     from gated.daemon import HOUSEKEEPING_SECONDS
-    from gated.store import Store, StoreThread
+    from gated.store import StoreThread, keep_wal
 
-    store = StoreThread(store_path, "housekeeping")
+    store = StoreThread(scans.store.path, "housekeeping")
 
     async def checkpoints() -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
-            await store.call(Store.checkpoint)
+            await keep_wal(store, scans)
 
     task = asyncio.get_running_loop().create_task(checkpoints())
     try:

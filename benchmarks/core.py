@@ -54,10 +54,6 @@ def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
     from gated.daemon import build
 
     async def run() -> tuple[list[float], list[float], float]:
-        async with housekeeping(cfg.store.path):
-            return await measured()
-
-    async def measured() -> tuple[list[float], list[float], float]:
         parts = await build(cfg)
         started = time.perf_counter()
         await parts.backend.sync(parts.store)
@@ -65,18 +61,19 @@ def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
         latencies, commits = [], []
         rng = random.Random(7)
         try:
-            for i in range(scans):
-                kind = i % 3
-                if kind == 0:
-                    token = f"TK{rng.randrange(tickets):010d}"  # listed ticket (mostly admitted once)
-                elif kind == 1:
-                    token = f"{100 + rng.randrange(masks):03d}{rng.randrange(10**10):010d}"  # mask match
-                else:
-                    token = f"NOPE{rng.randrange(10**9)}"  # unknown: every mask tried
-                scan = Scan(token=token, reader="front")
-                await parts.gate.handle(scan)
-                latencies.append(parts.gate.last_act_ms)
-                commits.append(parts.gate.last_commit_ms)
+            async with housekeeping(parts.store):
+                for i in range(scans):
+                    kind = i % 3
+                    if kind == 0:
+                        token = f"TK{rng.randrange(tickets):010d}"  # listed ticket (mostly admitted once)
+                    elif kind == 1:
+                        token = f"{100 + rng.randrange(masks):03d}{rng.randrange(10**10):010d}"  # mask match
+                    else:
+                        token = f"NOPE{rng.randrange(10**9)}"  # unknown: every mask tried
+                    scan = Scan(token=token, reader="front")
+                    await parts.gate.handle(scan)
+                    latencies.append(parts.gate.last_act_ms)
+                    commits.append(parts.gate.last_commit_ms)
         finally:
             await parts.close()
         return latencies, commits, imported

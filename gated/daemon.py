@@ -34,7 +34,7 @@ from gated.policy import build_backend
 from gated.policy.base import Backend
 from gated.policy.decider import Decider
 from gated.schema import Section
-from gated.store import Store, StoreCorrupt, StoreThread
+from gated.store import Store, StoreCorrupt, StoreThread, keep_wal
 from gated.upload import Syncer, Uploader
 
 log = logging.getLogger("gated")
@@ -303,7 +303,7 @@ class Daemon:
             try:
                 # Often enough that the WAL is written over, not grown (Store.checkpoint); with
                 # nothing new since the last one it costs a read of the WAL index.
-                await self.syncer.store.call(Store.checkpoint)
+                await keep_wal(self.syncer.store, self.parts.store)
                 if ticks % round(3600 / HOUSEKEEPING_SECONDS) == 0:  # hourly
                     await self.syncer.store.call(Store.prune, self.config.store.retention_seconds)
             except StoreError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import stat
@@ -13,7 +14,7 @@ import sqlite_utils
 from gated import store as storemod
 from gated.errors import StoreError
 from gated.model import Reason, Scan, ScanMode, Source, admit, deny
-from gated.store import Store
+from gated.store import Store, StoreThread, keep_wal
 
 
 def record(store: Store, token: str, *, admitted=True, queue=False, wall=None, key=None) -> Scan:
@@ -32,29 +33,35 @@ def test_store_is_wal_with_full_sync_and_owner_only(tmp_path):
     s.close()
 
 
-def test_after_a_checkpoint_scans_are_written_over_the_wal_not_onto_its_end(tmp_path):
+def test_after_a_checkpoint_scans_are_written_over_the_wal_not_onto_its_end(tmp_path, monkeypatch):
     # A WAL written over needs no new blocks, so a scan's fsync needs no journal commit of the
     # filesystem (Store.checkpoint); a burst's WAL is cut back, so the card keeps its space.
-    s = Store(tmp_path / "g.db")
-    assert s.db.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 16 * 1024 * 1024
-    s.db.conn.execute("PRAGMA journal_size_limit = 1048576")  # the same at a test's scale
+    monkeypatch.setattr(storemod, "WAL_KEEP_BYTES", 1024 * 1024)  # 16 MiB at a test's scale
+    monkeypatch.setattr(storemod, "WAL_SHRINK_STEP", 256 * 1024)
+    scans, housekeeping = StoreThread(tmp_path / "g.db"), StoreThread(tmp_path / "g.db", "housekeeping")
     wal = tmp_path / "g.db-wal"
-    for i in range(20):
-        record(s, f"T-{i}")
-    s.checkpoint()
+
+    def scan(n: int) -> None:
+        for _ in range(n):
+            scans.call_sync(record, f"T-{os.urandom(4).hex()}")
+
+    scan(20)
+    asyncio.run(keep_wal(housekeeping, scans))
     before = wal.stat().st_size
-    for i in range(20, 30):
-        record(s, f"T-{i}")
+    scan(10)
     assert wal.stat().st_size == before  # the same file, written from its start again
-    for i in range(30, 200):  # a burst: the WAL grows past the limit...
-        record(s, f"T-{i}")
+    scan(170)  # a burst: the WAL grows past what is kept...
     assert wal.stat().st_size > 1024 * 1024
-    s.checkpoint()
-    record(s, "T-after")  # ...and the first commit after the checkpoint cuts it back
+    housekeeping.call_sync(Store.checkpoint)
+    scan(1)  # ...a scan's commit starts it again but leaves its size alone...
+    assert wal.stat().st_size > 1024 * 1024
+    asyncio.run(keep_wal(housekeeping, scans))  # ...the upkeep cuts it back, a step at a time
     assert wal.stat().st_size <= 1024 * 1024
-    s.close()
-    s = Store(tmp_path / "g.db")
-    assert s.count() == 201  # nothing lost on the way
+    scan(1)
+    assert wal.stat().st_size <= 1024 * 1024
+    assert scans.call_sync(Store.count) == 202  # nothing lost on the way
+    housekeeping.close()
+    scans.close()
 
 
 def test_a_new_list_file_is_written_back_a_slice_at_a_time(tmp_path):
