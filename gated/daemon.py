@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ log = logging.getLogger("gated")
 
 _RELOAD = object()  # queue sentinel: reload the config between two scans
 HOUSEKEEPING_SECONDS = 5.0  # status refresh and WAL checkpoint (Store.checkpoint), off the scan path
+GIL_SWITCH_SECONDS = 0.001  # see build()
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,10 @@ def open_store(path: str) -> StoreThread:
 
 async def build(config: Config, *, simulate: bool = False) -> Parts:
     """Store -> backend -> decider -> outputs -> gate. Raises StoreError or DriverError."""
+    # A scan's store thread, its commit done, waits for the interpreter lock while the event loop
+    # runs Python (an upload batch's JSON and gzip, a sync page): at most the switch interval.
+    # 1 ms instead of Python's 5: scans during an upload of 100,000 p99 5.3-5.5 -> 3.7-4.7 ms.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     store = open_store(config.store.path)
     try:
         backend = build_backend(config)
