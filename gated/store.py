@@ -40,6 +40,7 @@ _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 # scans, and what it holds back on a nearly full card. Beyond it, it is cut back in steps.
 WAL_KEEP_BYTES = 16 * 1024 * 1024
 WAL_SHRINK_STEP = 4 * 1024 * 1024
+_WAL_FRAME_BYTES = 4096 + 24  # a page of SQLite's default size and its frame header
 
 
 class StoreCorrupt(StoreError):
@@ -401,9 +402,10 @@ class Store:
             conn.execute("DELETE FROM admissions WHERE wall < ?", (now - retention_seconds,))
         return gone
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self) -> int:
         """Fold the WAL back into the database; call it from a background task, not the scan path.
-        True when every frame was copied, so the next commit starts the WAL again from its start.
+        Returns the frames copied when that was all of them (the next commit then starts the WAL
+        again from its start), else -1.
 
         PASSIVE: it never makes a scan's commit wait. The next commit then writes the WAL again from
         its start, over blocks the file already has, so its fdatasync has no new size or blocks for
@@ -413,7 +415,7 @@ class Store:
         grow the file again; a WAL grown past WAL_KEEP_BYTES by a burst is cut back by cut_wal().
         """
         busy, frames, copied = self.db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return not busy and frames > 0 and copied == frames
+        return frames if not busy and frames > 0 and copied == frames else -1
 
     def cut_wal(self) -> bool:
         """After a complete checkpoint, cut a WAL larger than WAL_KEEP_BYTES by WAL_SHRINK_STEP; True
@@ -876,9 +878,15 @@ def _insert_tickets(conn: sqlite3.Connection, batch: list[tuple]) -> int:
 
 async def keep_wal(checkpointer: StoreThread, scans: StoreThread) -> None:
     """One round of WAL upkeep, from a background task: a checkpoint on `checkpointer`'s connection
-    (not the scan path's), then, after a burst, the WAL cut back a step at a time on `scans`'."""
-    while await checkpointer.call(Store.checkpoint) and await scans.call(Store.cut_wal):
-        pass
+    (not the scan path's), then, once a burst is over, the WAL cut back a step at a time on `scans'`.
+
+    While the burst goes on (more written since the last round than the WAL keeps), its commits
+    write over the WAL already there; cut now, they would only grow it again.
+    """
+    while True:
+        frames = await checkpointer.call(Store.checkpoint)
+        if frames < 0 or frames * _WAL_FRAME_BYTES > WAL_KEEP_BYTES or not await scans.call(Store.cut_wal):
+            return
 
 
 class StoreThread:
