@@ -8,6 +8,7 @@ never holds the scan path's connection.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -790,8 +791,11 @@ def _write_back(path: Path) -> None:
             try:
                 for offset in range(0, os.fstat(fd).st_size, WRITEBACK_SLICE):
                     sync_range(fd, offset, WRITEBACK_SLICE)
-            except OSError:
-                pass  # the fsync below writes whatever is left
+            except OSError as e:
+                # Refused (a system call filter) or not supported here: the fsync below writes it
+                # all. A write error is not one of these, and is reported once only: raise it.
+                if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -820,26 +824,6 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 
-def _shrink_away(path: Path) -> None:
-    """Free a list file's blocks a slice at a time, each step made durable here, before its unlink.
-
-    On a filesystem mounted with `discard`, the blocks of an unlinked 30 MB file are discarded
-    when the journal next commits, and the next scan's commit may be what makes it wait for
-    that: 15-20 ms on the CI VM. Shrunk and synced WRITEBACK_SLICE * 8 at a time, the discards
-    are made by this (background) thread, in pieces a scan's commit waits behind briefly.
-    """
-    step = WRITEBACK_SLICE * 8
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        size = os.fstat(fd).st_size
-        while size > 0:
-            size = max(0, size - step)
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -851,8 +835,6 @@ def _fsync(path: Path) -> None:
 def _remove_list(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         try:
-            if not suffix:
-                _shrink_away(path)
             os.unlink(f"{path}{suffix}")
         except FileNotFoundError:
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import stat
@@ -78,9 +79,31 @@ def test_a_new_list_file_is_written_back_a_slice_at_a_time(tmp_path):
         for offset in range(0, path.stat().st_size, storemod.WRITEBACK_SLICE):
             sync_range(fd, offset, storemod.WRITEBACK_SLICE)
         with pytest.raises(OSError):
-            sync_range(-1, 0, 1)  # a failure is an OSError, which _write_back falls back on
+            sync_range(-1, 0, 1)  # a failure is an OSError
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(("err", "raised"), [(errno.EPERM, False), (errno.ENOSYS, False), (errno.EIO, True)])
+def test_a_write_error_while_writing_a_list_back_is_raised_not_covered_by_the_fsync(tmp_path, monkeypatch, err,
+                                                                                      raised):
+    # sync_file_range reports a write error once; the fsync after it on the same file would say all
+    # is well, and a list with pages never written would become current. Refused: fsync does it all.
+    calls = []
+
+    def failing(fd: int, offset: int, length: int) -> None:
+        calls.append(offset)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(storemod, "_libc_sync_file_range", lambda: failing)
+    path = tmp_path / "list.sqlite"
+    path.write_bytes(b"x" * 10)
+    if raised:
+        with pytest.raises(OSError):
+            storemod._write_back(path)
+    else:
+        storemod._write_back(path)
+    assert calls == [0]
 
 
 def test_recorded_scan_survives_reopen_and_counts_for_antipassback(tmp_path):
