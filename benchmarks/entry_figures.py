@@ -156,21 +156,13 @@ def upload(n: int) -> list[Figure]:
     cfg = _config(folder, sim.url)
     event = sim.events[0]["eventId"]
 
-    def fill(store: Store) -> None:
-        now = time.time() - n
-        with store.db.atomic():  # one commit: queueing is not what is measured
-            for i in range(n):
-                store.record(Scan(token=f"3909{i:09d}", wall=now + i), deny(_reason(), event_id=event,
-                             backend="entry"), lane="bench-1", scan_mode=ScanMode.ENTRY, latency_ms=1.0,
-                             queue_upload=True)
-
     async def run() -> tuple[float, int]:
         store = StoreThread(cfg.store.path)
         backend = build_backend(cfg)
         try:
             await backend.start(store)
             await backend.sync(store)
-            await store.call(fill)
+            await store.call(_fill, n, event)
             t = time.perf_counter()
             sent = await Uploader(backend, store).drain()
             return time.perf_counter() - t, sent
@@ -212,19 +204,11 @@ def upload_during_scans(n: int) -> list[Figure]:
         cfg = _config(folder, url, "offline_first = true")
         event = "390:SIM:EVT1"
 
-        def fill(store: Store) -> None:
-            now = time.time() - n
-            with store.db.atomic():  # one commit: queueing is not what is measured
-                for i in range(n):
-                    store.record(Scan(token=f"3909{i:09d}", wall=now + i), deny(_reason(), event_id=event,
-                                 backend="entry"), lane="bench-1", scan_mode=ScanMode.ENTRY, latency_ms=1.0,
-                                 queue_upload=True)
-
         async def run() -> tuple[list[float], float, int, int]:
             parts = await build(cfg)
             try:
                 await parts.backend.sync(parts.store)
-                await parts.store.call(fill)
+                await parts.store.call(_fill, n, event)
                 rng = random.Random(7)
                 acted: list[float] = []
                 async with housekeeping(parts.store):
@@ -267,6 +251,15 @@ def _wait_for_url(log: Path, sim) -> str:
             break
         time.sleep(0.05)
     raise RuntimeError(f"Entry simulator did not start: {log.read_text()[-500:]}")
+
+
+def _fill(store: Store, n: int, event: str) -> None:
+    """n scans queued for upload, decided offline an second apart, in one commit (not what is measured)."""
+    now = time.time() - n
+    with store.db.atomic():
+        for i in range(n):
+            store.record(Scan(token=f"3909{i:09d}", wall=now + i), deny(_reason(), event_id=event, backend="entry"),
+                         lane="bench-1", scan_mode=ScanMode.ENTRY, latency_ms=1.0, queue_upload=True)
 
 
 def _reason():

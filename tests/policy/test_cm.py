@@ -378,20 +378,26 @@ def test_a_full_reload_that_fails_half_way_keeps_the_previous_list_and_says_why(
     assert old.admitted and new.backend_code == "40"  # decided on the previous list
 
 
+async def held_reload_process(sim, config, parts) -> tuple[subprocess.Popen, Hold]:
+    """`python -m gated.reload` started as the daemon starts it, held by the simulator at page 2."""
+    job = {"config": config, "state": parts.backend.reload_state(), "store": config.store.path}
+    sim.hold = hold = Hold(page=2)
+    child = subprocess.Popen([sys.executable, "-m", "gated.reload"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdin.write(reload.encode_job(job))
+    child.stdin.flush()
+    assert await asyncio.to_thread(hold.reached.wait, 10)
+    return child, hold
+
+
 def test_the_reload_process_only_takes_cpu_time_the_lane_leaves(sim, cm):
     """SCHED_IDLE (and nice 10): a scan's threads take the CPU from it the moment they wake."""
     config = cm(strategy="local", cm_extra="page_size = 5\n")
 
     async def run():
         async with gate(config) as (parts, _):
-            job = {"config": config, "state": parts.backend.reload_state(), "store": config.store.path}
-            sim.hold = hold = Hold(page=2)
-            child = subprocess.Popen([sys.executable, "-m", "gated.reload"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            child, hold = await held_reload_process(sim, config, parts)  # downloading and writing
             try:
-                child.stdin.write(reload.encode_job(job))
-                child.stdin.flush()
-                assert await asyncio.to_thread(hold.reached.wait, 10)  # downloading and writing
                 threads = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
                 return {os.sched_getscheduler(t) for t in threads}, os.getpriority(os.PRIO_PROCESS, child.pid)
             finally:
@@ -409,13 +415,7 @@ def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_la
 
     async def run():
         async with gate(config) as (parts, sync_store):
-            job = {"config": config, "state": parts.backend.reload_state(), "store": config.store.path}
-            sim.hold = hold = Hold(page=2)
-            child = subprocess.Popen([sys.executable, "-m", "gated.reload"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            child.stdin.write(reload.encode_job(job))
-            child.stdin.flush()
-            assert await asyncio.to_thread(hold.reached.wait, 10)  # page 1 is in its file
+            child, hold = await held_reload_process(sim, config, parts)  # page 1 is in its file
             half = await sync_store.call(lambda s: s.get("loading:cm"))
             child.stdin.close()  # what the kernel does to the pipe when the daemon dies
             code = await asyncio.to_thread(child.wait, 10)
