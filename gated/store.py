@@ -823,7 +823,6 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
     return sync_range
 
 
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
