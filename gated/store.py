@@ -165,6 +165,7 @@ class Store:
                                  f"(journal_mode={mode}, synchronous={sync})")
             migrations.apply(self.db)
             self._high_water = self._max_wall()
+            self._wal_frames = 0  # the WAL's frames at this connection's last checkpoint
         except sqlite3.DatabaseError as e:
             if getattr(self, "db", None) is not None:
                 self.db.close()
@@ -405,8 +406,8 @@ class Store:
 
     def checkpoint(self) -> int:
         """Fold the WAL back into the database; call it from a background task, not the scan path.
-        Returns the frames copied when that was all of them (the next commit then starts the WAL
-        again from its start), else -1.
+        When every frame was copied (the next commit then starts the WAL again from its start),
+        returns how many frames were written since this connection's last checkpoint; else -1.
 
         PASSIVE: it never makes a scan's commit wait. The next commit then writes the WAL again from
         its start, over blocks the file already has, so its fdatasync has no new size or blocks for
@@ -416,7 +417,10 @@ class Store:
         grow the file again; a WAL grown past WAL_KEEP_BYTES by a burst is cut back by cut_wal().
         """
         busy, frames, copied = self.db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return frames if not busy and frames > 0 and copied == frames else -1
+        # Fewer frames than last time: the WAL was started again in between, all of them are new.
+        new = frames - self._wal_frames if frames >= self._wal_frames else frames
+        self._wal_frames = max(frames, 0)
+        return new if not busy and frames > 0 and copied == frames else -1
 
     def cut_wal(self) -> bool:
         """After a complete checkpoint, cut a WAL larger than WAL_KEEP_BYTES by WAL_SHRINK_STEP; True
@@ -865,8 +869,8 @@ async def keep_wal(checkpointer: StoreThread, scans: StoreThread) -> None:
     write over the WAL already there; cut now, they would only grow it again.
     """
     while True:
-        frames = await checkpointer.call(Store.checkpoint)
-        if frames < 0 or frames * _WAL_FRAME_BYTES > WAL_KEEP_BYTES or not await scans.call(Store.cut_wal):
+        written = await checkpointer.call(Store.checkpoint)
+        if written < 0 or written * _WAL_FRAME_BYTES > WAL_KEEP_BYTES or not await scans.call(Store.cut_wal):
             return
 
 
