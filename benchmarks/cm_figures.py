@@ -90,7 +90,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
     import logging
 
     from gated import config as configmod
-    from gated.daemon import build
+    from gated.daemon import Parts, build
     from gated.model import Scan, ScanMode
     from gated.simulators.cm import generated_barcode
     from gated.store import Store, StoreThread
@@ -122,7 +122,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
             await parts.close()
             sync_store.close()
 
-    async def measured(parts, sync_store: StoreThread) -> dict:
+    async def measured(parts: Parts, sync_store: StoreThread) -> dict:
         before = rss_mb(os.getpid())
         started = time.perf_counter()
         await parts.backend.sync(sync_store)

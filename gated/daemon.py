@@ -41,7 +41,7 @@ from gated.upload import Syncer, Uploader
 log = logging.getLogger("gated")
 
 _RELOAD = object()  # queue sentinel: reload the config between two scans
-HOUSEKEEPING_SECONDS = 5.0  # status refresh and WAL checkpoint (Store.checkpoint), off the scan path
+HOUSEKEEPING_SECONDS = 5.0  # status refresh and WAL upkeep (gated.store.keep_wal)
 GIL_SWITCH_SECONDS = 0.001  # see build()
 
 

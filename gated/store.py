@@ -814,7 +814,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux, or no such symbol
+    except (OSError, AttributeError):  # no such symbol in this C library
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     fn.restype = ctypes.c_int
