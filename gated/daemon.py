@@ -109,7 +109,9 @@ async def build(config: Config, *, simulate: bool = False) -> Parts:
     except BaseException:
         store.close()
         raise
-    return Parts(store, backend, decider, outputs, Gate(config, decider, store, outputs))
+    gate = Gate(config, decider, store, outputs)
+    backend.quiet = gate.quiet
+    return Parts(store, backend, decider, outputs, gate)
 
 
 def _outputs(config: Config, simulate: bool, decider: Decider) -> Outputs:
@@ -187,7 +189,7 @@ class Daemon:
             log.error("cannot start:\n%s", configmod.report(e), extra={"GATED_EVENT": "start_failed"})
             await p.close()
             return 2
-        self.uploader = Uploader(p.backend, p.store)
+        self.uploader = Uploader(p.backend, p.store, quiet=p.gate.quiet)
         self.uploader.can_upload = lambda: p.decider.breaker.allows()
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
         # Offline-first backends upload as they go. A scan queued because the API just failed waits
@@ -225,6 +227,7 @@ class Daemon:
             item = self.queue.get_nowait()
             if isinstance(item, tuple):
                 await p.gate.handle(*item)
+                p.gate.quiet.leave()
         if self.link is not None:  # its last admissions shared, then "offline" announced
             await asyncio.to_thread(self.link.stop)
         for task in background:
@@ -293,7 +296,10 @@ class Daemon:
                 if isinstance(item, _SetMode):
                     await self._set_mode(item.mode)
                     continue
-                await self.parts.gate.handle(*item)
+                try:
+                    await self.parts.gate.handle(*item)
+                finally:
+                    self.parts.gate.quiet.leave()  # counted since it was read (_pump)
                 # A covering index (scans_outbox) keeps this count small whatever the journal holds.
                 await self._refresh_status(self.parts.store)
         finally:
@@ -333,6 +339,7 @@ class Daemon:
         while True:
             try:
                 async for scan in reader.scans():
+                    self.parts.gate.quiet.enter()  # from now on uploads wait for it (gated.quiet)
                     self.queue.put_nowait((scan, reader.label))
                 return
             except asyncio.CancelledError:
@@ -375,6 +382,7 @@ class Daemon:
             except Unreachable as e:
                 log.warning("new backend not reachable yet (%s); deciding offline", e)
             await p.backend.close()
+            backend.quiet = p.gate.quiet
             p.backend = p.decider.backend = self.uploader.backend = self.syncer.backend = backend
             self.syncer.wake()
             changed.append("backend")

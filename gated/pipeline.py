@@ -15,6 +15,7 @@ from gated.errors import GatedError, StoreError
 from gated.logs import NOTICE
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.decider import Decider
+from gated.quiet import Quiet
 from gated.store import Store, StoreThread
 from gated.tokens import Malformed, normalise, redact, redact_field
 
@@ -32,6 +33,8 @@ class Gate:
         # admission with other lanes (gated.mqtt). Must return at once: it runs on the scan path.
         self.on_decided: list[Callable[[Scan, Decision], None]] = []
         self.tasks: set[asyncio.Task] = set()
+        # Scans read and not yet acted on: uploads and list swaps wait for a gap (gated.quiet).
+        self.quiet = Quiet()
         self.last_scan = ""
         self.last_line = ""
         self.last_act_ms = self.last_commit_ms = 0.0  # scan -> relay command, and the commit in it
@@ -46,6 +49,13 @@ class Gate:
 
     async def handle(self, scan: Scan, label: str | None = None) -> Decision | None:
         """Decide, record, act on and log one scan; None when it was a debounced repeat."""
+        self.quiet.enter()
+        try:
+            return await self._handle(scan, label)
+        finally:
+            self.quiet.leave()
+
+    async def _handle(self, scan: Scan, label: str | None) -> Decision | None:
         section = self.readers.get(scan.reader, {})
         label = label or scan.reader
         try:

@@ -14,6 +14,7 @@ import time
 
 from gated.errors import GatedError, Unreachable
 from gated.policy.base import Backend
+from gated.quiet import Quiet
 from gated.store import Store, StoreThread
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,12 @@ log = logging.getLogger(__name__)
 
 class Uploader:
     def __init__(self, backend: Backend, store: StoreThread, *, batch: int = 100,
-                 idle_seconds: float = 60.0, max_backoff: float = 300.0):
+                 idle_seconds: float = 60.0, max_backoff: float = 300.0, quiet: Quiet | None = None):
         self.backend = backend
         self.store = store
+        # Each step (read a batch, send it, mark it) starts in a gap between scans: the store
+        # thread takes calls in order, and a scan must not queue behind a batch.
+        self.quiet = quiet or Quiet()
         self.batch = batch
         self.idle_seconds = idle_seconds
         self.max_backoff = max_backoff
@@ -53,6 +57,7 @@ class Uploader:
         """Upload until the queue is empty or the API fails; returns how many were sent."""
         total, started = 0, time.monotonic()
         while True:
+            await self.quiet.gap()
             rows = await self.store.call(Store.pending, self.batch)
             if not rows:
                 break
@@ -72,6 +77,7 @@ class Uploader:
                           extra={"GATED_EVENT": "upload_parked"})
                 continue
             self.failures = 0
+            await self.quiet.gap()
             await self.store.call(Store.mark_sent, result.sent)
             for nonce, error in result.parked.items():
                 await self.store.call(Store.mark_parked, nonce, error)

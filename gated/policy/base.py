@@ -9,6 +9,7 @@ from typing import Any
 from gated.config import Config
 from gated.errors import BackendRejected
 from gated.model import Decision, Scan, ScanMode
+from gated.quiet import Quiet
 from gated.store import Store, StoreThread
 
 
@@ -35,6 +36,9 @@ class Backend(ABC):
     def __init__(self, config: Config):
         self.config = config
         self.options = config.backend_options
+        # The lane's scans (Gate.quiet once the gate is built): an upload builds and sends each
+        # request in a gap between them.
+        self.quiet = Quiet()
 
     async def start(self, store: StoreThread) -> None:  # noqa: B027 (optional hook)
         """Log in, load sessions; may raise Unreachable (the gate then starts offline)."""

@@ -850,6 +850,7 @@ class CMBackend(HttpBackend):
     async def _post_upload(self, batch: list[tuple[str, list[dict[str, Any]]]], result: UploadResult) -> None:
         if not batch:
             return
+        await self.quiet.gap()  # the JSON body is built and sent in one go
         try:
             response = await self._call("POST", "barcodes/upload", timeout=SLOW, json={
                 "user_uuid": self.user_uuid, "service_uuid": self.service_uuid,

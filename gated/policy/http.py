@@ -110,6 +110,7 @@ class HttpBackend(Backend):
             if not replayable(row):
                 result.sent.append(row["nonce"])
                 continue
+            await self.quiet.gap()
             try:
                 why = await send(row)
             except Unreachable as e:

@@ -415,6 +415,25 @@ def test_250_offline_scans_upload_in_three_requests_of_at_most_100(sim, entry_co
     assert len({r.headers["filename"] for r in sim.requests_to(f"/offline/{EVENT}")}) == 3
 
 
+def test_an_upload_sends_nothing_while_a_scan_is_being_decided_and_goes_on_after_it(sim, entry_config):
+    """The store thread and the event loop take one thing at a time: a visitor's scan goes first."""
+    async def scenario(parts):
+        await parts.backend.sync(parts.store)
+        for i in range(150):
+            await scan(parts, f"39030000{i:05d}")
+        parts.gate.quiet.enter()  # a scan read and not yet acted on
+        drain = asyncio.create_task(Uploader(parts.backend, parts.store, quiet=parts.gate.quiet).drain())
+        # Half of Quiet's 1 s limit: long enough for the whole upload had it not waited.
+        done, _ = await asyncio.wait({drain}, timeout=0.5)
+        requests_meanwhile = sim.upload_requests
+        parts.gate.quiet.leave()
+        return bool(done), requests_meanwhile, await drain
+
+    waited, requests_meanwhile, sent = run(entry_config(sim.url, backend_extra="offline_first = true"), scenario)
+    assert (waited, requests_meanwhile) == (False, 0)
+    assert sent == 150 and sim.upload_requests == 2 and len(sim.arrivals) == 150
+
+
 def test_entry_and_exit_scans_go_in_separate_batches_of_one_request(sim, entry_config):
     async def scenario(parts):
         await parts.backend.sync(parts.store)
