@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -50,7 +52,11 @@ def median(values: Iterable[float]) -> float:
 
 
 def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="gated-bench-"))
+    """A fresh folder for one figure's store and files, removed when the process exits (a full run
+    writes a few hundred MB: on a Pi's SD card they must not stay)."""
+    path = Path(tempfile.mkdtemp(prefix="gated-bench-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_config(folder: Path, extra: str, *, store: Path | None = None) -> Path:

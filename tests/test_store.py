@@ -214,6 +214,33 @@ def test_a_list_switched_by_another_process_is_read_from_its_new_file(tmp_path):
     scans.close()
 
 
+def test_the_file_of_a_list_switched_by_another_process_is_let_go_not_kept_open(tmp_path):
+    """A daemon reloading its list every few hours must not hold each replaced 30 MB file open."""
+    def held_deleted_lists() -> list[str]:
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed since listed
+                continue
+            if "g.db-tickets" in target and target.endswith(" (deleted)"):
+                held.append(target)
+        return held
+
+    loader, scans = Store(tmp_path / "g.db"), Store(tmp_path / "g.db")
+    loader.load_tickets("cm", [{"token": "FIRST"}])
+    assert scans.ticket("cm", "FIRST") is not None
+    loader.load_tickets("cm", [{"token": "SECOND"}])
+    held_before = held_deleted_lists()  # the scan path still reads the first file: it must hold it
+    assert scans.ticket("cm", "SECOND") is not None  # switched: the first is let go, off this thread
+    deadline = time.monotonic() + 5
+    while held_deleted_lists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held_before and held_deleted_lists() == []
+    loader.close()
+    scans.close()
+
+
 def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_path):
     path = tmp_path / "g.db"
     db = sqlite_utils.Database(path)
