@@ -189,7 +189,7 @@ class Daemon:
             log.error("cannot start:\n%s", configmod.report(e), extra={"GATED_EVENT": "start_failed"})
             await p.close()
             return 2
-        self.uploader = Uploader(p.backend, p.store, quiet=p.gate.quiet)
+        self.uploader = Uploader(p.backend, p.store)
         self.uploader.can_upload = lambda: p.decider.breaker.allows()
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
         # Offline-first backends upload as they go. A scan queued because the API just failed waits

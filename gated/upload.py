@@ -22,12 +22,9 @@ log = logging.getLogger(__name__)
 
 class Uploader:
     def __init__(self, backend: Backend, store: StoreThread, *, batch: int = 100,
-                 idle_seconds: float = 60.0, max_backoff: float = 300.0, quiet: Quiet | None = None):
+                 idle_seconds: float = 60.0, max_backoff: float = 300.0):
         self.backend = backend
         self.store = store
-        # Each step (read a batch, send it, mark it) starts in a gap between scans: the store
-        # thread takes calls in order, and a scan must not queue behind a batch.
-        self.quiet = quiet or Quiet()
         self.batch = batch
         self.idle_seconds = idle_seconds
         self.max_backoff = max_backoff
@@ -37,6 +34,13 @@ class Uploader:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def quiet(self) -> Quiet:
+        """The lane's scans (the backend carries them, see Backend.quiet): each step of an upload
+        (read a batch, send it, mark it sent) starts in a gap between scans, since the store thread
+        takes calls in order and a scan must not queue behind a batch."""
+        return self.backend.quiet
 
     async def run(self) -> None:
         while True:

@@ -422,7 +422,7 @@ def test_an_upload_sends_nothing_while_a_scan_is_being_decided_and_goes_on_after
         for i in range(150):
             await scan(parts, f"39030000{i:05d}")
         parts.gate.quiet.enter()  # a scan read and not yet acted on
-        drain = asyncio.create_task(Uploader(parts.backend, parts.store, quiet=parts.gate.quiet).drain())
+        drain = asyncio.create_task(Uploader(parts.backend, parts.store).drain())
         # Half of Quiet's 1 s limit: long enough for the whole upload had it not waited.
         done, _ = await asyncio.wait({drain}, timeout=0.5)
         requests_meanwhile = sim.upload_requests
