@@ -1,0 +1,108 @@
+"""The daemon in this process, fed typed codes through a pipe: what it does between and around scans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import sys
+import time
+
+from gated import daemon as daemonmod
+from gated.daemon import Daemon
+
+LOCAL = """
+[backend]
+type = "local"
+[backend.local]
+tickets = "{tickets}"
+"""
+
+
+def run_daemon(config, monkeypatch, scenario):
+    """Start `gated run` in-process with a pipe as its stdin reader; `scenario(daemon, type_line)`
+    runs once the readers are up; then the daemon is stopped as by SIGTERM. Returns (exit code,
+    what the scenario returned)."""
+    read, write = os.pipe()
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read, "r"))
+
+    async def main():
+        daemon = Daemon(config)
+        run = asyncio.create_task(daemon.run())
+        while not hasattr(daemon, "_reader_objs"):  # the readers are started last
+            if run.done():
+                return await run, None
+            await asyncio.sleep(0.01)
+        try:
+            result = await scenario(daemon, lambda line: os.write(write, line.encode() + b"\n"))
+        finally:
+            daemon.stopping.set()
+        return await asyncio.wait_for(run, 10), result
+
+    try:
+        return asyncio.run(main())
+    finally:
+        os.close(write)
+
+
+async def until(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+def local_config(load_config, tickets_csv):
+    config = load_config(LOCAL.format(tickets=tickets_csv("token\nT-0001\nT-0002\n")))
+    config.relay["pulse_seconds"] = 0.01
+    return config
+
+
+def test_each_scan_holds_background_work_back_from_the_reader_until_it_is_acted_on(
+        load_config, tickets_csv, monkeypatch):
+    seen = []
+
+    async def scenario(daemon, type_line):
+        gate = daemon.parts.gate
+        gate.on_decided.append(lambda scan, d: seen.append((scan.token, d.admitted, gate.quiet.busy)))
+        for line in ("T-0001", "NOPE", "T-0002"):
+            type_line(line)
+        await until(lambda: len(seen) == 3)
+        return gate.quiet.busy
+
+    code, busy_after = run_daemon(local_config(load_config, tickets_csv), monkeypatch, scenario)
+    # While it is acted on a scan is counted twice (read by the daemon, handled by the gate), and
+    # the scans read behind it once each; once all are acted on nothing holds the uploads back.
+    assert [(t, a) for t, a, _ in seen] == [("T-0001", True), ("NOPE", False), ("T-0002", True)]
+    assert all(busy >= 2 for _, _, busy in seen)
+    assert (code, busy_after) == (0, 0)
+
+
+def test_the_daemon_checkpoints_its_store_so_scans_write_the_wal_again_from_its_start(
+        load_config, tickets_csv, monkeypatch):
+    """SQLite's own checkpoints are off (they would run on a scan's commit): without the daemon's
+    housekeeping the WAL would grow by every scan for as long as the gate runs."""
+    monkeypatch.setattr(daemonmod, "HOUSEKEEPING_SECONDS", 0.05)
+    config = local_config(load_config, tickets_csv)
+    wal = f"{config.store.path}-wal"
+
+    def restarts() -> int:  # the WAL header's checkpoint sequence: +1 each time the WAL starts again
+        with open(wal, "rb") as f:
+            return struct.unpack(">I", f.read(16)[12:16])[0]
+
+    async def scenario(daemon, type_line):
+        decided = []
+        daemon.parts.gate.on_decided.append(lambda scan, d: decided.append(scan.token))
+        type_line("NOPE-0")
+        await until(lambda: decided)
+        first = restarts()
+        for n in range(1, 200):  # a scan every few housekeeping rounds, until the WAL starts over
+            type_line(f"NOPE-{n}")
+            await until(lambda n=n: len(decided) > n)
+            if restarts() != first:
+                break
+            await asyncio.sleep(0.1)
+        return first, restarts(), len(decided)
+
+    code, (first, later, scans) = run_daemon(config, monkeypatch, scenario)
+    assert code == 0 and later > first and scans < 200
