@@ -33,7 +33,7 @@ class Gate:
         # admission with other lanes (gated.mqtt). Must return at once: it runs on the scan path.
         self.on_decided: list[Callable[[Scan, Decision], None]] = []
         self.tasks: set[asyncio.Task] = set()
-        # Scans read and not yet acted on: uploads and list swaps wait for a gap (gated.quiet).
+        # Scans read and not yet acted on: uploads wait for a gap (gated.quiet).
         self.quiet = Quiet()
         self.last_scan = ""
         self.last_line = ""

@@ -1,4 +1,4 @@
-"""Background work (uploads, list swaps) goes in the gaps between scans.
+"""Background work (uploads) goes in the gaps between scans.
 
 The event loop runs one thing at a time, and the store thread takes its calls in order: an upload
 batch built (JSON, gzip) or marked sent while a scan is being decided delays that scan by as much.

@@ -515,9 +515,9 @@ class Store:
             cached = self._lists.get(backend)
             if cached is not None and cached.name == name:
                 return cached.conn
-            if cached is not None:
-                self._lists.pop(backend).retire()
             if name is None:
+                if cached is not None:
+                    self._lists.pop(backend).retire()
                 return None
             try:
                 listed = _ListFile.open(self.lists_dir, name)
@@ -525,6 +525,8 @@ class Store:
                 if self.get(f"tickets:{backend}") != name:
                     continue  # switched (and the old file removed) between the two reads: open the new one
                 raise self._damaged(backend, str(e)) from e
+            if cached is not None:  # only now: see _ListFile.retire
+                self._lists.pop(backend).retire()
             self._lists[backend] = listed
             return listed.conn
         return None
@@ -702,47 +704,90 @@ def _file_safe(name: str) -> str:
 
 
 class _ListFile:
-    """A list file open for reading (and deltas): SQLite's connection, and a descriptor of our own.
+    """A list file open for reading (and deltas), and this process's hold on the file (_Holds)."""
 
-    Another process (a reload) switches to a new file and unlinks the old one, so the connection
-    that notices the switch holds the old file's last reference. Closing that frees the whole file
-    (30 MB for 100,000 CM.com barcodes; on a `discard` mount, trims it): 10-15 ms on the CI VM,
-    inside SQLite's process-wide lock, so the scan that noticed waited for it. With a descriptor
-    of our own, the connection closes at once and the file is let go on a thread of its own.
-    """
-
-    def __init__(self, name: str, conn: sqlite3.Connection, fd: int):
-        self.name, self.conn, self.fd = name, conn, fd
+    def __init__(self, name: str, conn: sqlite3.Connection, held: tuple[int, int]):
+        self.name, self.conn, self.held = name, conn, held
 
     @classmethod
     def open(cls, folder: Path, name: str) -> _ListFile:
         """Open a complete list file; never create one (mode=rw)."""
         path = folder / name
+        held = _HOLDS.take(path)
         conn = None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise StoreError(f"ticket list {path}: {e.strerror or e}") from e
         try:
             conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA synchronous = FULL")  # deltas: the sync state in the store says they are in
             conn.execute("SELECT 1 FROM tickets LIMIT 1").fetchall()
-        except sqlite3.DatabaseError as e:
+        except BaseException as e:
             if conn is not None:
                 conn.close()
-            os.close(fd)
-            raise StoreError(f"ticket list {path}: {e}") from e
-        return cls(name, conn, fd)
+            _HOLDS.let_go(held)
+            if isinstance(e, sqlite3.DatabaseError):
+                raise StoreError(f"ticket list {path}: {e}") from e
+            raise
+        return cls(name, conn, held)
 
     def close(self) -> None:
         self.conn.close()
-        os.close(self.fd)
+        _HOLDS.let_go(self.held)
 
     def retire(self) -> None:
-        """Close a file another process replaced: the connection now, the file off this thread."""
+        """Close a file another process replaced and unlinked (see _Holds); its successor is open."""
         self.conn.close()
-        threading.Thread(target=os.close, args=(self.fd,), name="gated-list-retire", daemon=True).start()
+        _HOLDS.let_go(self.held, later=True)
+
+
+class _Holds:
+    """One descriptor of our own on each list file this process has open, outside SQLite.
+
+    A reload in another process switches to a new file and unlinks the old one, so whatever closes
+    this process's last reference to the old file frees all of it (30 MB for 100,000 CM.com
+    barcodes; on a `discard` mount, trims it): 10-15 ms on the CI VM. Were that SQLite's close, it
+    would run holding SQLite's process-wide lock, which the scan thread needs too (strace: close
+    12.6 ms, the scan thread waiting on SQLite's mutex): the scan that noticed the switch took
+    12-16 ms. With a descriptor of our own the connections close at once, and the last one to let
+    go of a replaced file closes the descriptor on a thread of its own.
+
+    One per file, counted, never a second: closing any descriptor of a file drops every POSIX lock
+    the process holds on it, SQLite's included, and those tell other processes the file is in use.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [descriptor, users]
+
+    def take(self, path: Path) -> tuple[int, int]:
+        try:
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            with self._lock:
+                if key in self._held:
+                    self._held[key][1] += 1
+                else:
+                    self._held[key] = [os.open(path, os.O_RDONLY | os.O_CLOEXEC), 1]
+        except OSError as e:
+            raise StoreError(f"ticket list {path}: {e.strerror or e}") from e
+        return key
+
+    def let_go(self, key: tuple[int, int], later: bool = False) -> None:
+        with self._lock:
+            entry = self._held[key]
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del self._held[key]
+        if later:
+            try:
+                threading.Thread(target=os.close, args=(entry[0],), name="gated-list-retire", daemon=True).start()
+                return
+            except RuntimeError:  # no thread to be had: closed here, late but not leaked
+                pass
+        os.close(entry[0])
+
+
+_HOLDS = _Holds()
 
 
 def _build_list(folder: Path, name: str, rows: Iterable[dict[str, Any]], chunk: int,

@@ -9,7 +9,7 @@ from gated.quiet import Quiet
 
 def test_gap_waits_until_the_last_scan_is_acted_on():
     async def main():
-        quiet = Quiet()
+        quiet = Quiet(max_wait=30)  # the gap must end by the last leave(), not by its time limit
         quiet.enter()
         quiet.enter()
         gap = asyncio.create_task(quiet.gap())
