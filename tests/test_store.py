@@ -6,7 +6,10 @@ import asyncio
 import errno
 import fcntl
 import os
+import sqlite3
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -240,6 +243,29 @@ def test_the_file_of_a_list_switched_by_another_process_is_let_go_not_kept_open(
     assert held_before and held_deleted_lists() == []
     loader.close()
     scans.close()
+
+
+def test_one_store_closing_leaves_another_in_the_same_process_its_list_intact(tmp_path):
+    """The daemon has two stores (scans, syncer) on the same list. Closing a descriptor drops every
+    lock the process holds on the file; another process closing the list would then think itself
+    the last reader and delete the WAL under the store still writing deltas into it."""
+    loader = Store(tmp_path / "g.db")
+    loader.load_tickets("cm", [{"token": "A"}])
+    closing, staying = Store(tmp_path / "g.db"), Store(tmp_path / "g.db")
+    assert closing.ticket("cm", "A") and staying.ticket("cm", "A")
+    staying.upsert_tickets("cm", [{"token": "B"}])  # the list's WAL now holds B
+    path = staying.lists_dir / loader.get("tickets:cm")
+    loader.close()
+    closing.close()
+    subprocess.run([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                    "c.execute('SELECT count(*) FROM tickets').fetchall(); c.close()", str(path)], check=True)
+    staying.upsert_tickets("cm", [{"token": "C"}])
+    fresh = sqlite3.connect(path)
+    try:
+        assert fresh.execute("SELECT token FROM tickets ORDER BY token").fetchall() == [("A",), ("B",), ("C",)]
+    finally:
+        fresh.close()
+        staying.close()
 
 
 def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_path):
