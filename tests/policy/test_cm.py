@@ -409,6 +409,18 @@ def test_the_reload_process_only_takes_cpu_time_the_lane_leaves(sim, cm):
     assert policies == {os.SCHED_IDLE} and niceness == reload.NICENESS
 
 
+def test_the_daemon_can_lower_the_reload_process_before_its_imports_run():
+    """Its interpreter's start and imports are most of its CPU time outside the pages."""
+    starting = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        reload.yield_cpu(starting.pid)  # as run_in_child does, before the child reads its job
+        policy, niceness = os.sched_getscheduler(starting.pid), os.getpriority(os.PRIO_PROCESS, starting.pid)
+    finally:
+        starting.stdin.close()
+        starting.wait(10)
+    assert policy == os.SCHED_IDLE and niceness == max(reload.NICENESS, os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_later(sim, cm):
     """A daemon killed mid-reload (SIGKILL, power) must not leave a process writing on, nor a file."""
     config = cm(strategy="local", cm_extra="page_size = 5\n")
