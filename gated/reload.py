@@ -53,8 +53,8 @@ async def run_in_child(job: dict[str, Any]) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-P", "-m", "gated.reload", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
-    yield_cpu(proc.pid)
     try:
+        yield_cpu(proc.pid)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         proc.stdin.write(encode_job(job))
         await proc.stdin.drain()

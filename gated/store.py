@@ -772,19 +772,30 @@ class _Holds:
         return key
 
     def let_go(self, key: tuple[int, int], later: bool = False) -> None:
+        """One user fewer; the last one closes the descriptor, `later` on a thread of its own."""
         with self._lock:
             entry = self._held[key]
             entry[1] -= 1
-            if entry[1]:
+            if entry[1] or not later:
+                self._close_unused(key)
                 return
+        try:
+            threading.Thread(target=self._close_later, args=(key,), name="gated-list-retire", daemon=True).start()
+        except RuntimeError:  # no thread to be had: closed here, late but not leaked
+            self._close_later(key)
+
+    def _close_later(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._close_unused(key)
+
+    def _close_unused(self, key: tuple[int, int]) -> None:
+        # Called holding the lock, and closed holding it: until the descriptor is closed its entry
+        # stays, so a take() meanwhile uses it instead of opening a second one (whose close would
+        # then drop the locks of the connection that took it).
+        entry = self._held.get(key)
+        if entry is not None and entry[1] == 0:
             del self._held[key]
-        if later:
-            try:
-                threading.Thread(target=os.close, args=(entry[0],), name="gated-list-retire", daemon=True).start()
-                return
-            except RuntimeError:  # no thread to be had: closed here, late but not leaked
-                pass
-        os.close(entry[0])
+            os.close(entry[0])
 
 
 _HOLDS = _Holds()

@@ -268,6 +268,39 @@ def test_one_store_closing_leaves_another_in_the_same_process_its_list_intact(tm
         staying.close()
 
 
+def test_a_replaced_list_let_go_while_another_store_opens_it_keeps_one_descriptor(tmp_path, monkeypatch):
+    """The scan store retires a replaced list on a thread of its own just as the syncer's store,
+    which read the pointer before the switch, opens it: the two share one descriptor, and the
+    late close leaves it to the syncer's store (a second one, closed, would drop its locks)."""
+    loader, scans, syncer = (Store(tmp_path / "g.db") for _ in range(3))
+    loader.load_tickets("cm", [{"token": "A"}])
+    old = scans.lists_dir / loader.get("tickets:cm")
+    assert scans.ticket("cm", "A")
+    late = []
+    monkeypatch.setattr(storemod.threading, "Thread", lambda target, args, **kw: type(
+        "Held", (), {"start": lambda self: late.append((target, args))})())
+    scans._lists.pop("cm").retire()  # its last user: the descriptor's close waits for its thread
+    opened = storemod._ListFile.open(old.parent, old.name)  # the syncer's, just then
+
+    def descriptors() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}") == str(old.resolve()))
+
+    def locked() -> bool:  # this process's POSIX locks on the file (SQLite's, in WAL mode)
+        inode = os.stat(old).st_ino
+        with open("/proc/locks") as f:
+            return any(f":{inode} " in line and f" {os.getpid()} " in line for line in f)
+
+    held_meanwhile = descriptors()  # SQLite's connection and the one held: not a third
+    for target, args in late:  # the retire thread runs now
+        target(*args)
+    assert late and held_meanwhile == 2 and locked()
+    opened.close()
+    assert descriptors() == 0
+    for store in (loader, scans, syncer):
+        store.close()
+
+
 def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_path):
     path = tmp_path / "g.db"
     db = sqlite_utils.Database(path)

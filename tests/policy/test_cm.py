@@ -17,7 +17,7 @@ import pytest
 
 from gated import cli, reload
 from gated.daemon import build
-from gated.errors import ConfigError, Unreachable
+from gated.errors import ConfigError, StoreError, Unreachable
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
 from gated.policy.cm import MESSAGES, SYNC_KEY, scan_user
 from gated.simulators.cm import CMSimulator, Hold, generated_barcode
@@ -409,16 +409,26 @@ def test_the_reload_process_only_takes_cpu_time_the_lane_leaves(sim, cm):
     assert policies == {os.SCHED_IDLE} and niceness == reload.NICENESS
 
 
-def test_the_daemon_can_lower_the_reload_process_before_its_imports_run():
-    """Its interpreter's start and imports are most of its CPU time outside the pages."""
-    starting = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    try:
-        reload.yield_cpu(starting.pid)  # as run_in_child does, before the child reads its job
-        policy, niceness = os.sched_getscheduler(starting.pid), os.getpriority(os.PRIO_PROCESS, starting.pid)
-    finally:
-        starting.stdin.close()
-        starting.wait(10)
-    assert policy == os.SCHED_IDLE and niceness == max(reload.NICENESS, os.getpriority(os.PRIO_PROCESS, 0))
+def test_the_daemon_lowers_the_reload_process_before_its_imports_run(monkeypatch):
+    """Its interpreter's start and imports are most of its CPU time outside the pages: lowered by
+    the daemon as soon as it exists, not only by itself once it has read its job."""
+    started, seen = [], []
+    spawn = asyncio.create_subprocess_exec
+
+    async def spawned(*args, **kw):
+        started.append(await spawn(*args, **kw))
+        return started[-1]
+
+    def job_written(job):  # the moment the daemon hands the child its job: the child waits for it
+        pid = started[-1].pid
+        seen.append((os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)))
+        return reload._HEADER.pack(0)  # an empty job: the child stops at once
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawned)
+    monkeypatch.setattr(reload, "encode_job", job_written)
+    with pytest.raises(StoreError):
+        asyncio.run(reload.run_in_child({}))
+    assert seen == [(os.SCHED_IDLE, max(reload.NICENESS, os.getpriority(os.PRIO_PROCESS, 0)))]
 
 
 def test_the_reload_process_ends_with_the_daemon_and_its_half_list_is_removed_later(sim, cm):
