@@ -6,10 +6,10 @@ import asyncio
 import os
 import struct
 import sys
-import time
 
 from gated import daemon as daemonmod
 from gated.daemon import Daemon
+from tests.drivers.support import until
 
 LOCAL = """
 [backend]
@@ -45,13 +45,6 @@ def run_daemon(config, monkeypatch, scenario):
         os.close(write)
 
 
-async def until(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    return condition()
-
-
 def local_config(load_config, tickets_csv):
     config = load_config(LOCAL.format(tickets=tickets_csv("token\nT-0001\nT-0002\n")))
     config.relay["pulse_seconds"] = 0.01
@@ -67,7 +60,7 @@ def test_each_scan_holds_background_work_back_from_the_reader_until_it_is_acted_
         gate.on_decided.append(lambda scan, d: seen.append((scan.token, d.admitted, gate.quiet.busy)))
         for line in ("T-0001", "NOPE", "T-0002"):
             type_line(line)
-        await until(lambda: len(seen) == 3)
+        await until(lambda: len(seen) == 3, what="three scans acted on")
         return gate.quiet.busy
 
     code, busy_after = run_daemon(local_config(load_config, tickets_csv), monkeypatch, scenario)
@@ -94,11 +87,11 @@ def test_the_daemon_checkpoints_its_store_so_scans_write_the_wal_again_from_its_
         decided = []
         daemon.parts.gate.on_decided.append(lambda scan, d: decided.append(scan.token))
         type_line("NOPE-0")
-        await until(lambda: decided)
+        await until(lambda: decided, what="the first scan")
         first = restarts()
         for n in range(1, 200):  # a scan every few housekeeping rounds, until the WAL starts over
             type_line(f"NOPE-{n}")
-            await until(lambda n=n: len(decided) > n)
+            await until(lambda n=n: len(decided) > n, what=f"scan {n}")
             if restarts() != first:
                 break
             await asyncio.sleep(0.1)
