@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # The reload yields the CPU to the daemon (and to anything else the Pi runs) when both want it:
 # SCHED_IDLE, so a scan's threads take the CPU from it the moment they wake (at nice 10 they could
 # wait for its time slice: scans slower than 5 ms during a reload 2.2-3.3 % -> 0.8 % on the CI VM),
-# else nice 10. Lowering one's own priority needs no privilege, but the unit's system call filter
+# else nice 10. Lowering a child of the same user needs no privilege, but the unit's system call filter
 # must allow sched_setscheduler and setpriority (see systemd/gated.service).
 NICENESS = 10
 ERRORS: dict[str, type[GatedError]] = {c.__name__: c for c in (Unreachable, BackendRejected, StoreError)}
@@ -162,9 +162,9 @@ async def _child(job: dict[str, Any]) -> dict[str, Any]:
         store.close()
 
 
-def yield_cpu(pid: int = 0) -> None:
-    """Thread `pid` (0: the calling one), and the threads it starts from then on, to SCHED_IDLE at
-    nice 10 or lower (see NICENESS).
+def yield_cpu(pid: int) -> None:
+    """Thread `pid`, and the threads it starts from then on, to SCHED_IDLE at nice 10 or lower
+    (see NICENESS).
 
     The daemon calls it on the reload process the moment it is started: its interpreter's start
     and imports (~0.2 s of CPU) would otherwise compete with scans at the daemon's own priority.
@@ -177,8 +177,7 @@ def yield_cpu(pid: int = 0) -> None:
 
 def main() -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    job = _read_job(0)
-    yield_cpu()
+    job = _read_job(0)  # the daemon lowered this process before writing it (run_in_child)
     _watch_parent(0)
     try:
         result = asyncio.run(_child(job))

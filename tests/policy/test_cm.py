@@ -384,6 +384,7 @@ async def held_reload_process(sim, config, parts) -> tuple[subprocess.Popen, Hol
     sim.hold = hold = Hold(page=2)
     child = subprocess.Popen([sys.executable, "-m", "gated.reload"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reload.yield_cpu(child.pid)  # as run_in_child does (test_the_daemon_lowers_...), before the job
     child.stdin.write(reload.encode_job(job))
     child.stdin.flush()
     assert await asyncio.to_thread(hold.reached.wait, 10)
