@@ -776,7 +776,9 @@ class _Holds:
         with self._lock:
             entry = self._held[key]
             entry[1] -= 1
-            if entry[1] or not later:
+            if entry[1]:
+                return
+            if not later:
                 self._close_unused(key)
                 return
         try:
