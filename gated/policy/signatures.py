@@ -103,7 +103,11 @@ def verify_tibillet(code: str, keys: Sequence[RSAPublicKey]) -> TibilletCheck:
 
 @dataclass(frozen=True)
 class Sig1Ticket:
-    """The signed payload (protobuf `Ticket` of pretix_sig1.proto); 0 means "none" as in proto3."""
+    """The signed payload (protobuf `Ticket` of pretix_sig1.proto); 0 means "none" as in proto3.
+
+    pretix writes both validity fields on every ticket, 0 when there is no window: 0 is "no limit",
+    never 1970-01-01 (read as a date, it would deny every signed ticket offline as expired).
+    """
 
     seed: str
     item: int
@@ -196,7 +200,7 @@ def decode_ticket(payload: bytes) -> Sig1Ticket:
             raise ValueError(f"field {number} is not an integer")
         ints[number] = None if value is None else (value - (1 << 64) if value >= 1 << 63 else value)
     return Sig1Ticket(seed=seed.decode("utf-8"), item=ints[2] or 0, variation=ints[3] or 0,
-                      subevent=ints[4] or 0, valid_from=ints[5], valid_until=ints[6])
+                      subevent=ints[4] or 0, valid_from=ints[5] or None, valid_until=ints[6] or None)
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:

@@ -57,7 +57,9 @@ def _varint(value: int) -> bytes:
 
 def encode_ticket(seed: str, item: int, variation: int = 0, subevent: int = 0,
                   valid_from: int | None = None, valid_until: int | None = None) -> bytes:
-    """proto3 `Ticket`: default scalars are left out, `optional` ones are written whenever set."""
+    """proto3 `Ticket` as pretix writes it: default scalars are left out, and the validity fields are
+    always written, as 0 when the position has no window (pretix's `_encode_time(None)`; the payload of
+    a real pretix 2026.8.0 ticket ends `28 00 30 00`)."""
     out = b""
     if seed:
         raw = seed.encode()
@@ -66,8 +68,7 @@ def encode_ticket(seed: str, item: int, variation: int = 0, subevent: int = 0,
         if value:
             out += _varint(number << 3) + _varint(value)
     for number, value in ((5, valid_from), (6, valid_until)):
-        if value is not None:
-            out += _varint(number << 3) + _varint(value)
+        out += _varint(number << 3) + _varint(value or 0)
     return out
 
 
