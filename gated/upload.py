@@ -1,4 +1,7 @@
-"""Drain the outbox: scans decided offline go to the API in order, exactly once, never dropped.
+"""Drain the outbox: scans decided offline go to the API in order, never dropped, at least once.
+
+Once exactly wherever the API recognises a repeat (pretix's nonce, TiBillet's and pretixdroid's scanned
+state, Entry's `Filename`); docs/reliability.md says where a lost answer can still count one twice.
 
 Outcome rules per scan (libpretixsync's uploadCheckins, but parked rather than dropped):
 sent -> done; a permanent refusal -> parked with its reason, logged, visible in `gated queue`;

@@ -69,3 +69,34 @@ def test_readme_opens_with_the_two_commands():
     assert ".venv/bin/gated run --config config/demo.toml" in first_block
     assert ".venv/bin/python -m pytest" in first_block
     assert ".venv/bin/python -m pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def _readme_table(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_backends_table_names_every_backend_and_no_other():
+    rows = [line for line in _readme_table("Backends and readers").splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([a-z]+)`", row.split("|")[1])}
+    assert named == set(configmod.AVAILABLE_BACKENDS)
+
+
+def test_readme_names_an_example_config_for_every_backend_with_a_server():
+    text = (ROOT / "README.md").read_text()
+    for backend in set(configmod.AVAILABLE_BACKENDS) - {"local"}:
+        assert (ROOT / "config" / f"{backend}.toml").exists()
+        assert f"config/{backend}.toml" in text, backend
+
+
+def test_readme_names_every_reader_type():
+    text = _readme_table("Backends and readers")
+    for reader in configmod.READER_TYPES:
+        assert reader in text.lower() or {"hid": "usb hid"}.get(reader, reader) in text.lower(), reader
+
+
+def test_readme_commands_table_lists_every_command_and_no_other():
+    rows = [line for line in _readme_table("Commands").splitlines() if line.startswith("| `gated ")]
+    listed = {row.split("`gated ", 1)[1].split()[0].rstrip("`") for row in rows}
+    assert listed == set(cli.build_parser()._subparsers._group_actions[0].choices)
+
