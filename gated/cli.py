@@ -207,12 +207,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_outputs(args: argparse.Namespace) -> int:
-    from gated import outputs_test
+    from gated import wiring
 
     config = _load(args.config)
     if config is None:
         return EXIT_ERROR
-    return outputs_test.run(config, yes=args.yes, seconds=args.seconds)
+    return wiring.run(config, yes=args.yes, seconds=args.seconds)
 
 
 def cmd_list_devices(args: argparse.Namespace) -> int:

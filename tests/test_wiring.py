@@ -11,7 +11,7 @@ from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from gated import cli
-from gated.outputs_test import run
+from gated.wiring import run
 
 WIRING = """
 [relay]
