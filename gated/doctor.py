@@ -388,7 +388,8 @@ def _local_tickets(config: Config, progress: Progress) -> Check:
                 progress.update(note=f"ticket list: {n:,} rows")
     except TicketListError as e:
         return Check("backend", FAIL, f"local ticket list not loadable: {e}",
-                     "fix the file; the daemon keeps the previous list until it loads")
+                     "fix that line (the whole file is refused while one row is bad); the daemon keeps "
+                     "the previous list until the file loads")
     return Check("backend", OK, f"local ticket list {path}: {n:,} tickets")
 
 

@@ -302,6 +302,21 @@ def test_unloadable_ticket_list_fails_and_a_local_backend_with_nothing_warns(gat
     assert c.status == WARN and "every scan is denied" in c.detail
 
 
+@pytest.mark.parametrize("content,said", [
+    (b"token,name\nT-1,Ada\nT-2,Ren\xe9e\n", "line 3: not UTF-8 text"),
+    (b'token,name\nT-1,"' + b"x" * (140 * 1024) + b'"\n', "line 2: a field longer than 128 KiB"),
+    (b"token,max_entries\nT-1,99999999999999999999\n", "line 2: max_entries = '99999999999999999999'"),
+    (b"token,valid_until\nT-1,nan\n", "line 2: valid_until = 'nan'"),
+], ids=["latin-1", "field over 128 KiB", "max_entries 2**66", "valid_until nan"])
+def test_a_ticket_list_that_would_not_load_fails_naming_its_line_with_a_next_step(gate, machine, tmp_path,
+                                                                                  content, said):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    c = line(run_checks(gate(tickets=str(bad)), machine)[0], "backend")
+    assert c.status == FAIL and f"local ticket list not loadable: {bad}, {said}" in c.detail
+    assert c.fix.startswith("fix that line")
+
+
 def test_queue_backlog_and_parked_scans_warn_with_the_queue_commands(gate, machine):
     path = gate()
     store_path = configmod.load(path).store.path
