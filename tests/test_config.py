@@ -173,8 +173,9 @@ def test_secret_values_are_masked_in_the_resolved_config(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_config_passes_check(path, capsys):
-    assert cli.main(["check", str(path), str(path)]) == 0, capsys.readouterr().err
+def test_every_shipped_config_passes_check(path, shipped_config, capsys):
+    copy = str(shipped_config(path.name))
+    assert cli.main(["check", copy, copy]) == 0, capsys.readouterr().err
 
 
 def test_gated_config_env_names_the_file(tmp_path, monkeypatch):
