@@ -18,10 +18,14 @@ from gated.errors import ConfigError, GatedError
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def problems(config: Config) -> list[str]:
-    """Every problem start-up would meet, one line each, in the words of `gated check`."""
+def problems(config: Config, *, ticket_list: bool = True) -> list[str]:
+    """Every problem start-up would meet, one line each, in the words of `gated check`.
+
+    `ticket_list=False` skips reading the local ticket list (gated doctor reads it on its own line).
+    """
     found: list[str] = []
-    for problem in _secrets(config) + _backend(config) + _store(config.store.path) + _ticket_list(config):
+    lists = _ticket_list(config) if ticket_list else []
+    for problem in _secrets(config) + _backend(config) + _store(config.store.path) + lists:
         if problem not in found:  # a secret refused by the backend's constructor and by the check of its key
             found.append(problem)
     return found

@@ -153,6 +153,17 @@ def test_cli_doctor_exits_1_and_names_the_bad_key_when_the_config_is_invalid(wri
 
 
 @ROOT_ONLY
+def test_a_secret_file_others_can_read_fails_the_config_line_as_run_would(write_config, machine, tmp_path):
+    key = tmp_path / "venue.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o644)
+    path = write_config(f'[mqtt]\nurl = "mqtt://127.0.0.1:1"\nhmac_key_file = "{key}"\n')
+    c = line(run_checks(str(path), machine)[0], "config")
+    assert c.status == FAIL and f'would refuse to start: [mqtt] hmac_key_file = "{key}": readable by others' \
+        in c.detail
+    assert c.fix.startswith(f"gated check --config {path}")
+
+
 def test_config_the_service_user_cannot_read_is_a_warning_with_the_chmod(gate, machine):
     path = gate()
     os.chmod(path, 0o600)
