@@ -80,18 +80,23 @@ def _lines(f: BinaryIO, path: str) -> Iterator[str]:
 
 def _time(row: dict[str, Any], column: str) -> float | None:
     text = row.get(column)
+    if not text:
+        return None
     try:
         value = parse_time(text)
     except (ValueError, OverflowError):
         value = math.nan
     if value is not None and not 0 <= value <= LATEST_TIME:  # also nan: a ticket that never expires
-        raise ValueError(f"{column} = {_shown(text or '')}: not a time from 1970 to 9999; write ISO 8601 "
+        raise ValueError(f"{column} = {_shown(text)}: not a time from 1970 to 9999; write ISO 8601 "
                          "(2025-06-01T18:00:00+02:00) or unix seconds")
     return value
 
 
 def _entries(row: dict[str, Any]) -> int:
-    text = (row.get("max_entries") or "").strip()
+    text = row.get("max_entries")
+    if not text or text == "1":
+        return 1
+    text = text.strip()
     if not text:
         return 1
     if not (text.isascii() and text.isdigit()) or not 0 <= (value := int(text)) <= MAX_ENTRIES:
@@ -107,27 +112,23 @@ def read_ticket_csv(path: str) -> Iterator[dict[str, Any]]:
         raise TicketListError(f"{path}: {e.strerror}") from None
     with f:
         reader = csv.DictReader(_lines(f, path))
-        first = 1
+        first = 2  # the line the row being read starts on; a quoted field may span lines
         try:
             if not reader.fieldnames or "token" not in reader.fieldnames:
                 raise TicketListError(f"{path}: the first line must be a header naming a `token` column "
                                       f"(found {reader.fieldnames or 'nothing'})")
-            while True:
-                first = reader.line_num + 1  # where the next row starts; a quoted field may span lines
-                row = next(reader, None)
-                if row is None:
-                    return
+            for row in reader:
                 token = (row.get("token") or "").strip()
-                if not token:
-                    continue
-                try:
-                    name = (row.get("name") or "")[:MAX_NAME_CHARS] or None
-                    ticket = {"token": token, "ticket_key": token, "name": name,
-                              "valid_from": _time(row, "valid_from"), "valid_until": _time(row, "valid_until"),
-                              "max_entries": _entries(row)}
-                except ValueError as e:
-                    raise TicketListError(f"{path}, line {first}: {e}") from None
-                yield ticket
+                if token:
+                    try:
+                        name = (row.get("name") or "")[:MAX_NAME_CHARS] or None
+                        ticket = {"token": token, "ticket_key": token, "name": name,
+                                  "valid_from": _time(row, "valid_from"), "valid_until": _time(row, "valid_until"),
+                                  "max_entries": _entries(row)}
+                    except ValueError as e:
+                        raise TicketListError(f"{path}, line {first}: {e}") from None
+                    yield ticket
+                first = reader.line_num + 1
         except csv.Error as e:
             if "field larger than field limit" in str(e):
                 raise TicketListError(f"{path}, line {first}: a field longer than {MAX_FIELD_CHARS // 1024} KiB "
