@@ -113,9 +113,10 @@ def _store(path: str) -> list[str]:
     if blocks == 0:  # /proc, /sys: the kernel's own views, no room for files
         return [f"{where}: {folder} is on a virtual filesystem that cannot hold files; "
                 "use a folder on the SD card, e.g. \"/var/lib/gated/gated.db\"."]
-    if not os.access(folder, os.W_OK | os.X_OK):
-        made = "the store and its journal" if folder == target.parent else "the folder for the store"
-        return [f"{where}: this user may not create {made} in {folder}."]
+    # A missing folder is not judged by who may write its parent: under systemd, StateDirectory=
+    # makes /var/lib/gated for the service user before ExecStartPre runs.
+    if folder == target.parent and not os.access(folder, os.W_OK | os.X_OK):
+        return [f"{where}: this user may not create the store and its journal in {folder}."]
     return []
 
 

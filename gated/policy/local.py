@@ -3,6 +3,7 @@
 The list is a CSV file with a header row: `token` (required), and optionally `valid_from` and
 `valid_until` (ISO 8601 or unix seconds), `name`, `max_entries`. It is imported into the store
 when its size or modification time changes, so a million tickets cost no memory in the daemon.
+A file with one bad row is not loaded at all; the previous list stays (see read_ticket_csv).
 """
 
 from __future__ import annotations
