@@ -26,11 +26,18 @@ def _load(path: str | None):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from gated import preflight
+
     paths = args.files or [args.config]
     worst = EXIT_OK
     for path in paths:
         try:
             config = configmod.load(path)
+            # What start-up would refuse beyond the file itself: under systemd this is ExecStartPre,
+            # and a config it passes that `gated run` then refuses is a restart loop.
+            problems = preflight.problems(config)
+            if problems:
+                raise ConfigError(config.path, problems)
         except ConfigError as e:
             print(configmod.report(e), file=sys.stderr)
             worst = EXIT_ERROR

@@ -63,7 +63,7 @@ LANE = {
     "serial": Key("str", default="", help="device serial sent to APIs (default: the Pi's serial)"),
     "scan_mode": Key("str", default="entry", choices=("entry", "exit")),
     "mode": Key("str", default="normal", choices=("normal", "free", "locked")),
-    "debounce_seconds": Key("float", default=2.0, minimum=0,
+    "debounce_seconds": Key("float", default=2.0, minimum=0, maximum=3600,
                             help="the same code on the same reader within this time is one scan"),
 }
 
@@ -72,13 +72,13 @@ BACKEND = {
     "url": Key("url", default="", help="the ticketing API's base URL"),
     "timeout_seconds": Key("float", default=0.8, above=0, maximum=30,
                            help="online deadline; after it the offline rules decide"),
-    "sync_interval_seconds": Key("float", default=300.0, above=0),
+    "sync_interval_seconds": Key("float", default=300.0, above=0, maximum=86400),
     "offline_first": Key("bool", default=False, help="decide offline and only upload"),
     "ca_file": Key("path", default="", help="extra CA bundle (PEM) to trust for the API"),
-    "breaker_failures": Key("int", default=2, minimum=1,
+    "breaker_failures": Key("int", default=2, minimum=1, maximum=100,
                             help="failures within the last breaker_window calls that open the breaker"),
-    "breaker_window": Key("int", default=5, minimum=1),
-    "probe_interval_seconds": Key("float", default=5.0, above=0,
+    "breaker_window": Key("int", default=5, minimum=1, maximum=100),
+    "probe_interval_seconds": Key("float", default=5.0, above=0, maximum=3600,
                                   help="how often an open breaker asks the API whether it is back"),
 }
 
@@ -107,29 +107,29 @@ LED = {
     "active_high": Key("bool", default=True),
     "shows": Key("str", default="", choices=("", "admit", "deny"),
                  help='what lights it; default by name: green "admit", red "deny"'),
-    "on_seconds": Key("float", default=1.5, above=0),
+    "on_seconds": Key("float", default=1.5, above=0, maximum=60),
 }
 BUZZER = {
     "pin": Key("pin", help="the BCM GPIO number"),
     "active_high": Key("bool", default=True),
-    "admit_beep_seconds": Key("float", default=0.1, above=0),
-    "deny_beep_seconds": Key("float", default=0.6, above=0),
+    "admit_beep_seconds": Key("float", default=0.1, above=0, maximum=10),
+    "deny_beep_seconds": Key("float", default=0.6, above=0, maximum=10),
 }
 INPUT = {
     "pin": Key("pin", help="the BCM GPIO number"),
     "active_when": Key("str", default="closed", choices=("closed", "open"),
                        help="closed: active when the contact connects the pin to ground"),
-    "bounce_seconds": Key("float", default=0.02, minimum=0),
+    "bounce_seconds": Key("float", default=0.02, minimum=0, maximum=1),
 }
-PASSAGE = INPUT | {"timeout_seconds": Key("float", default=5.0, above=0)}
+PASSAGE = INPUT | {"timeout_seconds": Key("float", default=5.0, above=0, maximum=60)}
 OFFLINE = {
     "fallback": Key("str", default="policy", choices=("policy", "deny", "admit")),
-    "max_age_seconds": Key("float", default=86400.0, above=0),
+    "max_age_seconds": Key("float", default=86400.0, above=0, maximum=366 * 86400),
     "antipassback": Key("bool", default=True),
 }
 STORE = {
     "path": Key("path", default="/var/lib/gated/gated.db", must_exist=False),
-    "retention_seconds": Key("float", default=30 * 86400.0, above=0,
+    "retention_seconds": Key("float", default=30 * 86400.0, above=0, maximum=10 * 366 * 86400,
                              help="how long uploaded scans are kept for audit"),
     "on_error": Key("str", default="deny", choices=("deny", "admit"),
                     help="a scan that cannot be recorded: deny it (fail-secure) or let the decision stand"),
@@ -143,7 +143,7 @@ LOG = {
 WALLET_APPLE = {
     "pass_type_ids": Key("strlist", default=[], help="Apple pass type identifiers asked for, in this order"),
     "private_key_files": Key("pathlist", default=[], help="VAS reader private keys (P-256, PEM or DER)"),
-    "max_age_seconds": Key("float", default=60.0, above=0,
+    "max_age_seconds": Key("float", default=60.0, above=0, maximum=3600,
                            help="tap payloads older (or dated further ahead) than this are denied as replay"),
 }
 WALLET_GOOGLE = {
@@ -194,6 +194,21 @@ def config_path(explicit: str | None = None) -> str:
 
 def module_schema(module: str) -> dict[str, Key]:
     return getattr(importlib.import_module(module), "SCHEMA", {})
+
+
+def schemas() -> dict[str, dict[str, Key]]:
+    """Every table's schema by its heading ("[reader.NAME] hid"), for checks that must cover every key."""
+    out = {f"[{name}]": schema for name, schema in FIXED.items()}
+    out["[backend]"] = BACKEND
+    for btype, module in AVAILABLE_BACKENDS.items():
+        out[f"[backend.{btype}]"] = module_schema(module)
+    for rtype, module in AVAILABLE_READERS.items():
+        out[f"[reader.NAME] {rtype}"] = READER_COMMON | module_schema(module)
+    out["[led.NAME]"] = LED
+    out["[input.passage]"] = PASSAGE
+    out["[input.emergency]"] = INPUT
+    out |= {f"[wallet.{name}]": schema for name, schema in WALLET.items()}
+    return out
 
 
 def load(path: str | None = None) -> Config:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gated import config as configmod
+from gated import preflight
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, StoreError, Unreachable
 from gated.progress import Progress
@@ -193,6 +194,11 @@ def check_config(path: str, system: System) -> tuple[Check, Config | None]:
                      f"gated check --config {path} lists every problem; fix them, then run doctor again"), None
     detail = (f"valid: {len(config.readers)} reader{'s' if len(config.readers) != 1 else ''}, "
               f"backend {config.backend.type}, relay GPIO{config.relay.pin}")
+    refused = preflight.problems(config, ticket_list=False)
+    if refused:
+        more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
+        return Check("config", FAIL, f"gated run would refuse to start: {refused[0]}{more}",
+                     f"gated check --config {path} lists every problem; fix them, then run doctor again"), config
     problem = access_problem(Path(config.path), False, system.user) if _service_account(system.user) else None
     if problem:
         return Check("config", WARN, f"{detail}; but {problem}",
@@ -388,7 +394,8 @@ def _local_tickets(config: Config, progress: Progress) -> Check:
                 progress.update(note=f"ticket list: {n:,} rows")
     except TicketListError as e:
         return Check("backend", FAIL, f"local ticket list not loadable: {e}",
-                     "fix the file; the daemon keeps the previous list until it loads")
+                     "fix that line (the whole file is refused while one row is bad); the daemon keeps "
+                     "the previous list until the file loads")
     return Check("backend", OK, f"local ticket list {path}: {n:,} tickets")
 
 

@@ -56,7 +56,7 @@ SCHEMA = {
                                   help="how long the broker keeps queuing for a lane that is away"),
     "keepalive_seconds": Key("int", default=30, minimum=5, maximum=3600,
                              help="a lane silent for 1.5 times this is announced offline"),
-    "queue_size": Key("int", default=10000, minimum=1,
+    "queue_size": Key("int", default=10000, minimum=1, maximum=1_000_000,
                       help="admissions kept in memory while the broker is away; the oldest are dropped"),
 }
 MQTT = SCHEMA  # the [mqtt] table, as gated.config registers it

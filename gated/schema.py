@@ -7,6 +7,7 @@ own tables (`[reader.NAME]` by type, `[backend.TYPE]`) in a `SCHEMA` dict beside
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +66,19 @@ def did_you_mean(word: str, candidates: list[str]) -> str:
     return f' Did you mean "{best[0]}"?' if best else ""
 
 
-def _number_rule(key: Key) -> str | None:
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _number_rule(key: Key) -> str:
     parts = []
     if key.minimum is not None:
-        parts.append(f"at least {key.minimum:g}")
+        parts.append(f"at least {_number(key.minimum)}")
     if key.above is not None:
-        parts.append(f"above {key.above:g}")
+        parts.append(f"above {_number(key.above)}")
     if key.maximum is not None:
-        parts.append(f"at most {key.maximum:g}")
-    return " and ".join(parts) or None
+        parts.append(f"at most {_number(key.maximum)}")
+    return " and ".join(parts) or "a finite number"
 
 
 def check_value(key: Key, value: Any, base_dir: Path) -> tuple[Any, str | None]:
@@ -111,8 +116,11 @@ def check_value(key: Key, value: Any, base_dir: Path) -> tuple[Any, str | None]:
             return None, "must be a whole number"
         if kind == "pin" and not 0 <= value <= 27:
             return None, "must be a BCM GPIO number from 0 to 27"
+        # TOML has nan and inf. Every comparison with nan is false, so it would pass the range
+        # test below and then hold a relay or a deadline for an arbitrary time.
         bad = (
-            (key.minimum is not None and value < key.minimum)
+            (isinstance(value, float) and not math.isfinite(value))
+            or (key.minimum is not None and value < key.minimum)
             or (key.above is not None and value <= key.above)
             or (key.maximum is not None and value > key.maximum)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -89,3 +90,14 @@ def tickets_csv(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture
+def shipped_config(tmp_path: Path):
+    """A copy of config/ as an installer uses it: the example secrets made owner-only, as the docs
+    say (git keeps them world-readable, and gated refuses such secret files); returns NAME -> path."""
+    copy = tmp_path / "config"
+    shutil.copytree(Path(__file__).parent.parent / "config", copy)
+    for secret in (copy / "example-secrets").iterdir():
+        secret.chmod(0o600)
+    return lambda name: copy / name

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import math
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 from gated import cli
 from gated import config as configmod
 from gated.errors import ConfigError
+from gated.schema import REQUIRED, check_table
 
 CONFIG_DIR = Path(__file__).parent.parent / "config"
 
@@ -91,7 +96,7 @@ def test_wrong_types_say_what_is_allowed(tmp_path):
         [backend.local]
         masks = "390#"
     """) == [
-        "[lane] debounce_seconds = -1: must be at least 0.",
+        "[lane] debounce_seconds = -1: must be at least 0 and at most 3600.",
         '[backend.local] masks = "390#": must be a list of texts, e.g. ["a", "b"].',
         "[relay] pin = 40: must be a BCM GPIO number from 0 to 27.",
         '[relay] active_high = "yes": must be true or false (no quotes).',
@@ -168,8 +173,9 @@ def test_secret_values_are_masked_in_the_resolved_config(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_config_passes_check(path, capsys):
-    assert cli.main(["check", str(path), str(path)]) == 0, capsys.readouterr().err
+def test_every_shipped_config_passes_check(path, shipped_config, capsys):
+    copy = str(shipped_config(path.name))
+    assert cli.main(["check", copy, copy]) == 0, capsys.readouterr().err
 
 
 def test_gated_config_env_names_the_file(tmp_path, monkeypatch):
@@ -177,3 +183,66 @@ def test_gated_config_env_names_the_file(tmp_path, monkeypatch):
     path.write_text(MINIMAL)
     monkeypatch.setenv("GATED_CONFIG", str(path))
     assert configmod.load().path == str(path)
+
+
+# --- numbers: no nan, no inf, nothing too large to use (issue 17, cases 4 and 6) -----------
+
+NUMBER_KEYS = [(where, name, key) for where, schema in configmod.schemas().items()
+               for name, key in schema.items() if key.kind in ("int", "float")]
+
+
+def _problems_for(where: str, name: str, value: object) -> list[str]:
+    """The problems naming `name` when a table of `where` holds only it, as gated.config checks a table."""
+    heading = where.split(" ")[0]  # "[reader.NAME] hid" -> "[reader.NAME]"
+    problems: list[str] = []
+    section = check_table(heading, {name: value}, configmod.schemas()[where], Path("/"), problems)
+    reader = configmod.AVAILABLE_READERS.get(where.split(" ")[-1]) if heading == "[reader.NAME]" else None
+    check = getattr(importlib.import_module(reader), "check", None) if reader else None
+    if check is not None:  # a reader type's own rules, e.g. serial stopbits 1, 1.5 or 2
+        problems += check(section)
+    return [p for p in problems if p.startswith(f"{heading} {name} = ")]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("where", "name", "key"), NUMBER_KEYS, ids=lambda v: v if isinstance(v, str) else "")
+def test_every_number_key_refuses_nan_and_infinity(where, name, key, value):
+    found = _problems_for(where, name, value)
+    assert len(found) == 1 and found[0].startswith(f"{where.split(' ')[0]} {name} = {value}: must be "), found
+
+
+@pytest.mark.parametrize(("where", "name", "key"), NUMBER_KEYS, ids=lambda v: v if isinstance(v, str) else "")
+def test_every_number_key_refuses_values_too_large_to_use(where, name, key):
+    # 1e300 seconds overflow asyncio's call_later and sleep; 2**64 does not fit an SQLite integer.
+    huge = 2**64 if key.kind == "int" else 1e300
+    found = _problems_for(where, name, huge)
+    assert len(found) == 1 and found[0].startswith(f"{where.split(' ')[0]} {name} = {huge}: must be "), found
+    assert _problems_for(where, name, key.default if key.default is not REQUIRED else key.maximum) == []
+
+
+def test_nan_duration_is_named_with_file_section_key_value_and_rule(tmp_path):
+    assert problems(tmp_path, MINIMAL + """
+        [backend]
+        timeout_seconds = nan
+        [relay]
+        pulse_seconds = nan
+        [offline]
+        max_age_seconds = inf
+    """) == [
+        "[backend] timeout_seconds = nan: must be above 0 and at most 30.",
+        "[relay] pulse_seconds = nan: must be above 0 and at most 60.",
+        "[offline] max_age_seconds = inf: must be above 0 and at most 31622400.",
+    ]
+
+
+@pytest.mark.parametrize("line", ["[backend]\ntimeout_seconds = nan", "[relay]\npulse_seconds = nan",
+                                  "[offline]\nmax_age_seconds = nan", "[relay]\npulse_seconds = 1e12"])
+def test_check_and_run_refuse_a_nan_or_huge_duration_with_exit_2_and_no_traceback(tmp_path, line):
+    path = tmp_path / "gated.toml"
+    path.write_text(MINIMAL + f'[store]\npath = "{tmp_path / "gated.db"}"\n' + line + "\n")
+    key = line.split("\n")[1].split(" =")[0]
+    for command in ("check", "run"):
+        r = subprocess.run([sys.executable, "-m", "gated", command, "--config", str(path)],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 2, (command, r.stderr)
+        assert f"{line.split(chr(10))[0]} {key} = " in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "gated.db").exists()  # nothing was started

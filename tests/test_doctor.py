@@ -153,6 +153,17 @@ def test_cli_doctor_exits_1_and_names_the_bad_key_when_the_config_is_invalid(wri
 
 
 @ROOT_ONLY
+def test_a_secret_file_others_can_read_fails_the_config_line_as_run_would(write_config, machine, tmp_path):
+    key = tmp_path / "venue.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o644)
+    path = write_config(f'[mqtt]\nurl = "mqtt://127.0.0.1:1"\nhmac_key_file = "{key}"\n')
+    c = line(run_checks(str(path), machine)[0], "config")
+    assert c.status == FAIL and f'would refuse to start: [mqtt] hmac_key_file = "{key}": readable by others' \
+        in c.detail
+    assert c.fix.startswith(f"gated check --config {path}")
+
+
 def test_config_the_service_user_cannot_read_is_a_warning_with_the_chmod(gate, machine):
     path = gate()
     os.chmod(path, 0o600)
@@ -300,6 +311,21 @@ def test_unloadable_ticket_list_fails_and_a_local_backend_with_nothing_warns(gat
     empty = write_config('[reader.front]\ntype = "stdin"\n[backend]\ntype = "local"\n', base=BASE)
     c = line(run_checks(str(empty), machine)[0], "backend")
     assert c.status == WARN and "every scan is denied" in c.detail
+
+
+@pytest.mark.parametrize("content,said", [
+    (b"token,name\nT-1,Ada\nT-2,Ren\xe9e\n", "line 3: not UTF-8 text"),
+    (b'token,name\nT-1,"' + b"x" * (140 * 1024) + b'"\n', "line 2: a field longer than 128 KiB"),
+    (b"token,max_entries\nT-1,99999999999999999999\n", "line 2: max_entries = '99999999999999999999'"),
+    (b"token,valid_until\nT-1,nan\n", "line 2: valid_until = 'nan'"),
+], ids=["latin-1", "field over 128 KiB", "max_entries 2**66", "valid_until nan"])
+def test_a_ticket_list_that_would_not_load_fails_naming_its_line_with_a_next_step(gate, machine, tmp_path,
+                                                                                  content, said):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    c = line(run_checks(gate(tickets=str(bad)), machine)[0], "backend")
+    assert c.status == FAIL and f"local ticket list not loadable: {bad}, {said}" in c.detail
+    assert c.fix.startswith("fix that line")
 
 
 def test_queue_backlog_and_parked_scans_warn_with_the_queue_commands(gate, machine):

@@ -47,7 +47,8 @@ SCHEMA = {
     "exchange_timeout_seconds": Key("float", default=0.5, above=0, maximum=1.0,
                                     help="the longest one command to a phone may take, waiting-time "
                                          "extensions included; a stuck phone frees the reader within it"),
-    "reopen_seconds": Key("float", default=5.0, above=0, help="how often a missing NFC reader is looked for"),
+    "reopen_seconds": Key("float", default=5.0, above=0, maximum=60,
+                          help="how often a missing NFC reader is looked for"),
     "ecp": Key("bool", default=False,
                help="send Apple's Enhanced Contactless Polling frame (PN532/PN533 only, unverified on "
                     "hardware) so an iPhone offers the pass without the user opening Wallet"),

@@ -75,8 +75,8 @@ SCHEMA = {
     "masks": Key("strlist", default=[], help="extra barcode masks accepted offline for every event"),
     "special_area_id": Key("str", default="", help="special area within the venue; empty: none"),
     "special_area_name": Key("str", default=""),
-    "special_area_max_entry_per_ticket": Key("int", default=0, minimum=0, help="0: not sent"),
-    "special_area_max_capacity": Key("int", default=0, minimum=0, help="0: not sent"),
+    "special_area_max_entry_per_ticket": Key("int", default=0, minimum=0, maximum=1_000_000, help="0: not sent"),
+    "special_area_max_capacity": Key("int", default=0, minimum=0, maximum=10_000_000, help="0: not sent"),
     "special_area_require_entry_exit": Key("bool", default=False),
     **{f"path_{name}": Key("str", default=path, help="URL path relative to [backend] url")
        for name, path in PATHS.items()},

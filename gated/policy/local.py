@@ -3,15 +3,18 @@
 The list is a CSV file with a header row: `token` (required), and optionally `valid_from` and
 `valid_until` (ISO 8601 or unix seconds), `name`, `max_entries`. It is imported into the store
 when its size or modification time changes, so a million tickets cost no memory in the daemon.
+A file with one bad row is not loaded at all; the previous list stays (see read_ticket_csv).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import logging
+import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from gated.config import Config
 from gated.errors import GatedError
@@ -35,30 +38,103 @@ class TicketListError(GatedError, ValueError):
     """The ticket list file cannot be read; the message names the file and line."""
 
 
+# One bad row refuses the whole file, and the previous list stays in use. The list is the gate's
+# only authority: a list loaded without its bad rows denies those tickets as "unknown", which at
+# the gate looks like a forged ticket, and the most common bad rows (a file saved in another
+# encoding, a quote never closed, which swallows every row after it) mean the rest of the file is
+# wrong too. The error names the file and line, and `gated check` and `gated doctor` show it
+# before the daemon ever reads the file.
+MAX_LINE_BYTES = 1024 * 1024
+MAX_FIELD_CHARS = 128 * 1024  # csv's own default limit
+MAX_ENTRIES = 1_000_000
+MAX_NAME_CHARS = 256  # shown in log lines and on the terminal; a longer one is cut
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment datetime can show
+
+
+def _shown(text: str) -> str:
+    """A value from the file as it can be quoted in a log line: escaped and short."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _lines(f: BinaryIO, path: str) -> Iterator[str]:
+    """The file's lines, each decoded on its own so that an encoding error names its line."""
+    number = 0
+    while True:
+        try:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+        except OSError as e:
+            raise TicketListError(f"{path}, line {number + 1}: {e.strerror or e}") from None
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise TicketListError(f"{path}, line {number}: longer than {MAX_LINE_BYTES // 1024} KiB")
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # as Excel saves "CSV UTF-8"
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TicketListError(f"{path}, line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                  f"byte {e.start + 1} of the line); save the list as UTF-8 "
+                                  "(in Excel: CSV UTF-8)") from None
+
+
+def _time(row: dict[str, Any], column: str) -> float | None:
+    text = row.get(column)
+    if not text:
+        return None
+    try:
+        value = parse_time(text)
+    except (ValueError, OverflowError):
+        value = math.nan
+    if value is not None and not 0 <= value <= LATEST_TIME:  # also nan: a ticket that never expires
+        raise ValueError(f"{column} = {_shown(text)}: not a time from 1970 to 9999; write ISO 8601 "
+                         "(2025-06-01T18:00:00+02:00) or unix seconds")
+    return value
+
+
+def _entries(row: dict[str, Any]) -> int:
+    text = row.get("max_entries")
+    if not text or text == "1":
+        return 1
+    text = text.strip()
+    if not text:
+        return 1
+    if not (text.isascii() and text.isdigit()) or not 0 <= (value := int(text)) <= MAX_ENTRIES:
+        raise ValueError(f"max_entries = {_shown(text)}: must be a whole number from 0 to {MAX_ENTRIES}")
+    return value
+
+
 def read_ticket_csv(path: str) -> Iterator[dict[str, Any]]:
     """Yield ticket rows from a CSV file, raising TicketListError naming the line at fault."""
     try:
-        f = open(path, newline="", encoding="utf-8-sig")
+        f = open(path, "rb")
     except OSError as e:
         raise TicketListError(f"{path}: {e.strerror}") from None
     with f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "token" not in reader.fieldnames:
-            raise TicketListError(f"{path}: the first line must be a header naming a `token` column "
-                                  f"(found {reader.fieldnames or 'nothing'})")
-        for row in reader:
-            line = reader.line_num
-            token = (row.get("token") or "").strip()
-            if not token:
-                continue
-            try:
-                valid_from = parse_time(row.get("valid_from"))
-                valid_until = parse_time(row.get("valid_until"))
-                max_entries = int(row.get("max_entries") or 1)
-            except ValueError as e:
-                raise TicketListError(f"{path}, line {line}: {e}") from None
-            yield {"token": token, "ticket_key": token, "name": row.get("name") or None,
-                   "valid_from": valid_from, "valid_until": valid_until, "max_entries": max_entries}
+        reader = csv.DictReader(_lines(f, path))
+        first = 2  # the line the row being read starts on; a quoted field may span lines
+        try:
+            if not reader.fieldnames or "token" not in reader.fieldnames:
+                raise TicketListError(f"{path}: the first line must be a header naming a `token` column "
+                                      f"(found {reader.fieldnames or 'nothing'})")
+            for row in reader:
+                token = (row.get("token") or "").strip()
+                if token:
+                    try:
+                        name = (row.get("name") or "")[:MAX_NAME_CHARS] or None
+                        ticket = {"token": token, "ticket_key": token, "name": name,
+                                  "valid_from": _time(row, "valid_from"), "valid_until": _time(row, "valid_until"),
+                                  "max_entries": _entries(row)}
+                    except ValueError as e:
+                        raise TicketListError(f"{path}, line {first}: {e}") from None
+                    yield ticket
+                first = reader.line_num + 1
+        except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                raise TicketListError(f"{path}, line {first}: a field longer than {MAX_FIELD_CHARS // 1024} KiB "
+                                      "(is a quote opened there and never closed?)") from None
+            raise TicketListError(f"{path}, line {reader.line_num}: {e}") from None
 
 
 class LocalBackend(Backend):
@@ -69,6 +145,7 @@ class LocalBackend(Backend):
         super().__init__(config)
         self.masks = MaskSet(self.options.get("masks", []))
         self.tickets_path: str = self.options.get("tickets", "")
+        self._refused = ""  # the stamp of a file that did not load: not read again until it changes
 
     def describe(self) -> str:
         parts = []
@@ -92,13 +169,16 @@ class LocalBackend(Backend):
                         self.tickets_path, e.strerror, await store.call(Store.ticket_count, self.name))
             return
         stamp = f"{self.tickets_path}:{st.st_size}:{st.st_mtime_ns}"
-        if await store.call(Store.get, "local:tickets_stamp") == stamp and \
-                await store.call(Store.list_usable, self.name):
+        if stamp == self._refused or (await store.call(Store.get, "local:tickets_stamp") == stamp and
+                                      await store.call(Store.list_usable, self.name)):
             return
         try:
             n = await store.call(_import, self.tickets_path)
         except TicketListError as e:
-            log.error("ticket list not loaded: %s; keeping the previous list", e)
+            self._refused = stamp
+            log.error("ticket list not loaded: %s; keeping the previous list (%s tickets) until the file is "
+                      "fixed", e, await store.call(Store.ticket_count, self.name),
+                      extra={"GATED_EVENT": "list_refused"})
             return
         await store.call(Store.set, "local:tickets_stamp", stamp)
         log.info("ticket list %s loaded: %d tickets", self.tickets_path, n)

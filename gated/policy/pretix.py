@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 SCHEMA = {
     "organizer": Key("str", help="the organizer's short name (slug), as in the pretix URL"),
     "event": Key("str", help="the event's short name (slug)"),
-    "checkin_list": Key("int", minimum=1, help="the ID of the check-in list this lane scans against"),
+    "checkin_list": Key("int", minimum=1, maximum=2**63 - 1,
+                        help="the ID of the check-in list this lane scans against"),
     "token_file": Key("secret", default="", help="file holding a device API token, instead of `gated pair`"),
 }
 

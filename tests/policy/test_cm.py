@@ -618,8 +618,8 @@ def test_an_online_checkin_nobody_passed_through_is_checked_out(sim, cm):
 
 # --- the example and the simulator's own strictness -----------------------------------------
 
-def test_the_cm_example_config_passes_gated_check(capsys):
-    assert cli.main(["check", "--config", str(ROOT / "config" / "cm.toml")]) == 0
+def test_the_cm_example_config_passes_gated_check(shipped_config, capsys):
+    assert cli.main(["check", "--config", str(shipped_config("cm.toml"))]) == 0
 
 
 def test_simulator_refuses_what_the_real_api_refuses(sim):
