@@ -93,7 +93,7 @@ def open_store(path: str) -> StoreThread:
         # Its admissions were anti-passback's memory: until that is made good, offline decisions
         # follow [offline] fallback (Decider._offline), and the log and gated doctor say why.
         store.call_sync(Store.note_replaced, moved, scans)
-        held = "an unknown number of scans" if scans is None else f"{scans} scans"
+        held = "an unknown number of scans" if scans is None else f"at least {scans} scans"
         log.warning("the admissions in the damaged store (%s) are lost: a ticket admitted before may be admitted "
                     "again. Offline decisions follow [offline] fallback until %s", held, REPLACED_UNTIL,
                     extra={"GATED_EVENT": "store_replaced", "GATED_STORE_MOVED": str(moved)})

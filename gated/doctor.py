@@ -493,7 +493,8 @@ def _store_state(config: Config, online: bool, read_only: str | None, replaced: 
                             "the SD card may be failing (dmesg shows why it turned read-only): replace it, or "
                             "remount it read-write; gated records again by itself once it can write"))
     if replaced is not None:
-        held = "an unknown number of scans" if replaced.get("scans") is None else f"{replaced['scans']} scans"
+        held = ("an unknown number of scans" if replaced.get("scans") is None
+                else f"at least {replaced['scans']} scans")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(replaced["at"]))
         until = "until the first successful sync" if online else "until you confirm it"
         checks.append(Check(

@@ -691,9 +691,10 @@ class Store:
 
     @staticmethod
     def count_scans(path: str | os.PathLike[str]) -> int | None:
-        """How many scans a (damaged) store file holds, read-only; None when it cannot be read."""
+        """How many scans a (damaged) store file holds, None when it cannot be read. Read as immutable,
+        so nothing is written beside it; the WAL is not read, so scans of its last seconds may be missed."""
         try:
-            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+            conn = sqlite3.connect(f"file:{quote(str(path))}?immutable=1", uri=True)
         except sqlite3.Error:
             return None
         try:
@@ -743,19 +744,34 @@ def unwritable(store_path: str | os.PathLike[str]) -> str | None:
     try:
         if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
             return "the filesystem is read-only"
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if _file_immutable(p):
+                return f"{p} is immutable (chattr +i)"
     except OSError as e:
         return e.strerror or str(e)
-    for p in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue  # not there (yet): nothing to say about it
-        try:
-            if _immutable(fd):
-                return f"{p} is immutable (chattr +i)"
-        finally:
-            os.close(fd)
     return None
+
+
+def _file_immutable(path: Path) -> bool:
+    """The immutable flag of a store file (False when it is not there), read through a descriptor
+    kept open: closing any descriptor of a file drops every POSIX lock the process holds on it,
+    SQLite's too, and those tell other processes the store is in use."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    with _FLAG_FDS_LOCK:
+        held = _FLAG_FDS.get(str(path))
+        if held is None or held[1:] != (st.st_dev, st.st_ino):
+            # A file made anew (the WAL index after every connection closed): the old descriptor stays
+            # open for the reason above; one per such change.
+            held = (os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), st.st_dev, st.st_ino)
+            _FLAG_FDS[str(path)] = held
+        return _immutable(held[0])
+
+
+_FLAG_FDS: dict[str, tuple[int, int, int]] = {}  # path -> (descriptor, device, inode), see _file_immutable
+_FLAG_FDS_LOCK = threading.Lock()
 
 
 def _no_checkpoint_on_close(conn: sqlite3.Connection) -> bool:
