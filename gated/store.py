@@ -201,7 +201,7 @@ class Store:
         one mapping of the WAL index per file and process, and that one would be written (SIGBUS).
         """
         try:
-            conn = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True)
+            conn = _connect_read_only(self.path)
             conn.execute("PRAGMA busy_timeout = 5000")
             self.db = Database(conn, execute_plugins=False)
             if migrations.pending(self.db):
@@ -774,6 +774,25 @@ _FLAG_FDS: dict[str, tuple[int, int, int]] = {}  # path -> (descriptor, device, 
 _FLAG_FDS_LOCK = threading.Lock()
 
 
+def _connect_read_only(path: Path, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A read-only connection to a WAL file on storage that cannot be written.
+
+    `mode=ro` reads the WAL too, but needs its WAL index (-shm) to exist already. A store closed
+    cleanly before the card turned read-only has neither: then the file alone is all there is,
+    and `immutable=1` (no locks, no WAL index) reads it; nobody can change it meanwhile.
+    """
+    uri = f"file:{quote(str(path))}"
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=check_same_thread)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.path.exists(f"{path}-wal"):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=check_same_thread)
+
+
 def _no_checkpoint_on_close(conn: sqlite3.Connection) -> bool:
     """SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE on `conn`, so closing it writes neither the WAL index nor
     the file; False when this Python offers no safe way to set it."""
@@ -873,9 +892,11 @@ class _ListFile:
         path = folder / name
         held = _HOLDS.take(path)
         conn = None
-        mode = "ro" if read_only else "rw"
         try:
-            conn = sqlite3.connect(f"file:{quote(str(path))}?mode={mode}", uri=True, check_same_thread=False)
+            if read_only:
+                conn = _connect_read_only(path, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA synchronous = FULL")  # deltas: the sync state in the store says they are in
             conn.execute("SELECT 1 FROM tickets LIMIT 1").fetchall()
