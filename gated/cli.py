@@ -210,6 +210,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from gated import doctor
 
+    if args.accept_new_store:
+        return doctor.accept_new_store(args.config)
     return doctor.main(args.config, timeout=args.timeout)
 
 
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "queue, journal; exit 1 if any check fails.")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long to wait for the ticketing API (default 5)")
+    p.add_argument("--accept-new-store", action="store_true",
+                   help="confirm a store that replaced a damaged one: offline decisions stop following "
+                        "[offline] fallback for it (see docs/reliability.md)")
     command("list-devices", cmd_list_devices, "Show input devices and serial ports a scanner could be, with the "
             "stable /dev/.../by-id names to put in the config.")
     p = command("outputs", cmd_outputs, "Wiring test: switch the relay, LEDs and buzzer one at a time and show the "

@@ -35,7 +35,7 @@ from gated.policy import build_backend
 from gated.policy.base import Backend
 from gated.policy.decider import Decider
 from gated.schema import Section
-from gated.store import Store, StoreCorrupt, StoreThread, keep_wal
+from gated.store import Store, StoreCorrupt, StoreThread, keep_wal, unwritable
 from gated.upload import Syncer, Uploader
 
 log = logging.getLogger("gated")
@@ -73,9 +73,11 @@ class Parts:
 
 def open_store(path: str) -> StoreThread:
     """The scan path's store. A damaged file is moved aside and a fresh store created, so a gate
-    never crash-loops on it; the old file keeps its queue and sessions for a technician."""
+    never crash-loops on it; the old file keeps its queue and sessions for a technician. A store
+    that cannot be written is opened read-only: the gate decides, and [store] on_error says what
+    becomes of scans it cannot record."""
     try:
-        return StoreThread(path, "store")
+        return StoreThread(path, "store", read_only_ok=True)
     except StoreCorrupt as e:
         if not Store.looks_like_a_store(path):  # e.g. [store] path naming the config file by mistake
             raise StoreError(f"{e}; not moved aside, it does not look like a store: check [store] path") from None
@@ -83,10 +85,23 @@ def open_store(path: str) -> StoreThread:
             moved = Store.quarantine(path)
         except OSError as move_error:
             raise StoreError(f"{e}; and it cannot be moved aside: {move_error.strerror}") from None
+        scans = Store.count_scans(moved)
         log.error("store damaged (%s); moved aside to %s and started a fresh one. Scans still queued in it "
                   "are not uploaded, and pairings in it must be made again (gated pair)", e, moved,
                   extra={"GATED_EVENT": "store_error", "GATED_STORE_MOVED": str(moved)})
-        return StoreThread(path, "store")
+        store = StoreThread(path, "store")
+        # Its admissions were anti-passback's memory: until that is made good, offline decisions
+        # follow [offline] fallback (Decider._offline), and the log and gated doctor say why.
+        store.call_sync(Store.note_replaced, moved, scans)
+        held = "an unknown number of scans" if scans is None else f"at least {scans} scans"
+        log.warning("the admissions in the damaged store (%s) are lost: a ticket admitted before may be admitted "
+                    "again. Offline decisions follow [offline] fallback until %s", held, REPLACED_UNTIL,
+                    extra={"GATED_EVENT": "store_replaced", "GATED_STORE_MOVED": str(moved)})
+        return store
+
+
+REPLACED_UNTIL = ("the first successful sync with the ticket API, or, with the local backend, a technician "
+                  "confirms the new store (gated doctor --accept-new-store)")
 
 
 async def build(config: Config, *, simulate: bool = False) -> Parts:
@@ -103,6 +118,8 @@ async def build(config: Config, *, simulate: bool = False) -> Parts:
         except Unreachable as e:
             log.warning("ticket API not reachable at start (%s); deciding offline until it answers", e,
                         extra={"GATED_EVENT": "backend_down"})
+        except StoreError as e:  # a read-only store: sessions cannot be saved; the backend starts late
+            log.warning("ticket API session not set up: %s", e, extra={"GATED_EVENT": "store_error"})
         decider = Decider(config, backend, store)
         outputs = _outputs(config, simulate, decider)
         decider.emergency = outputs.emergency_active
@@ -159,6 +176,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.link: mqtt.LaneLink | None = None
         self._last_pending = 0
+        self._maintenance_failing = False  # housekeeping's store upkeep: one line per edge
 
     async def run(self) -> int:
         c = self.config
@@ -174,6 +192,9 @@ class Daemon:
             log.error("cannot start: %s", e, extra={"GATED_EVENT": "start_failed"})
             return 1
         p = self.parts
+        if p.store.read_only:
+            log.error("store %s cannot be written (%s): %s", c.store.path, p.store.read_only, self._not_recording(),
+                      extra={"GATED_EVENT": "store_read_only"})
         if not p.backend.online:
             # A local list is the only authority and reading it takes milliseconds: load it before
             # the readers start, or the first codes after a fresh install are denied "unknown".
@@ -191,7 +212,10 @@ class Daemon:
             return 2
         self.uploader = Uploader(p.backend, p.store)
         self.uploader.can_upload = lambda: p.decider.breaker.allows()
-        self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync"), c.backend.sync_interval_seconds)
+        self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync", read_only_ok=True),
+                             c.backend.sync_interval_seconds)
+        if p.backend.online:  # fresh offline data from the API ends a replaced store's fallback
+            self.syncer.on_synced = lambda: self.syncer.store.call(Store.accept_replaced)
         # Offline-first backends upload as they go. A scan queued because the API just failed waits
         # for the breaker's probe (on_reconnect below): waking now would only fail again.
         p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
@@ -247,7 +271,37 @@ class Daemon:
 
     def _status(self, queued: int) -> str:
         last = f", last {self.parts.gate.last_scan}" if self.parts.gate.last_scan else ""
-        return f"{self._state()}, {queued} queued{last}"
+        store = ", STORE READ-ONLY: scans not recorded" if self.parts.store.read_only else ""
+        return f"{self._state()}{store}, {queued} queued{last}"
+
+    def _not_recording(self) -> str:
+        if self.parts.gate.on_error == "admit":
+            return ('scans are not recorded; [store] on_error = "admit": they are decided from the offline data '
+                    'it still holds and admitted unrecorded (not uploaded; anti-passback does not see them)')
+        return 'scans are not recorded; [store] on_error = "deny": nothing is admitted until it can be written'
+
+    async def _follow_storage(self) -> None:
+        """Notice the store turning read-only or writable again, and open it to match.
+
+        A read-only store is read through read-only connections only, and SQLite shares one WAL index
+        mapping per file in a process: every connection of the daemon is closed before any is opened
+        again (a scan meanwhile fails like any store error, by [store] on_error).
+        """
+        p, path = self.parts, self.config.store.path
+        why = unwritable(path)
+        if (why is None) == (p.store.read_only is None):
+            return
+        stores = [p.store, self.syncer.store]
+        for s in stores:
+            await s.close_store()
+        for s in stores:
+            await s.open_store()
+        if p.store.read_only:
+            log.error("store %s cannot be written any more (%s): %s", path, p.store.read_only,
+                      self._not_recording(), extra={"GATED_EVENT": "store_read_only"})
+        else:
+            log.info("store %s can be written again: scans are recorded again", path,
+                     extra={"GATED_EVENT": "store_writable"})
 
     def _state(self) -> str:
         d = self.parts.decider
@@ -311,6 +365,10 @@ class Daemon:
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             ticks += 1
+            try:
+                await self._follow_storage()
+            except StoreError as e:  # still closed: every call says so, and the next round tries again
+                log.warning("store not opened again: %s", e, extra={"GATED_EVENT": "store_error"})
             await self._refresh_status(self.syncer.store)
             try:
                 # Often enough that the WAL is written over, not grown (Store.checkpoint); with
@@ -319,7 +377,15 @@ class Daemon:
                 if ticks % round(3600 / HOUSEKEEPING_SECONDS) == 0:  # hourly
                     await self.syncer.store.call(Store.prune, self.config.store.retention_seconds)
             except StoreError as e:
-                log.warning("store maintenance failed: %s", e, extra={"GATED_EVENT": "store_error"})
+                # Expected on a full or read-only card, every round while it lasts: said once.
+                if not self._maintenance_failing:
+                    log.warning("store maintenance failed: %s; the gate goes on deciding", e,
+                                extra={"GATED_EVENT": "store_error"})
+                self._maintenance_failing = True
+            else:
+                if self._maintenance_failing:
+                    log.info("store maintenance works again", extra={"GATED_EVENT": "store_ok"})
+                self._maintenance_failing = False
 
     # --- readers ---------------------------------------------------------------------------
 

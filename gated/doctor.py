@@ -422,7 +422,7 @@ async def _store_and_backend(config: Config, system: System, now: float, progres
             facts.checks.append(Check("queue", OK, f"no store yet at {store_path}; gated creates it at first start"))
             return facts
     try:
-        store = StoreThread(store_path, "doctor")
+        store = StoreThread(store_path, "doctor", read_only_ok=True)
     except StoreError as e:
         facts.checks.append(Check("store", FAIL, str(e), "check the file and its folder's permissions; a corrupt "
                                   "store: move it aside and restart gated"))
@@ -431,6 +431,7 @@ async def _store_and_backend(config: Config, system: System, now: float, progres
         if backend.online:
             progress.update(note=f"asking {backend.name}")
             facts.checks.append(await _reach(backend, store, system.backend_timeout))
+        facts.checks += _store_state(config, backend.online, store.read_only, await store.call(Store.replaced))
         facts.newest_scan = await store.call(Store.high_water)
         facts.checks.append(_data_age(config, backend.online, await store.call(backend.data_age, now)))
         facts.checks.append(_queue(await store.call(Store.queue_stats), now))
@@ -485,6 +486,60 @@ async def _reach(backend, store, timeout: float) -> Check:
 async def _start_and_probe(backend, store) -> None:
     await backend.start(store)
     await backend.probe()
+
+
+def _store_state(config: Config, online: bool, read_only: str | None, replaced: dict | None) -> list[Check]:
+    """What the store cannot do now: record (read-only), or remember (a replaced damaged store)."""
+    checks = []
+    on_error = config.store.get("on_error", "deny")
+    if read_only is not None:
+        what = ("every scan is denied" if on_error == "deny"
+                else "scans are admitted unrecorded, never uploaded, unseen by anti-passback")
+        checks.append(Check("store", FAIL, f"{config.store.path} cannot be written ({read_only}): scans are not "
+                            f'recorded; [store] on_error = "{on_error}": {what}',
+                            "the SD card may be failing (dmesg shows why it turned read-only): replace it, or "
+                            "remount it read-write; gated records again by itself once it can write"))
+    if replaced is not None:
+        held = ("an unknown number of scans" if replaced.get("scans") is None
+                else f"at least {replaced['scans']} scans")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(replaced["at"]))
+        until = "until the first successful sync" if online else "until you confirm it"
+        checks.append(Check(
+            "store", WARN, f"replaced a damaged store on {when}, moved aside to {replaced['moved']} ({held}): its "
+            "admissions are lost, so a ticket admitted before may be admitted again; offline decisions follow "
+            f'[offline] fallback = "{config.offline.fallback}" {until}',
+            "make the ticket API reachable: the first sync ends this" if online else
+            "check the lane's history by hand (the old file can be read with sqlite3), then: "
+            "gated doctor --accept-new-store"))
+    return checks
+
+
+def accept_new_store(config_path: str | None = None) -> int:
+    """`gated doctor --accept-new-store`: a technician ends a replaced store's fallback (Store.replaced)."""
+    from gated.store import Store, keep_owner
+
+    path = configmod.config_path(config_path)
+    try:
+        config = configmod.load(path)
+    except ConfigError as e:
+        print(configmod.report(e), file=sys.stderr)
+        return 2
+    try:
+        store = Store(config.store.path)
+        try:
+            info = store.accept_replaced()
+        finally:
+            store.close()
+            keep_owner(config.store.path)
+    except StoreError as e:
+        print(f"gated: {e}", file=sys.stderr)
+        return 1
+    if info is None:
+        print(f"{config.store.path} replaced no damaged store: nothing to confirm")
+    else:
+        print(f"confirmed: {config.store.path} is the lane's store from now on; offline decisions no longer "
+              f"follow [offline] fallback for it (the damaged one stays at {info['moved']})")
+    return 0
 
 
 def _ago(seconds: float) -> str:

@@ -57,6 +57,7 @@ class Reason(StrEnum):
     OFFLINE_NO_DATA = "offline_no_data"
     STALE_DATA = "stale_data"
     CLOCK_UNTRUSTED = "clock_untrusted"
+    STORE_REPLACED = "store_replaced"  # the store was damaged and replaced: admissions before it are unknown
     REPLAY = "replay"
     REJECTED = "rejected"  # the backend said no with a code we have no better word for
     ERROR = "error"  # gated itself failed (store full, bug): deny, logged as a fault

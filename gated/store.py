@@ -43,6 +43,8 @@ _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 WAL_KEEP_BYTES = 16 * 1024 * 1024
 WAL_SHRINK_STEP = 4 * 1024 * 1024
 _WAL_FRAME_BYTES = 4096 + 24  # a page of SQLite's default size and its frame header
+# kv key: set in the fresh store that replaced a damaged one (Store.note_replaced).
+REPLACED_KEY = "store_replaced"
 
 
 class StoreCorrupt(StoreError):
@@ -143,10 +145,22 @@ class QueueStats:
 
 
 class Store:
-    """The SQLite store. Not thread-safe: use one Store per thread."""
+    """The SQLite store. Not thread-safe: use one Store per thread.
 
-    def __init__(self, path: str | os.PathLike[str]):
+    With `read_only_ok`, a store whose storage cannot be written (a filesystem remounted read-only,
+    an immutable file) is opened read-only instead of refused: offline data and admissions can
+    still be read, and every write raises StoreError. `read_only` then says why.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only_ok: bool = False):
         self.path = Path(path)
+        self.read_only = unwritable(self.path) if read_only_ok and self.path.exists() else None
+        self._lists: dict[str, _ListFile] = {}  # list -> its current file, open
+        if self.read_only is not None:
+            self._open_read_only()
+            self._shared_hash: Callable[[str], str] | None = None
+            self._shm_fd: int | None = None
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -178,8 +192,30 @@ class Store:
         # With [mqtt] sharing on: the venue-keyed hash of a ticket identity (gated.mqtt), the form
         # in which other lanes' admissions arrive. None: only this lane's admissions count.
         self._shared_hash: Callable[[str], str] | None = None
-        self._lists: dict[str, _ListFile] = {}  # list -> its current file, open
         self._shm_fd: int | None = None  # the WAL index, for check_writable()
+
+    def _open_read_only(self) -> None:
+        """Open with SQLite's `mode=ro`: it reads the WAL too, through a WAL index it never writes.
+
+        Safe only while no read-write connection to the file is open in this process: SQLite shares
+        one mapping of the WAL index per file and process, and that one would be written (SIGBUS).
+        """
+        try:
+            conn = _connect_read_only(self.path)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            self.db = Database(conn, execute_plugins=False)
+            if migrations.pending(self.db):
+                self.db.close()
+                raise StoreError(f"{self.path}: cannot be written ({self.read_only}), and this version of "
+                                 "gated must first upgrade it")
+            self._high_water = self._max_wall()
+        except sqlite3.DatabaseError as e:
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            if getattr(e, "sqlite_errorcode", None) in _CORRUPT_CODES:
+                raise StoreCorrupt(f"{self.path}: {e}") from e
+            raise StoreError(f"{self.path}: cannot be written ({self.read_only}) and not read: {e}") from e
+        self._wal_frames = 0
 
     def check_writable(self) -> None:
         """StoreError, before SQLite touches the files, when their filesystem cannot be written.
@@ -188,7 +224,10 @@ class Store:
         into memory. On a filesystem gone read-only (an SD card's errors=remount-ro) or an immutable
         file, that write is not an error SQLite can return but SIGBUS, which kills the daemon. Two
         syscalls per store call turn it into a StoreError, which [store] on_error handles per scan.
+        A store opened read-only writes nothing there, so it may go on reading.
         """
+        if self.read_only is not None:
+            return
         try:
             readonly = os.statvfs(self.path.parent).f_flag & os.ST_RDONLY
             if self._shm_fd is None and os.path.exists(f"{self.path}-shm"):
@@ -203,12 +242,22 @@ class Store:
             raise StoreError(f"{self.path}-shm: the file is immutable (chattr +i)")
 
     def close(self) -> None:
+        # The last connection to close checkpoints the WAL, writing the mapped WAL index: on a
+        # store that cannot be written any more that is SIGBUS at stop. Closed without it then.
+        # If that cannot be switched off, the connection is left open (kept referenced) instead.
+        skip_checkpoint = self.read_only is None and unwritable(self.path) is not None
         for listed in self._lists.values():
+            if skip_checkpoint and not _no_checkpoint_on_close(listed.conn):
+                _NOT_CLOSED.append(listed.conn)
+                continue
             listed.close()
         self._lists.clear()
         if self._shm_fd is not None:
             os.close(self._shm_fd)
             self._shm_fd = None
+        if skip_checkpoint and not _no_checkpoint_on_close(self.db.conn):
+            _NOT_CLOSED.append(self.db.conn)
+            return
         self.db.close()
 
     @staticmethod
@@ -244,6 +293,8 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only is not None:
+            raise StoreError(f"{self.path}: cannot be written: {self.read_only}")
         try:
             with self.db.atomic():
                 yield self.db.conn
@@ -417,6 +468,8 @@ class Store:
         VM, 3.9 -> 2.2 device writes a commit). Truncating the WAL here would make every commit
         grow the file again; a WAL grown past WAL_KEEP_BYTES by a burst is cut back by cut_wal().
         """
+        if self.read_only is not None:
+            return -1
         busy, frames, copied = self.db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         # Fewer frames than last time: the WAL was started again in between, all of them are new.
         new = frames - self._wal_frames if frames >= self._wal_frames else frames
@@ -433,6 +486,8 @@ class Store:
         mounted with `discard` held the scan that made the commit 42 ms on the CI VM; and a scan
         waiting for another connection's lock sleeps in SQLite's busy handler (1, 2, 5, 10 ms...).
         """
+        if self.read_only is not None:
+            return False
         conn = self.db.conn
         try:
             size = os.stat(f"{self.path}-wal").st_size
@@ -520,7 +575,7 @@ class Store:
                     self._lists.pop(backend).retire()
                 return None
             try:
-                listed = _ListFile.open(self.lists_dir, name)
+                listed = _ListFile.open(self.lists_dir, name, read_only=self.read_only is not None)
             except StoreError as e:
                 if self.get(f"tickets:{backend}") != name:
                     continue  # switched (and the old file removed) between the two reads: open the new one
@@ -613,6 +668,42 @@ class Store:
         with self._write() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
+    # --- a store that replaced a damaged one -----------------------------------------------
+
+    def note_replaced(self, moved: str | os.PathLike[str], scans: int | None, now: float | None = None) -> None:
+        """Mark this fresh store as the replacement of the damaged one moved to `moved`."""
+        self.set(REPLACED_KEY, json.dumps({"moved": str(moved), "scans": scans,
+                                           "at": time.time() if now is None else now}))
+
+    def replaced(self) -> dict[str, Any] | None:
+        """{"moved", "scans", "at"} while this store replaces a damaged one and the history it lost
+        (anti-passback) is not made good: until a sync (online backends) or a technician's word."""
+        value = self.get(REPLACED_KEY)
+        return json.loads(value) if value else None
+
+    def accept_replaced(self) -> dict[str, Any] | None:
+        """End the replaced state (see replaced()); returns what it was, None when there was none."""
+        info = self.replaced()
+        if info is not None:
+            with self._write() as conn:
+                conn.execute("DELETE FROM kv WHERE key = ?", (REPLACED_KEY,))
+        return info
+
+    @staticmethod
+    def count_scans(path: str | os.PathLike[str]) -> int | None:
+        """How many scans a (damaged) store file holds, None when it cannot be read. Read as immutable,
+        so nothing is written beside it; the WAL is not read, so scans of its last seconds may be missed."""
+        try:
+            conn = sqlite3.connect(f"file:{quote(str(path))}?immutable=1", uri=True)
+        except sqlite3.Error:
+            return None
+        try:
+            return conn.execute("SELECT count(*) FROM scans").fetchone()[0]
+        except sqlite3.Error:
+            return None
+        finally:
+            conn.close()
+
 
 _TICKET_COLUMNS = ("token", "ticket_key", "name", "valid_from", "valid_until", "status", "max_entries",
                    "event_id", "data")
@@ -641,6 +732,92 @@ def keep_owner(store_path: str | os.PathLike[str]) -> None:
                 os.chown(p, st.st_uid, st.st_gid)
         except OSError:
             pass
+
+
+def unwritable(store_path: str | os.PathLike[str]) -> str | None:
+    """Why the store's files cannot be written (a read-only filesystem, an immutable file), or None.
+
+    Only what a failing SD card or a technician's `chattr +i` does: not file permissions, which
+    are a set-up fault and reported as such when the store is opened.
+    """
+    path = Path(store_path)
+    try:
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            return "the filesystem is read-only"
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if _file_immutable(p):
+                return f"{p} is immutable (chattr +i)"
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _file_immutable(path: Path) -> bool:
+    """The immutable flag of a store file (False when it is not there), read through a descriptor
+    kept open: closing any descriptor of a file drops every POSIX lock the process holds on it,
+    SQLite's too, and those tell other processes the store is in use."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    with _FLAG_FDS_LOCK:
+        held = _FLAG_FDS.get(str(path))
+        if held is None or held[1:] != (st.st_dev, st.st_ino):
+            # A file made anew (the WAL index after every connection closed): the old descriptor stays
+            # open for the reason above; one per such change.
+            held = (os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), st.st_dev, st.st_ino)
+            _FLAG_FDS[str(path)] = held
+        return _immutable(held[0])
+
+
+_FLAG_FDS: dict[str, tuple[int, int, int]] = {}  # path -> (descriptor, device, inode), see _file_immutable
+_FLAG_FDS_LOCK = threading.Lock()
+
+
+def _connect_read_only(path: Path, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A read-only connection to a WAL file on storage that cannot be written.
+
+    `mode=ro` reads the WAL too, but needs its WAL index (-shm) to exist already. A store closed
+    cleanly before the card turned read-only has neither: then the file alone is all there is,
+    and `immutable=1` (no locks, no WAL index) reads it; nobody can change it meanwhile.
+    """
+    uri = f"file:{quote(str(path))}"
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=check_same_thread)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.path.exists(f"{path}-wal"):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=check_same_thread)
+
+
+def _no_checkpoint_on_close(conn: sqlite3.Connection) -> bool:
+    """SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE on `conn`, so closing it writes neither the WAL index nor
+    the file; False when this Python offers no safe way to set it."""
+    if hasattr(conn, "setconfig"):  # Python 3.12+
+        conn.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)
+        return True
+    import _sqlite3
+    import ctypes
+
+    # Python 3.11 has no binding: the sqlite3* handle is the first field after the object header
+    # (Modules/_sqlite/connection.h). Used only when SQLite confirms it is this connection's handle.
+    lib = ctypes.CDLL(getattr(_sqlite3, "__file__", None))
+    lib.sqlite3_db_filename.restype = ctypes.c_char_p
+    lib.sqlite3_db_filename.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+    handle = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
+    named = conn.execute("PRAGMA database_list").fetchone()[2]
+    if not handle or lib.sqlite3_db_filename(handle, b"main") != os.fsencode(named):
+        return False
+    lib.sqlite3_db_config(ctypes.c_void_p(handle), ctypes.c_int(_SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE),
+                          ctypes.c_int(1), ctypes.c_void_p(None))
+    return True
+
+
+_SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE = 1006  # sqlite3.h
+_NOT_CLOSED: list[sqlite3.Connection] = []  # see Store.close
 
 
 LIST_LOCK_WAIT = 600.0  # seconds a list load waits for another process's load of the same list
@@ -710,13 +887,16 @@ class _ListFile:
         self.name, self.conn, self.held = name, conn, held
 
     @classmethod
-    def open(cls, folder: Path, name: str) -> _ListFile:
-        """Open a complete list file; never create one (mode=rw)."""
+    def open(cls, folder: Path, name: str, read_only: bool = False) -> _ListFile:
+        """Open a complete list file; never create one (mode=rw, or mode=ro on storage that cannot be written)."""
         path = folder / name
         held = _HOLDS.take(path)
         conn = None
         try:
-            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, check_same_thread=False)
+            if read_only:
+                conn = _connect_read_only(path, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA synchronous = FULL")  # deltas: the sync state in the store says they are in
             conn.execute("SELECT 1 FROM tickets LIMIT 1").fetchall()
@@ -970,15 +1150,41 @@ class StoreThread:
     doing the work on a thread keeps the event loop (readers, watchdog pings) running meanwhile.
     """
 
-    def __init__(self, path: str | os.PathLike[str], name: str = "store"):
+    def __init__(self, path: str | os.PathLike[str], name: str = "store", *, read_only_ok: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
+        self.path = Path(path)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"gated-{name}")
         try:
-            self.store: Store = self._executor.submit(Store, path).result()
+            self.store: Store | None = self._executor.submit(Store, path, read_only_ok=read_only_ok).result()
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
+
+    @property
+    def read_only(self) -> str | None:
+        """Why the store is open read-only (see Store), or None."""
+        return self.store.read_only if self.store is not None else None
+
+    async def close_store(self) -> None:
+        """Close the Store, keeping the thread: every call fails with StoreError until open_store()."""
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_store)
+
+    async def open_store(self, read_only_ok: bool = True) -> None:
+        """Open the Store again (after close_store()); read-only if its storage cannot be written."""
+        import asyncio
+        from functools import partial
+
+        store = await asyncio.get_running_loop().run_in_executor(
+            self._executor, partial(Store, self.path, read_only_ok=read_only_ok))
+        self.store = store
+
+    def _close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         import asyncio
@@ -991,11 +1197,19 @@ class StoreThread:
         return self._executor.submit(self._run, fn, *args, **kwargs).result()
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        self.store.check_writable()
-        return fn(self.store, *args, **kwargs)
+        store = self.store
+        if store is None:
+            raise StoreError(f"{self.path}: the store is being opened again")
+        store.check_writable()
+        try:
+            return fn(store, *args, **kwargs)
+        except sqlite3.Error as e:
+            # A read or PRAGMA outside Store._write (a checkpoint on a full disk): the same StoreError
+            # callers expect, not an unexpected failure.
+            raise StoreError(f"{self.path}: {e}") from e
 
     def close(self) -> None:
         try:
-            self._executor.submit(Store.close, self.store).result()
+            self._executor.submit(self._close_store).result()
         finally:
             self._executor.shutdown(wait=True)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 from gated.errors import GatedError, Unreachable
 from gated.policy.base import Backend
@@ -112,6 +113,7 @@ class Syncer:
         self.store = store
         self.interval = interval
         self._wake = asyncio.Event()
+        self.on_synced: Callable[[], Awaitable[object]] | None = None  # after each sync that succeeded
 
     def wake(self) -> None:
         self._wake.set()
@@ -120,6 +122,8 @@ class Syncer:
         while True:
             try:
                 await self.backend.sync(self.store)
+                if self.on_synced is not None:
+                    await self.on_synced()
             except Unreachable as e:
                 log.info("offline data not refreshed: %s", e, extra={"GATED_EVENT": "sync_failed"})
             except GatedError as e:

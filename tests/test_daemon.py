@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 import struct
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from gated import daemon as daemonmod
 from gated.daemon import Daemon
+from gated.store import Store, lists_dir
 from tests.drivers.support import until
 
 LOCAL = """
@@ -99,3 +106,70 @@ def test_the_daemon_checkpoints_its_store_so_scans_write_the_wal_again_from_its_
 
     code, (first, later, scans) = run_daemon(config, monkeypatch, scenario)
     assert code == 0 and later > first and scans < 200
+
+
+def test_a_store_turning_read_only_under_the_daemon_is_read_read_only_and_recorded_again_once_writable(
+        load_config, tickets_csv, monkeypatch, caplog, tmp_path):
+    """An SD card remounted read-only: SQLite's mapped WAL index must not be touched (SIGBUS), the
+    daemon reopens the store read-only and goes on deciding from it, then records again."""
+    monkeypatch.setattr(daemonmod, "HOUSEKEEPING_SECONDS", 0.05)
+    caplog.set_level(logging.INFO, logger="gated")
+    config = load_config(LOCAL.format(tickets=tickets_csv("token\nT-0001\nT-0002\nT-0003\n"))
+                         + f'[store]\non_error = "admit"\npath = "{tmp_path / "gated.db"}"\n')
+    config.relay["pulse_seconds"] = 0.01
+    config.lane["debounce_seconds"] = 0.001  # T-0001 is scanned again within seconds, as a second visit
+    db = Path(config.store.path)
+
+    def chattr(flag: str) -> bool:
+        files = [db, Path(f"{db}-wal"), Path(f"{db}-shm"), *lists_dir(db).glob("*.sqlite*")]
+        return subprocess.run(["chattr", flag, *map(str, files)], capture_output=True).returncode == 0
+
+    async def scenario(daemon, type_line):
+        log_scan = logging.getLogger("gated.scan")
+        handler = _Lines()
+        log_scan.addHandler(handler)
+        type_line("T-0001")
+        await until(lambda: len(handler.lines) == 1, what="the first scan")
+        other = Store(db)  # another process's commit moves the WAL on: the next read needs a new read mark
+        other.set("moved-on", "1")
+        other.close()
+        os.sync()
+        if not chattr("+i"):
+            return None
+        try:
+            await until(lambda: daemon.parts.store.read_only is not None, what="the store opened read-only")
+            status = daemon._status(0)
+            for code in ("T-0002", "T-0001", "NOPE"):
+                type_line(code)
+            await until(lambda: len(handler.lines) == 4, what="three scans on the read-only store")
+        finally:
+            chattr("-i")
+        await until(lambda: daemon.parts.store.read_only is None, what="the store writable again")
+        type_line("T-0003")
+        await until(lambda: len(handler.lines) == 5, what="a scan once writable")
+        log_scan.removeHandler(handler)
+        verdicts = [" ".join(line.split()[1:3]) for line in handler.lines]
+        return status, verdicts
+
+    code, result = run_daemon(config, monkeypatch, scenario)
+    if result is None:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the immutable flag)")
+    status, verdicts = result
+    assert code == 0
+    assert "STORE READ-ONLY: scans not recorded" in status
+    # Read from the read-only store: the list (unknown refused), and the admission made before (anti-passback).
+    assert verdicts == ["ADMIT ok", "ADMIT ok", "DENY already_used", "DENY unknown", "ADMIT ok"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot be written any more" in m and "immutable" in m for m in messages)
+    assert any("can be written again: scans are recorded again" in m for m in messages)
+    assert [t for (t,) in sqlite3.connect(db).execute("SELECT token FROM scans ORDER BY id")] == ["T-0001", "T-0003"]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "GATED_EVENT", "") == "scan":  # the verdict lines only
+            self.lines.append(record.getMessage())

@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -448,3 +449,38 @@ def test_doctor_run_as_root_leaves_a_store_it_creates_to_the_service_user(entry,
     run_checks(path, machine)  # the Entry backend keeps its session in the store: doctor creates it
     owners = {p.name: p.owner() for p in state.glob("gated.db*")}
     assert "gated.db" in owners and set(owners.values()) == {NOBODY}, owners
+
+
+# --- a store that cannot record, or that replaced a damaged one --------------------------------
+
+
+def test_a_store_that_cannot_be_written_fails_and_says_what_becomes_of_scans(gate, machine):
+    path = gate()
+    store_path = Path(configmod.load(path).store.path)
+    Store(store_path).close()
+    if subprocess.run(["chattr", "+i", str(store_path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the immutable flag)")
+    try:
+        c = line(run_checks(path, machine)[0], "store")
+    finally:
+        subprocess.run(["chattr", "-i", str(store_path)], check=True)
+    assert c.status == FAIL
+    assert f"{store_path} cannot be written ({store_path} is immutable (chattr +i)): scans are not recorded; " \
+           '[store] on_error = "deny": every scan is denied' in c.detail
+    assert "remount it read-write" in c.fix
+
+
+def test_a_replaced_store_warns_what_was_lost_until_the_technician_accepts_it(gate, machine, capsys):
+    path = gate()
+    store_path = configmod.load(path).store.path
+    store = Store(store_path)
+    store.note_replaced("/var/lib/gated/gated.db.corrupt-20261123T150000", 1234)
+    store.close()
+    c = line(run_checks(path, machine)[0], "store")
+    assert c.status == WARN
+    assert "moved aside to /var/lib/gated/gated.db.corrupt-20261123T150000 (at least 1234 scans): its admissions " \
+           "are lost" in c.detail and 'follow [offline] fallback = "policy" until you confirm it' in c.detail
+    assert c.fix.endswith("then: gated doctor --accept-new-store")
+    assert cli.main(["doctor", "--config", path, "--accept-new-store"]) == 0
+    assert "is the lane's store from now on" in capsys.readouterr().out
+    assert "store" not in statuses(run_checks(path, machine)[0])

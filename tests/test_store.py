@@ -332,3 +332,54 @@ def test_a_load_waits_for_another_process_loading_the_same_list_and_gives_up_wit
     s.load_tickets("cm", [{"token": "NEW"}])  # and once it is let go, the load goes through
     assert s.ticket("cm", "NEW") is not None
     s.close()
+
+
+def test_a_store_closed_after_its_files_turned_immutable_closes_without_sigbus(tmp_path):
+    """Closing the last connection checkpoints the WAL, writing SQLite's mapped WAL index: on a file
+    that cannot be written any more that was SIGBUS, e.g. at the daemon's stop on a failing card."""
+    db = tmp_path / "g.db"
+    script = """
+import os, subprocess, sys
+from gated.store import Store
+db = sys.argv[1]
+store = Store(db)
+store.set("a", "1")
+store.db.conn.execute("SELECT count(*) FROM kv").fetchone()
+other = Store(db)
+other.set("b", "2")  # moves the WAL on
+other.close()
+os.sync()
+files = [db, db + "-wal", db + "-shm"]
+if subprocess.run(["chattr", "+i", *files], capture_output=True).returncode != 0:
+    sys.exit(3)
+try:
+    store.close()
+finally:
+    subprocess.run(["chattr", "-i", *files])
+print("closed")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(db)], capture_output=True, text=True, timeout=60)
+    if done.returncode == 3:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the immutable flag)")
+    assert (done.returncode, done.stdout) == (0, "closed\n"), done.stderr
+    assert Store(db).get("b") == "2"  # nothing lost: the WAL is read at the next open
+
+
+def test_a_store_on_storage_that_cannot_be_written_opens_read_only_when_allowed(tmp_path):
+    db = tmp_path / "g.db"
+    with_data = Store(db)
+    record(with_data, "T-1")
+    with_data.close()
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the immutable flag)")
+    try:
+        store = Store(db, read_only_ok=True)
+        try:
+            assert store.read_only == f"{db} is immutable (chattr +i)"
+            assert store.inside("T-1") == (1, 0)  # admissions can still be read: anti-passback works
+            with pytest.raises(StoreError, match="cannot be written: .* is immutable"):
+                record(store, "T-2")
+        finally:
+            store.close()
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)

@@ -140,6 +140,8 @@ class _Keys:
         entry, stamp = None, None
         if self.store is not None:
             try:
+                # Checked first: on storage gone read-only a read here would write the mapped WAL index (SIGBUS).
+                self.store.check_writable()
                 row = self.store.get_data(ENTRY_KEYS)
             except Exception as e:  # a locked or damaged store must not stop the reader
                 log.warning("reader %s: Entry NFC keys not read: %s", self.reader, e)

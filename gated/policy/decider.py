@@ -124,6 +124,8 @@ class Decider:
         degraded = None
         if not clock_ok:
             degraded = Reason.CLOCK_UNTRUSTED
+        elif store.replaced() is not None:  # anti-passback's history was lost with a damaged store
+            degraded = Reason.STORE_REPLACED
         elif age is None:
             degraded = Reason.OFFLINE_NO_DATA
         elif age > self.max_age:
@@ -167,6 +169,9 @@ class Decider:
         if degraded is Reason.OFFLINE_NO_DATA:
             log.warning("no offline data from %s yet; offline decisions follow [offline] fallback = \"%s\"",
                         self.backend.name, self.fallback, extra={"GATED_EVENT": "offline_no_data"})
+        elif degraded is Reason.STORE_REPLACED:
+            log.warning("the store replaced a damaged one, whose admissions are not known here; offline decisions "
+                        "follow [offline] fallback = \"%s\"", self.fallback, extra={"GATED_EVENT": "store_replaced"})
         elif degraded is Reason.STALE_DATA:
             log.warning("offline data is %.0f s old (limit %.0f s); offline decisions follow [offline] "
                         "fallback = \"%s\"", age, self.max_age, self.fallback,
