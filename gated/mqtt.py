@@ -67,13 +67,27 @@ WINDOW = 100  # admissions handed to paho and not yet acknowledged by the broker
 BATCH = 200  # remote admissions committed in one transaction: few fsyncs, short write locks
 STATUS_INTERVAL = 1.0  # retained status at most once a second; the latest value wins
 COMMAND_WINDOW = 60.0  # a command older (or further ahead) than this is refused: no late replays
+COMMANDS_KEY = "mqtt:commands"  # the store's kv entry of the commands obeyed lately (CommandLedger)
+# Messages are a few hundred bytes: anything bigger is refused before it is parsed. (Asking the broker
+# for a Maximum Packet Size instead let 20 oversize messages stall the lane's subscription on
+# Mosquitto 2.0.11; the broker's own max_packet_size, docs/mqtt.md, is the place for that bound.)
+MAX_PAYLOAD = 4096
+MAX_WALL_MS = 2**53  # times beyond this are not real (year 285,000) and lose precision as floats
 # Reconnect quickly after a broker restart, but back off to 15 s so a dead broker is not hammered.
 RECONNECT_MIN, RECONNECT_MAX = 0.5, 15
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_NONCE = re.compile(r"[!-~]{1,64}")  # printable ASCII: scan nonces are UUIDs
 
 
 class BadMessage(GatedError, ValueError):
     """An MQTT message that is not a valid, signed gated message; the text says what is wrong."""
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """Text from a message or topic as it may appear in a log line: cut, and escaped to printable ASCII."""
+    text = value if isinstance(value, str) else repr(value)
+    cut = text[:limit].encode("unicode_escape").decode("ascii")
+    return cut + "…" if len(text) > limit else cut
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -161,22 +175,26 @@ class VenueKey:
         return canonical({**body, "sig": sig})
 
     def open(self, payload: bytes) -> dict[str, Any]:
-        """The body of a signed message; BadMessage when it is not JSON, unsigned or signed by another key."""
+        """The body of a signed message; BadMessage when it is too big, not JSON, unsigned or signed by
+        another key. Never anything else, whatever the payload: it comes from anyone on the broker."""
+        if len(payload) > MAX_PAYLOAD:
+            raise BadMessage(f"{len(payload)} bytes, more than {MAX_PAYLOAD}")
         try:
             body = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise BadMessage("not JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("sig"), str):
             raise BadMessage("not signed")
         sig = body.pop("sig")
         try:
             expected = hmac.new(self._signing, canonical(body), hashlib.sha256).hexdigest()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadMessage("holds a value that cannot be signed") from None
-        if not hmac.compare_digest(sig, expected):
+        # As bytes: compare_digest refuses a str that is not ASCII with a TypeError.
+        if not hmac.compare_digest(sig.encode("utf-8", "surrogatepass"), expected.encode()):
             raise BadMessage("bad signature (not signed with this venue's hmac key)")
         if body.get("v") != VERSION:
-            raise BadMessage(f"unsupported message version {body.get('v')!r}")
+            raise BadMessage(f"unsupported message version {shown(body.get('v'))}")
         return body
 
 
@@ -187,21 +205,29 @@ def admission_body(key: VenueKey, *, lane: str, nonce: str, ticket_key: str, eve
 
 
 def admission_row(body: dict[str, Any], sender: str) -> tuple[str, str, str, float, str]:
-    """(nonce, key_hash, direction, wall, lane) for the admissions table, from a verified body."""
+    """(nonce, key_hash, direction, wall, lane) for the admissions table, from a verified body.
+
+    Every value is checked for type, size and range here, before it can reach SQLite: a lane holding
+    the venue key may still be broken, and a lone surrogate or 2**64 would fail the whole batch.
+    """
     nonce, key, direction, wall_ms, lane = (body.get(k) for k in ("nonce", "key", "direction", "wall_ms", "lane"))
     if body.get("type") != "admission":
-        raise BadMessage(f"a {body.get('type')!r} message on an admission topic")
-    if not isinstance(lane, str) or topic_level(lane) != sender:
+        raise BadMessage(f"a {shown(body.get('type'))} message on an admission topic")
+    if not isinstance(lane, str) or len(lane) > 128 or topic_level(lane) != sender:
         raise BadMessage("its lane does not match the topic it came on")
-    if not isinstance(nonce, str) or not 0 < len(nonce) <= 64:
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
         raise BadMessage("no valid nonce")
     if not isinstance(key, str) or not _HEX64.fullmatch(key):
         raise BadMessage("no valid ticket hash")
     if direction not in ("entry", "exit"):
         raise BadMessage("no valid direction")
-    if not isinstance(wall_ms, int) or isinstance(wall_ms, bool) or wall_ms < 0:
+    if not _valid_wall_ms(wall_ms):
         raise BadMessage("no valid time")
     return nonce, key, direction, wall_ms / 1000, lane
+
+
+def _valid_wall_ms(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_WALL_MS
 
 
 def command_message(key: VenueKey, mode: str, lane: str = "*", now: float | None = None) -> bytes:
@@ -216,17 +242,69 @@ def command_message(key: VenueKey, mode: str, lane: str = "*", now: float | None
 def command_mode(body: dict[str, Any], *, lane: str, to_all: bool, now: float) -> str:
     """The mode a verified command asks for, or BadMessage when it is not for this lane or not fresh."""
     if body.get("type") != "command":
-        raise BadMessage(f"a {body.get('type')!r} message on a command topic")
+        raise BadMessage(f"a {shown(body.get('type'))} message on a command topic")
     if body.get("lane") != ("*" if to_all else lane):
         raise BadMessage("addressed to another lane")
     if body.get("mode") not in MODES:
-        raise BadMessage(f"unknown mode {body.get('mode')!r}")
+        raise BadMessage(f"unknown mode {shown(body.get('mode'))}")
     wall_ms = body.get("wall_ms")
-    if not isinstance(wall_ms, int) or abs(now - wall_ms / 1000) > COMMAND_WINDOW:
+    if not _valid_wall_ms(wall_ms) or abs(now - wall_ms / 1000) > COMMAND_WINDOW:
         raise BadMessage(f"not sent within the last {COMMAND_WINDOW:g} s (old, replayed, or a clock is wrong)")
-    if not isinstance(body.get("nonce"), str):
-        raise BadMessage("no nonce")
+    if not isinstance(body.get("nonce"), str) or not _NONCE.fullmatch(body["nonce"]):
+        raise BadMessage("no valid nonce")
     return body["mode"]
+
+
+class CommandLedger:
+    """The signed commands obeyed lately, kept in the store (kv `mqtt:commands`) so a restart forgets none.
+
+    A command is refused when its nonce was obeyed before, or when it was sent more than
+    COMMAND_WINDOW before the newest command obeyed. Both rules go by the senders' timestamps, not
+    this lane's clock: a nonce can be forgotten once that rule refuses its command anyway, and a
+    lane clock that jumps back cannot make a captured command fresh again.
+
+    Args:
+        get, put: read and write one kv entry of the store; without them the ledger lives in memory.
+    """
+
+    def __init__(self, get: Callable[[str], str | None] | None = None,
+                 put: Callable[[str, str], None] | None = None):
+        memory: dict[str, str] = {}
+        self._get = get or memory.get
+        self._put = put or memory.__setitem__
+        self._lock = threading.Lock()
+
+    def obey(self, nonce: str, wall_ms: int, now: float) -> None:
+        """Record a command as obeyed, before it is applied; BadMessage if it must not be (a replay)."""
+        window_ms = int(COMMAND_WINDOW * 1000)
+        with self._lock:
+            newest, seen = self._load(now)
+            if wall_ms < newest - window_ms:
+                raise BadMessage(f"sent more than {COMMAND_WINDOW:g} s before a command already obeyed "
+                                 "(a replay, or the sender's clock is wrong)")
+            if nonce in seen:
+                raise BadMessage("a replay of a command already obeyed")
+            newest = max(newest, wall_ms)
+            seen = {n: t for n, t in seen.items() if t >= newest - window_ms}
+            seen[nonce] = wall_ms
+            self._put(COMMANDS_KEY, json.dumps({"newest_ms": newest, "seen": seen}, sort_keys=True))
+
+    def _load(self, now: float) -> tuple[int, dict[str, int]]:
+        raw = self._get(COMMANDS_KEY)
+        if raw is None:
+            return 0, {}
+        try:
+            state = json.loads(raw)
+            newest, seen = state["newest_ms"], state["seen"]
+            if isinstance(newest, int) and isinstance(seen, dict) and all(isinstance(t, int) for t in seen.values()):
+                return newest, seen
+        except (ValueError, TypeError, KeyError):
+            pass
+        # Written only by obey(), so the store was damaged. Starting over from this lane's clock still
+        # refuses every command sent more than COMMAND_WINDOW ago; refusing all would end commands for good.
+        log.warning("the record of MQTT commands obeyed (%s in the store) is damaged; started anew",
+                    COMMANDS_KEY, extra={"GATED_EVENT": "mqtt_bad_command"})
+        return int(now * 1000), {}
 
 
 class _Throttle:
@@ -238,7 +316,7 @@ class _Throttle:
         self._hidden = 0
         self._lock = threading.Lock()
 
-    def warn(self, msg: str, *args: Any, event: str) -> None:
+    def warn(self, msg: str, *args: Any, event: str, exc_info: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             if self._last is not None and now - self._last < self.interval:
@@ -247,7 +325,7 @@ class _Throttle:
             hidden, self._hidden, self._last = self._hidden, 0, now
         if hidden:
             msg += f" ({hidden} more like it since the last report)"
-        log.warning(msg, *args, extra={"GATED_EVENT": event})
+        log.warning(msg, *args, extra={"GATED_EVENT": event}, exc_info=exc_info)
 
 
 def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
@@ -279,10 +357,13 @@ class LaneLink:
         backend_type: names the default topic prefix.
         record: writes remote admission rows; returns how many were new (called on the worker thread).
         on_mode: called (on paho's thread) with "free", "locked" or "normal" for a valid command.
+        ledger: the commands obeyed, in the store (see attach); default: in memory only.
+        clock: wall time, for a command's freshness.
     """
 
     def __init__(self, section: Section, *, lane: str, serial: str, backend_type: str,
-                 record: Callable[[list[tuple]], int], on_mode: Callable[[str], None] | None = None):
+                 record: Callable[[list[tuple]], int], on_mode: Callable[[str], None] | None = None,
+                 ledger: CommandLedger | None = None, clock: Callable[[], float] = time.time):
         self.settings = section
         self.key = read_venue_key(section.hmac_key_file)
         self.password = read_secret(section.password_file, "[mqtt] password_file") if section.password_file else None
@@ -316,8 +397,11 @@ class LaneLink:
         self._status: dict[str, Any] = {}
         self._status_dirty = False
         self._status_sent = 0.0
-        self._seen_commands: dict[str, float] = {}
+        self._ledger = ledger or CommandLedger()
+        self._clock = clock
+        # One WARNING a minute each, so a flood on one topic cannot hide what happens on the other.
         self._bad = _Throttle()
+        self._bad_commands = _Throttle()
         self._client: Any = None
         self._worker: threading.Thread | None = None
 
@@ -492,41 +576,45 @@ class LaneLink:
                         "kept here)", self.host, self.port, why, self.queue_size, extra={"GATED_EVENT": "mqtt_down"})
 
     def _on_message(self, client: Any, _userdata: Any, msg: Any) -> None:
+        # Anyone on the broker can send anything: whatever it is, it costs at most one WARNING a
+        # minute (a bad message says why, without a traceback) and it is acknowledged.
         try:
-            if msg.topic.startswith(self.topics.admission_base):
-                if self._take_admission(msg):
+            topic = msg.topic
+            if topic.startswith(self.topics.admission_base):
+                if self._take_admission(msg, topic):
                     return  # acknowledged by the worker once recorded
-            elif msg.topic in (self.topics.command, self.topics.command_all):
-                self._command(msg)
-        except Exception:
-            log.exception("MQTT message on %s not handled", msg.topic)
+            elif topic in (self.topics.command, self.topics.command_all):
+                self._command(msg, topic)
+        except Exception as e:  # a fault of ours, not the message's: the shown line keeps the traceback
+            self._bad.warn("MQTT message not handled: %s", shown(repr(e), 200), event="mqtt_bad_message",
+                           exc_info=True)
         client.ack(msg.mid, msg.qos)
 
-    def _take_admission(self, msg: Any) -> bool:
+    def _take_admission(self, msg: Any, topic: str) -> bool:
         try:
-            row = admission_row(self.key.open(msg.payload), msg.topic[len(self.topics.admission_base):])
+            row = admission_row(self.key.open(msg.payload), topic[len(self.topics.admission_base):])
         except BadMessage as e:
-            self._bad.warn("ignored an MQTT message on %s: %s", msg.topic, e, event="mqtt_bad_message")
+            self._bad.warn("ignored an MQTT message on %s: %s", shown(topic, 200), e, event="mqtt_bad_message")
             return False
         with self._lock:
             self._inbox.append((self._generation, msg.mid, msg.qos, row))
         self._wake.set()
         return True
 
-    def _command(self, msg: Any) -> None:
-        now = time.time()
+    def _command(self, msg: Any, topic: str) -> None:
+        now = self._clock()
         try:
             if msg.retain:
                 raise BadMessage("retained; commands are obeyed only when sent")
             body = self.key.open(msg.payload)
-            mode = command_mode(body, lane=self.lane, to_all=msg.topic == self.topics.command_all, now=now)
-            with self._lock:
-                self._seen_commands = {n: t for n, t in self._seen_commands.items() if now - t <= COMMAND_WINDOW}
-                if body["nonce"] in self._seen_commands:
-                    raise BadMessage("a replay of a command already obeyed")
-                self._seen_commands[body["nonce"]] = now
+            mode = command_mode(body, lane=self.lane, to_all=topic == self.topics.command_all, now=now)
+            try:
+                self._ledger.obey(body["nonce"], body["wall_ms"], now)
+            except StoreError as e:  # not recorded as obeyed: obeyed, it could be replayed
+                raise BadMessage(f"cannot be recorded as obeyed ({e})") from None
         except BadMessage as e:
-            self._bad.warn("refused an MQTT command on %s: %s", msg.topic, e, event="mqtt_bad_command")
+            self._bad_commands.warn("refused an MQTT command on %s: %s", shown(topic, 200), e,
+                                    event="mqtt_bad_command")
             return
         log.info("%s mode %s requested by a signed MQTT command", self.lane, mode,
                  extra={"GATED_EVENT": "mqtt_command", "GATED_LANE": self.lane})
@@ -639,15 +727,18 @@ def attach(config: Config, store: StoreThread, gate: Gate,
            on_mode: Callable[[str], None] | None = None) -> LaneLink | None:
     """Build and start the lane link for `config`, wired to the gate and the scan path's store; None without [mqtt].
 
-    Raises ConfigError when a secret file is wrong. Remote admissions are written through the scan
-    path's own store thread: SQLite then has one writer, and anti-passback reads them at once.
+    Raises ConfigError when a secret file is wrong. Remote admissions, and the commands obeyed, are
+    written through the scan path's own store thread: SQLite then has one writer, anti-passback reads
+    the admissions at once, and a restarted lane still knows which commands it obeyed.
     """
     if config.mqtt is None:
         return None
     from gated.store import Store  # not at import time: gated.config imports this module for SCHEMA
 
+    ledger = CommandLedger(get=lambda key: store.call_sync(Store.get, key),
+                           put=lambda key, value: store.call_sync(Store.set, key, value))
     link = LaneLink(config.mqtt, lane=config.lane.name, serial=config.lane.serial, backend_type=config.backend.type,
-                    record=lambda rows: store.call_sync(Store.record_shared, rows), on_mode=on_mode)
+                    record=lambda rows: store.call_sync(Store.record_shared, rows), on_mode=on_mode, ledger=ledger)
     if config.mqtt.share_admissions:
         store.call_sync(Store.share_identities, link.key.ticket)
         gate.on_decided.append(lambda scan, decision: link.admitted(scan, decision, gate.scan_mode))
