@@ -14,6 +14,8 @@ for them in the queue.
 - With the API slow but healthy (answering in a bit over half the deadline), the visitors queued
   behind its calls keep their deadline too, and the breaker stays closed: a scan left with too
   little time is decided offline without asking, instead of making the API look dead.
+- `gated scan` reads its code before it logs in and syncs, which no reader's scan waits for: its
+  deadline starts when the gate is ready, so an installer's test scan still asks the API.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import gated_faults_backends as backends  # tests/faults/backends.py, registered
 import pytest
 
 from gated.config import Config
-from gated.daemon import Daemon, Parts, build
+from gated.daemon import Daemon, Parts, build, one_scan
 from gated.model import Decision, Scan, Source, Verdict
 
 BACKENDS = backends.available_backends()
@@ -124,3 +126,13 @@ def test_scans_queued_behind_a_slow_but_healthy_api_keep_their_deadline_and_the_
     assert all("deadline left to ask" in d.detail for d in decisions if d.source is Source.OFFLINE)
     waited = [ms for ms, _, _ in scans]
     assert max(waited) <= DEADLINE * 1000 + MARGIN_MS, [f"{ms:.0f} ms" for ms in waited]
+
+
+def test_gated_scan_asks_the_api_however_long_its_start_took(make_kit, load_config):
+    kit = make_kit("entry", n_tokens=1)
+    cfg = backends.quick(load_config(kit.toml(kit.sim.url, deadline=DEADLINE)))
+    # Read two deadlines ago, as when `gated scan` spent that long logging in and syncing.
+    scan = Scan(token=kit.tokens[0], reader="front", received=time.monotonic() - 2 * DEADLINE)
+
+    code, line = asyncio.run(one_scan(cfg, scan, "front"))
+    assert code == 0 and " ADMIT ok online " in line, line
