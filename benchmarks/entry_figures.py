@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -146,6 +147,77 @@ def dead_server(n: int) -> list[Figure]:
     ]
 
 
+def hanging_burst(bursts: int) -> list[Figure]:
+    """Bursts of 6 scans 150 ms apart, all inside one deadline, with the server stalled: each scan is read
+    when it arrives, queued and taken by the daemon's own decision loop, as a reader's scans are."""
+    from gated.daemon import Daemon, build
+
+    sim = EntrySimulator().start()
+    cfg = _config(workdir(), sim.url)
+    size, spacing = 6, 0.15
+
+    async def burst(daemon: Daemon, first: int) -> tuple[list[float], list[float]]:
+        parts = daemon.parts
+        acted: list[float] = []
+        done = asyncio.Event()
+
+        def on_decided(scan: Scan, decision) -> None:
+            acted.append(parts.gate.last_act_ms)
+            if len(acted) == size:
+                done.set()
+
+        parts.gate.on_decided[:] = [on_decided]
+        daemon.stopping.clear()
+        loop = asyncio.get_running_loop().create_task(daemon._decision_loop())
+        start = time.monotonic()
+        try:
+            for i in range(size):
+                await asyncio.sleep(max(0.0, start + i * spacing - time.monotonic()))  # the arrivals
+                parts.gate.quiet.enter()  # as Daemon._pump hands a reader's scan over
+                daemon.queue.put_nowait((Scan(token=f"39015{first + i:08d}", reader="front"), "front"))
+            await asyncio.wait_for(done.wait(), 30)
+        finally:
+            daemon.stopping.set()
+            await loop
+        rows = await parts.store.call(lambda s: list(s.db.query(
+            "SELECT latency_ms FROM scans ORDER BY id DESC LIMIT ?", [size])))
+        return [r["latency_ms"] for r in reversed(rows)], acted
+
+    async def run() -> tuple[list[float], list[float]]:
+        daemon = Daemon(cfg)
+        daemon.parts = parts = await build(cfg)
+        verdict_ms, acted_ms = [], []
+        try:
+            await parts.backend.sync(parts.store)
+            for b in range(bursts):
+                parts.decider.breaker.close()  # each burst meets the API hanging with the breaker closed
+                sim.stall.set()
+                decided, acted = await burst(daemon, b * size)
+                sim.stall.clear()  # the held requests end; their clients have long gone
+                verdict_ms += decided
+                acted_ms += acted
+                await asyncio.sleep(0.2)
+        finally:
+            await parts.close()
+        return verdict_ms, acted_ms
+
+    quiet = logging.getLogger("gated.policy.decider")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the breaker opens in every burst: one warning each, on purpose
+    try:
+        verdict_ms, acted_ms = asyncio.run(run())
+    finally:
+        quiet.setLevel(level)
+        sim.stop()
+    limit = DEADLINE * 1000 + 10
+    return [
+        Figure("entry API hanging, burst of 6: worst wait (read -> verdict)",
+               f"worst {max(verdict_ms):.2f} ms (p50 {pct(verdict_ms, 50):.2f} ms, n={len(verdict_ms)})",
+               f"<= {limit:.0f} ms", max(verdict_ms) <= limit),
+        Figure("  the same, read -> relay command incl. commit", latency_text(acted_ms), "-", None),
+    ]
+
+
 def upload(n: int) -> list[Figure]:
     """Uploader.drain() of n scans queued offline: gzip batches of 100 to the simulator."""
     from gated.policy import build_backend
@@ -269,7 +341,8 @@ def _reason():
 
 
 def figures(quick: bool) -> list[Figure]:
-    return [*online(300 if quick else 2000), *dead_server(3 if quick else 10), *upload(2000 if quick else 10_000),
+    return [*online(300 if quick else 2000), *dead_server(3 if quick else 10), *hanging_burst(3 if quick else 10),
+            *upload(2000 if quick else 10_000),
             *upload_during_scans(10_000 if quick else 100_000)]
 
 

@@ -520,6 +520,9 @@ async def one_scan(config: Config, scan: Scan, label: str) -> tuple[int, str]:
                 await parts.backend.sync(parts.store)
             except Unreachable as e:
                 log.warning("offline data not refreshed: %s", e, extra={"GATED_EVENT": "sync_failed"})
+        # The online deadline runs from the read (Decider): here the code was "read" before the gate
+        # was built and its data synced, time no reader's scan ever spends, so it starts now.
+        scan = replace(scan, received=time.monotonic())
         decision = await parts.gate.handle(scan, label)
         await parts.outputs.settle()  # a relay pulse cut short lets nobody through
     finally:

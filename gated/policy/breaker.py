@@ -4,6 +4,11 @@ Pure state, no I/O: the caller reports each call's outcome and asks whether to c
 Following pretixSCAN, the breaker opens after `failures` bad calls within the last `window`;
 a call that answered but took longer than `slow_seconds` counts as bad, because the next one
 will probably be slow too. While open, only a background probe may close it.
+
+A call cut off by its deadline counts as bad when it is cut off, not when the connection gives
+up. The decider gives every call at least `slow_seconds` (gated.policy.decider), so "no answer
+within the budget" and "slower than `slow_seconds`" mean the same thing: a visitor who waited in
+a queue never makes a healthy API look dead by being asked with too little time left.
 """
 
 from __future__ import annotations

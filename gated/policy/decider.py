@@ -11,6 +11,24 @@ Failure cases, and why each ends where it does:
   untrusted; `deny` fails secure; `admit` keeps the queue moving). Each is logged on its edge.
 - Anti-passback applies to every offline entry: a ticket already admitted as often as it may
   enter is denied `already_used`, whichever lane or source admitted it before.
+
+The deadline is per visitor: `[backend] timeout_seconds` counts from the moment the scan was read
+(`Scan.received`), so time spent in the queue behind earlier scans comes out of the online budget.
+- Scans are decided one at a time, in the order they were read, never in parallel. The relay opens
+  the turnstile for whoever stands in it, which is the earlier visitor: a later scan's verdict
+  acted on first would let the wrong person through. And two scans of one ticket in flight at once
+  (one online, one offline) could both be admitted, since neither is recorded yet when the other is
+  decided. In order, a scan queued behind a hanging call waits at most until that call's own
+  deadline, which is earlier than its own.
+- A scan with less than `min_budget` (3/4 of the deadline) left is decided offline at once, without
+  asking the API. A healthy API may take up to that long (an answer is "slow" only beyond it), so
+  a shorter call would often be cut off, cost the visitor the rest of the deadline for nothing and
+  make a normal-speed API look dead to the breaker. Such a scan is not reported to the breaker.
+- Every call is therefore given at least `min_budget`, the breaker's own threshold for "slow": a call
+  that runs out of its budget counts as a failure the moment the budget ends, like an answer slower
+  than that threshold. With the API hanging, the first scan of a burst fails at its deadline, the
+  scans queued behind it are decided offline at once, and the next scan fresh enough to be asked
+  fails at its own deadline and opens the breaker.
 """
 
 from __future__ import annotations
@@ -31,6 +49,8 @@ from gated.store import Store, StoreThread
 log = logging.getLogger(__name__)
 
 EARLIEST_TRUSTED = 1704067200.0  # 2024-01-01T00:00:00Z: a clock before this never synced
+# Share of the deadline beyond which an answer counts as slow, and the least budget worth asking with.
+SLOW_SHARE = 0.75
 
 
 class Decider:
@@ -41,9 +61,8 @@ class Decider:
         self.clock = clock
         self.emergency = False
         self.on_reconnect: list[Callable[[], None]] = []
+        self.breaker = Breaker(config.backend.breaker_failures, config.backend.breaker_window)
         self.apply(config)
-        self.breaker = Breaker(config.backend.breaker_failures, config.backend.breaker_window,
-                               slow_seconds=0.75 * self.timeout)
         self._clock_ok = True
         self._degraded: Reason | None = None
         self._probe_task: asyncio.Task | None = None
@@ -52,6 +71,8 @@ class Decider:
         """Take the settings that a reload may change without rebuilding anything."""
         self.mode = config.lane.mode
         self.timeout = config.backend.timeout_seconds
+        self.min_budget = SLOW_SHARE * self.timeout
+        self.breaker.slow_seconds = self.min_budget
         self.offline_first = config.backend.offline_first or not self.backend.online or self.backend.offline_first
         self.fallback = config.offline.fallback
         self.max_age = config.offline.max_age_seconds
@@ -77,12 +98,16 @@ class Decider:
         why = "offline-first" if self.backend.online else ""
         unanswered = False
         if not self.offline_first:
-            if self.breaker.allows():
-                decision, why, unanswered = await self._online(scan, scan_mode)
+            budget = self.timeout - (time.monotonic() - scan.received)
+            if not self.breaker.allows():
+                why = "API unreachable (breaker open)"
+            elif budget < self.min_budget:
+                why = (f"read {(self.timeout - budget) * 1000:.0f} ms ago: too little of the "
+                       f"{self.timeout:g}s deadline left to ask the API")
+            else:
+                decision, why, unanswered = await self._online(scan, scan_mode, budget)
                 if decision is not None:
                     return decision
-            else:
-                why = "API unreachable (breaker open)"
         return await self.store.call(self._offline_then, scan, scan_mode, why, unanswered, commit)
 
     def _offline_then(self, store: Store, scan: Scan, scan_mode: ScanMode, why: str, unanswered: bool,
@@ -94,11 +119,15 @@ class Decider:
             commit(store, decision)
         return decision
 
-    async def _online(self, scan: Scan, scan_mode: ScanMode) -> tuple[Decision | None, str, bool]:
-        """(the API's decision, or None and why not, and whether the request may have reached it)."""
+    async def _online(self, scan: Scan, scan_mode: ScanMode,
+                      budget: float) -> tuple[Decision | None, str, bool]:
+        """(the API's decision, or None and why not, and whether the request may have reached it).
+
+        The call is cut off when `budget` runs out, at the scan's own deadline, and the breaker
+        hears of it then, not when a hanging connection finally gives up."""
         started = time.monotonic()
         try:
-            decision = await asyncio.wait_for(self.backend.validate(scan, scan_mode), self.timeout)
+            decision = await asyncio.wait_for(self.backend.validate(scan, scan_mode), budget)
         except (Unreachable, TimeoutError) as e:
             why = str(e) if isinstance(e, Unreachable) else f"no answer within {self.timeout:g}s"
             if self.breaker.record(False, time.monotonic() - started, time.monotonic()):

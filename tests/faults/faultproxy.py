@@ -5,6 +5,7 @@ reads each HTTP/1.1 request off the client connection and then, by the current `
 
     pass          forward to the simulator and return its answer
     stall         read the request, never answer (the simulator never sees it)
+    delay         forward, and return the answer `delay` s after the request came (a slow but working API)
     slow_body     forward; send the answer's headers at once, then its body one byte every `drip` s
     reset         read the request, then reset the connection (RST, SO_LINGER 0)
     status:<n>    answer <n> itself: 500 with a JSON error, 502/503 with a proxy's HTML page
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-MODES = ("pass", "stall", "slow_body", "reset", "status:500", "status:502", "status:503", "html", "truncated",
+MODES = ("pass", "stall", "delay", "slow_body", "reset", "status:500", "status:502", "status:503", "html", "truncated",
          "invalid_json", "shape_object", "shape_list", "tls_plain", "tls_untrusted")
 
 _HTML_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
@@ -71,10 +72,12 @@ class Exchange:
 class FaultProxy:
     """`FaultProxy(upstream_port)`; `.url` for gated; `.set(mode)`; `.close()`. TLS when `tls` is given."""
 
-    def __init__(self, upstream_port: int, *, tls: TlsMaterial | None = None, drip: float = 0.05):
+    def __init__(self, upstream_port: int, *, tls: TlsMaterial | None = None, drip: float = 0.05,
+                 delay: float = 0.5):
         self.upstream = ("127.0.0.1", upstream_port)
         self.tls = tls
         self.drip = drip
+        self.delay = delay
         self.mode = "pass"
         self.requests: list[Exchange] = []
         self._lock = threading.Lock()
@@ -192,7 +195,15 @@ class FaultProxy:
             writer.write(_response(status, phrase, [("Content-Type", kind)], text))
             await writer.drain()
             return True
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         status_line, headers, answer = await self._forward(head + body)
+        if mode == "delay":
+            try:
+                await asyncio.wait_for(changed.wait(), max(0.0, arrived + self.delay - loop.time()))
+                return False  # the fault ended: drop the answer, as a stall does
+            except TimeoutError:
+                pass
         if mode == "truncated":
             answer = answer[: len(answer) // 2]
         if mode == "slow_body":

@@ -91,3 +91,20 @@ def test_clock_earlier_than_the_newest_recorded_scan_is_untrusted(cfg):
 def test_trusted_clock_applies_time_windows(cfg):
     assert asyncio.run(_decide(cfg(), "T-FUTURE")).reason is Reason.NOT_YET_VALID
     assert asyncio.run(_decide(cfg(), "T-PAST")).reason is Reason.EXPIRED
+
+
+def test_a_reloaded_deadline_moves_what_the_breaker_calls_slow(load_config, tickets_csv):
+    """After a reload to a 2 s deadline, answers in 1 s are in time and must not open the breaker."""
+    csv = tickets_csv(CSV)
+    config = load_config(f'[backend]\ntimeout_seconds = 0.8\n[backend.local]\ntickets = "{csv}"\n')
+    longer = load_config(f'[backend]\ntimeout_seconds = 2.0\n[backend.local]\ntickets = "{csv}"\n')
+
+    async def run():
+        parts = await build(config)
+        try:
+            parts.decider.apply(longer)  # what a SIGHUP reload does
+            return [parts.decider.breaker.record(True, 1.0, t) for t in range(3)]
+        finally:
+            await parts.close()
+
+    assert asyncio.run(run()) == [False] * 3
