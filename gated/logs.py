@@ -35,18 +35,24 @@ MESSAGE_IDS = {
 }
 
 
-MAX_LINE = 1000  # characters of one log message; a technician reads lines, not documents
+MAX_LINE = 1000  # characters of one value in a log line; a technician reads lines, not documents
+MAX_MESSAGE = 8000  # the whole message, a multi-line report of config problems included
 
 # What must never reach a terminal or a journal line raw: C0 and C1 controls (newline, ESC and so
 # CSI sequences), DEL, line and paragraph separators, the invisible and bidirectional formatting
 # characters that can make a line read differently from what it holds, and lone surrogates.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
-                     "\ufeff\ufff9-\ufffb\ud800-\udfff]")
+_UNSAFE = "\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
+_UNSAFE_TEXT = re.compile("[\x00-\x1f" + _UNSAFE + "]")
+_UNSAFE_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f" + _UNSAFE + "]")
 
 
 def _escape(match: re.Match) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def clean(text: object, limit: int = MAX_LINE) -> str:
@@ -55,31 +61,48 @@ def clean(text: object, limit: int = MAX_LINE) -> str:
 
     Backslashes are left as they are, so cleaning twice changes nothing.
     """
-    text = text if isinstance(text, str) else str(text)
-    if len(text) > limit:
-        text = text[:limit - 1] + "…"
-    if _UNSAFE.search(text) is not None:
-        text = _UNSAFE.sub(_escape, text)
-        if len(text) > limit:
-            text = text[:limit - 1] + "…"
+    text = _cut(text if isinstance(text, str) else str(text), limit)
+    if _UNSAFE_TEXT.search(text) is not None:
+        text = _cut(_UNSAFE_TEXT.sub(_escape, text), limit)
     return text
 
 
-def _traceback(text: str) -> str:
-    """A traceback under its line, each of its lines cleaned and indented: an exception's message
-    (which may quote outside text) can never start a line of its own."""
-    return "".join(f"\n  {clean(line, MAX_LINE)}" for line in text.splitlines())
+def _clean_arg(value: object) -> object:
+    # Text and exceptions are where outside words arrive (a server's message, a file's line);
+    # numbers keep their type for %d and %.1f.
+    return clean(value) if isinstance(value, str | BaseException) else value
+
+
+def message(record: logging.LogRecord) -> str:
+    """A record's message made safe, as every handler here writes it.
+
+    Each argument is cleaned, so text from outside stays on its line. Line breaks of gated's own
+    (a report of config problems) are kept, every further line indented: no line a record makes
+    can start like a line of its own, so none can be forged.
+    """
+    args = record.args
+    if isinstance(args, tuple):
+        args = tuple(_clean_arg(a) for a in args)
+    elif isinstance(args, dict):
+        args = {k: _clean_arg(v) for k, v in args.items()}
+    text = str(record.msg)
+    if args:
+        text = text % args
+    text = _cut(text, MAX_MESSAGE)
+    if _UNSAFE_BUT_NEWLINE.search(text) is not None:
+        text = _UNSAFE_BUT_NEWLINE.sub(_escape, text)
+    return text.replace("\n", "\n  ")
 
 
 class _SafeFormatter(logging.Formatter):
-    """The message cleaned, then the traceback (bugs only) indented below it."""
+    """The message made safe (`message`), then the traceback (bugs only) indented below it."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = clean(record.getMessage())
+        text = message(record)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            text += _traceback(record.exc_text)
+            text += "".join(f"\n  {clean(line)}" for line in record.exc_text.splitlines())
         return text
 
 
