@@ -67,9 +67,16 @@ def clean(text: object, limit: int = MAX_LINE) -> str:
     return text
 
 
+class Lines(str):
+    """gated's own text of several lines (a report of config problems), as a log argument: its line
+    breaks are kept, each further line indented, where those of any other text are escaped."""
+
+
 def _clean_arg(value: object) -> object:
     # Text and exceptions are where outside words arrive (a server's message, a file's line);
     # numbers keep their type for %d and %.1f.
+    if isinstance(value, Lines):
+        return value  # `message` still escapes its control characters and indents its lines
     return clean(value) if isinstance(value, str | BaseException) else value
 
 
@@ -77,7 +84,7 @@ def message(record: logging.LogRecord) -> str:
     """A record's message made safe, as every handler here writes it.
 
     Each argument is cleaned, so text from outside stays on its line. Line breaks of gated's own
-    (a report of config problems) are kept, every further line indented: no line a record makes
+    (in the format string, or an argument marked `Lines`) are kept, every further line indented: no line a record makes
     can start like a line of its own, so none can be forged.
     """
     args = record.args
