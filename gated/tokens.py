@@ -39,7 +39,7 @@ def normalise(
       padding), an AIM identifier, then the configured prefix and suffix (AIM comes first on the
       wire, before any prefix), then the ends again.
     - GS (0x1D) inside is removed: it is the GS1 field separator (FNC1) that scanners send inside
-      GS1 codes, not a character of the ticket's printed text (removed so before, kept so).
+      GS1 codes, not a character printed or typed as part of a ticket.
     - Refused: any other control character inside (NUL, ESC, DEL, C1): `DEMO-\\x000001` is not
       DEMO-0001; undecodable bytes (lone surrogates, U+FFFD), which no store or API can hold; empty
       or oversize input.
