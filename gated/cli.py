@@ -12,7 +12,7 @@ import time
 
 from gated import __version__
 from gated import config as configmod
-from gated.errors import ConfigError, DriverError, GatedError, StoreError
+from gated.errors import BackendRejected, ConfigError, GatedError, StoreError
 
 EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
@@ -73,6 +73,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from gated import logs
     from gated.daemon import one_scan
     from gated.drivers.base import DEFAULT_INPUT
+    from gated.drivers.stdin import read_lines
     from gated.model import InputKind, Scan
 
     config = _load(args.config)
@@ -82,7 +83,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if not journal:  # the verdict line goes to stdout; do not print it twice
         for handler in logging.getLogger().handlers:
             handler.addFilter(_NoScanLines())
-    token = sys.stdin.readline().rstrip("\r\n") if args.token == "-" else args.token
+    # Bytes that are not text reach the pipeline as such (and are denied malformed), whatever the locale.
+    token = next(read_lines(sys.stdin.buffer, sys.stdin.encoding or "utf-8"), "").rstrip("\r\n") \
+        if args.token == "-" else args.token
     reader = args.reader or "cli"
     section = config.readers.get(reader)
     if args.reader and section is None:
@@ -98,8 +101,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(configmod.report(e), file=sys.stderr)
         return EXIT_ERROR
-    except (StoreError, DriverError) as e:
-        print(f"gated: {e}", file=sys.stderr)
+    except BackendRejected as e:  # bad credentials or list, a refused set-up: the installer must act
+        print(f"gated: the ticket API refused: {logs.clean(e)}; the token was not decided", file=sys.stderr)
+        return EXIT_ERROR
+    except GatedError as e:
+        print(f"gated: {logs.clean(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - whatever else came from outside: a message and exit 2, as promised
+        logging.getLogger("gated").debug("gated scan failed", exc_info=True)
+        print(f"gated: the scan failed: {logs.clean(f'{type(e).__name__}: {e}')} (--debug shows where)",
+              file=sys.stderr)
         return EXIT_ERROR
     print(line)
     return code

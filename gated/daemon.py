@@ -28,6 +28,7 @@ from gated.drivers import build_reader
 from gated.drivers.base import Reader
 from gated.drivers.gpio import Outputs, make_pin_factory
 from gated.errors import ConfigError, DriverError, GatedError, StoreError, Unreachable
+from gated.logs import Lines
 from gated.model import Scan
 from gated.notify import Notifier
 from gated.pipeline import Gate
@@ -186,7 +187,7 @@ class Daemon:
         try:
             self.parts = await build(c, simulate=self.simulate)
         except ConfigError as e:  # a secret file found wrong only when the backend reads it
-            log.error("cannot start:\n%s", configmod.report(e), extra={"GATED_EVENT": "start_failed"})
+            log.error("cannot start:\n%s", Lines(configmod.report(e)), extra={"GATED_EVENT": "start_failed"})
             return 2
         except (StoreError, DriverError) as e:
             log.error("cannot start: %s", e, extra={"GATED_EVENT": "start_failed"})
@@ -207,7 +208,7 @@ class Daemon:
             self.link = mqtt.attach(c, p.store, p.gate, on_mode=lambda mode: loop.call_soon_threadsafe(
                 self.queue.put_nowait, _SetMode(mode)))
         except ConfigError as e:  # a secret file found wrong only when it is read
-            log.error("cannot start:\n%s", configmod.report(e), extra={"GATED_EVENT": "start_failed"})
+            log.error("cannot start:\n%s", Lines(configmod.report(e)), extra={"GATED_EVENT": "start_failed"})
             await p.close()
             return 2
         self.uploader = Uploader(p.backend, p.store)
@@ -431,7 +432,7 @@ class Daemon:
         try:
             new = configmod.load(self.config.path)
         except ConfigError as e:
-            log.error("configuration not reloaded, the running one stays:\n%s", configmod.report(e),
+            log.error("configuration not reloaded, the running one stays:\n%s", Lines(configmod.report(e)),
                       extra={"GATED_EVENT": "config_rejected"})
             return
         old, p, changed = self.config, self.parts, []

@@ -2,13 +2,16 @@
 
 A scan is one line, lane first, so `journalctl -u gated` reads on a phone and greps cleanly:
     north-3 ADMIT ok online entry hid:front …4411 142ms "Good Ticket"
-The words ADMIT and DENY appear only as a scan's verdict.
+The words ADMIT and DENY appear only as a scan's verdict. Every line is made safe here (`clean`),
+whoever wrote it and whatever a server or list put into it: one line, no control or escape
+sequence, bounded, so nobody outside can forge a line or drive the terminal.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 NOTICE = 25  # syslog's NOTICE sits between INFO and WARNING: denies are notable, not faults
@@ -30,6 +33,84 @@ MESSAGE_IDS = {
     "offline_no_data": "acd197c0c14345b89dc6bd706a0bfcf0",
     "stale_data": "869a8c2b9e454a7290f2a22768ece256",
 }
+
+
+MAX_LINE = 1000  # characters of one value in a log line; a technician reads lines, not documents
+MAX_MESSAGE = 8000  # the whole message, a multi-line report of config problems included
+
+# What must never reach a terminal or a journal line raw: C0 and C1 controls (newline, ESC and so
+# CSI sequences), DEL, line and paragraph separators, the invisible and bidirectional formatting
+# characters that can make a line read differently from what it holds, and lone surrogates.
+_UNSAFE = "\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
+_UNSAFE_TEXT = re.compile("[\x00-\x1f" + _UNSAFE + "]")
+_UNSAFE_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f" + _UNSAFE + "]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def clean(text: object, limit: int = MAX_LINE) -> str:
+    """`text` made safe for one log line or the terminal: unsafe characters written as escapes
+    (`\\x0a`, `\\x1b`, `\\u202e`), cut to `limit` characters with an ellipsis.
+
+    Backslashes are left as they are, so cleaning twice changes nothing.
+    """
+    text = _cut(text if isinstance(text, str) else str(text), limit)
+    if _UNSAFE_TEXT.search(text) is not None:
+        text = _cut(_UNSAFE_TEXT.sub(_escape, text), limit)
+    return text
+
+
+class Lines(str):
+    """gated's own text of several lines (a report of config problems), as a log argument: its line
+    breaks are kept, each further line indented, where those of any other text are escaped."""
+
+
+def _clean_arg(value: object) -> object:
+    # Text and exceptions are where outside words arrive (a server's message, a file's line);
+    # numbers keep their type for %d and %.1f.
+    if isinstance(value, Lines):
+        return value  # `message` still escapes its control characters and indents its lines
+    return clean(value) if isinstance(value, str | BaseException) else value
+
+
+def message(record: logging.LogRecord) -> str:
+    """A record's message made safe, as every handler here writes it.
+
+    Each argument is cleaned, so text from outside stays on its line. Line breaks of gated's own
+    (in the format string, or an argument marked `Lines`) are kept, every further line indented: no line a record makes
+    can start like a line of its own, so none can be forged.
+    """
+    args = record.args
+    if isinstance(args, tuple):
+        args = tuple(_clean_arg(a) for a in args)
+    elif isinstance(args, dict):
+        args = {k: _clean_arg(v) for k, v in args.items()}
+    text = str(record.msg)
+    if args:
+        text = text % args
+    text = _cut(text, MAX_MESSAGE)
+    if _UNSAFE_BUT_NEWLINE.search(text) is not None:
+        text = _UNSAFE_BUT_NEWLINE.sub(_escape, text)
+    return text.replace("\n", "\n  ")
+
+
+class _SafeFormatter(logging.Formatter):
+    """The message made safe (`message`), then the traceback (bugs only) indented below it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = message(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "".join(f"\n  {clean(line)}" for line in record.exc_text.splitlines())
+        return text
 
 
 def under_systemd() -> bool:
@@ -55,6 +136,10 @@ class _Journal:
                 event = getattr(record, "GATED_EVENT", None)
                 if event in MESSAGE_IDS and not hasattr(record, "MESSAGE_ID"):
                     record.MESSAGE_ID = MESSAGE_IDS[event]
+                # Fields show in `journalctl -o verbose` and exports: the same rule as MESSAGE.
+                for key, value in record.__dict__.items():
+                    if key.startswith("GATED_") and isinstance(value, str):
+                        record.__dict__[key] = clean(value)
                 super().emit(record)
 
             @staticmethod
@@ -63,19 +148,18 @@ class _Journal:
                     return journal.LOG_NOTICE
                 return journal.JournalHandler.map_priority(levelno)
 
-        return GatedJournalHandler(SYSLOG_IDENTIFIER="gated")
+        handler = GatedJournalHandler(SYSLOG_IDENTIFIER="gated")
+        handler.setFormatter(_SafeFormatter())
+        return handler
 
 
-class PlainFormatter(logging.Formatter):
+class PlainFormatter(_SafeFormatter):
     """Terminal lines: time and message; faults say their level, tracebacks only for bugs."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%H:%M:%S")
         level = "" if record.levelno <= NOTICE else f"{record.levelname}: "
-        text = f"{stamp} {level}{record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
+        return f"{stamp} {level}{super().format(record)}"
 
 
 def setup(journal: str = "auto", debug: bool = False) -> bool:

@@ -12,14 +12,17 @@ from gated.config import Config
 from gated.debounce import Debouncer
 from gated.drivers.gpio import Outputs
 from gated.errors import GatedError, StoreError
-from gated.logs import NOTICE
+from gated.logs import NOTICE, clean
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.decider import Decider
 from gated.quiet import Quiet
 from gated.store import Store, StoreThread
-from gated.tokens import Malformed, normalise, redact, redact_field
+from gated.tokens import Malformed, normalise, redact, redact_field, trace
 
 log = logging.getLogger("gated.scan")
+
+MESSAGE_LIMIT = 120  # characters of a server's message (a name, a reason) in the scan line
+DETAIL_LIMIT = 300
 
 
 class Gate:
@@ -48,31 +51,41 @@ class Gate:
         self.on_error = config.store.get("on_error", "deny")
 
     async def handle(self, scan: Scan, label: str | None = None) -> Decision | None:
-        """Decide, record, act on and log one scan; None when it was a debounced repeat."""
+        """Decide, record, act on and log one scan; None when it was a debounced repeat.
+
+        This is the scan path's last guard: whatever escapes normalising, the decider, the store or
+        the log costs this one scan a recorded deny with reason `error` (a logged one if even the
+        record fails), with a deny signal and no relay release, never the daemon. The try costs
+        nothing until it catches.
+        """
         self.quiet.enter()
+        commit = _Commit(self, scan)
+        label = label or scan.reader
         try:
-            return await self._handle(scan, label)
+            return await self._handle(commit, label)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            return await self._guard(commit, label, e)
         finally:
             self.quiet.leave()
 
-    async def _handle(self, scan: Scan, label: str | None) -> Decision | None:
+    async def _handle(self, committed: _Commit, label: str) -> Decision | None:
+        scan = committed.scan
         section = self.readers.get(scan.reader, {})
-        label = label or scan.reader
         try:
             scan = scan.with_token(normalise(
                 scan.token, prefix=section.get("prefix", ""), suffix=section.get("suffix", ""),
                 strip_aim=section.get("strip_aim", True), max_length=section.get("max_length", 4096)))
         except Malformed as e:
             # Keep a bounded, printable trace of what arrived, never the whole blob.
-            scan = scan.with_token(scan.token[:64].encode("unicode_escape").decode("ascii"))
+            scan = committed.scan = scan.with_token(trace(scan.token))
+            committed.clean = True
             decision = deny(Reason.MALFORMED, backend=self.decider.backend.name, detail=str(e))
-            committed = _Commit(self, scan)
         else:
             if self.debouncer.is_repeat(scan.reader, scan.token, time.monotonic()):
                 log.debug("%s repeat of %s on %s within the debounce window; ignored",
                           self.lane, redact(scan.token), label)
                 return None
-            committed = _Commit(self, scan)
+            committed.scan, committed.clean = scan, True
             decision = await self._decide(scan, committed)
 
         if not committed.done:  # decided online, by the mode, or not at all: record it now
@@ -93,13 +106,16 @@ class Gate:
                 decision = deny(Reason.ERROR, decision.source, backend=decision.backend, detail=f"store: {e}")
 
         self.last_commit_ms = committed.ms
+        committed.decision = decision
         if decision.admitted:  # the relay first: it is what the visitor waits for
             hold = self.outputs.release()
             if hold is not None:
                 self._spawn(self._after_passage(scan, hold))
         self.outputs.signal(decision.admitted)
+        committed.acted = True
         acted_ms = self.last_act_ms = (time.monotonic() - scan.received) * 1000
         self._log(scan, decision, label, acted_ms)
+        committed.logged = True
         for callback in self.on_decided if recorded else ():
             try:
                 callback(scan, decision)
@@ -107,6 +123,38 @@ class Gate:
                 log.exception("after-scan hook failed", extra={"GATED_EVENT": "hook_failed"})
         if queue:
             self.on_queued()
+        return decision
+
+    async def _guard(self, committed: _Commit, label: str, error: Exception) -> Decision:
+        """The last guard of `handle`: a deny with reason `error`, recorded, signalled and logged."""
+        log.error("handling a scan failed unexpectedly; denied", exc_info=error,
+                  extra={"GATED_EVENT": "scan_error"})
+        if committed.logged:  # only the work after the scan failed: it stands as recorded and logged
+            return committed.decision
+        if committed.acted:  # recorded and acted on; only its log line is missing
+            decision = committed.decision
+        else:
+            decision = deny(Reason.ERROR, backend=self.decider.backend.name,
+                            detail=f"{type(error).__name__} in gated")
+            if not committed.clean:  # it failed before normalising: store only the printable trace
+                committed.scan = committed.scan.with_token(trace(str(committed.scan.token)))
+            if not committed.done:
+                try:
+                    await self.store.call(committed, decision)
+                except Exception as e:  # noqa: BLE001 - the guard must end with a logged deny
+                    committed.error = e
+            if committed.error is not None:
+                log.error("denied scan not recorded: %s", committed.error, extra={"GATED_EVENT": "store_error"})
+            try:
+                self.outputs.signal(False)
+            except Exception:  # noqa: BLE001 - the deny is logged below even without lights
+                log.exception("deny signal failed", extra={"GATED_EVENT": "output_error"})
+        scan = committed.scan
+        try:
+            self._log(scan, decision, label, (time.monotonic() - scan.received) * 1000)
+        except Exception as e:  # noqa: BLE001 - the one line this scan gets
+            log.log(NOTICE, "%s DENY error (its log line failed: %s)", self.lane, type(e).__name__,
+                    extra={"GATED_EVENT": "scan", "GATED_VERDICT": "deny", "GATED_REASON": "error"})
         return decision
 
     async def _decide(self, scan: Scan, commit: Callable[[Store, Decision], None]) -> Decision:
@@ -153,12 +201,16 @@ class Gate:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     def _log(self, scan: Scan, d: Decision, label: str, ms: float) -> None:
+        # Names and messages come from servers and lists: each is cut to its share of the line, and
+        # the whole line cleaned (one line, no escape sequences), since `gated scan` prints it too.
         word = "ADMIT" if d.admitted else "DENY"
-        text = f"{self.lane} {word} {d.reason} {d.source} {d.backend} {label} {redact(scan.token)} {ms:.0f}ms"
+        text = (f"{self.lane} {word} {d.reason} {d.source} {clean(d.backend, 40)} {clean(label, 80)} "
+                f"{redact(scan.token)} {ms:.0f}ms")
         if d.message:
-            text += f' "{d.message}"'
+            text += f' "{clean(d.message, MESSAGE_LIMIT)}"'
         if d.detail:
-            text += f" ({d.detail})"
+            text += f" ({clean(d.detail, DETAIL_LIMIT)})"
+        text = clean(text)
         self.last_scan = f"{word} {time.strftime('%H:%M:%S')}"
         self.last_line = text
         log.log(logging.INFO if d.admitted else NOTICE, "%s", text, extra={
@@ -179,6 +231,9 @@ class _Commit:
 
     def __init__(self, gate: Gate, scan: Scan):
         self.gate, self.scan = gate, scan
+        # How far the scan got, for the last guard: normalised (or traced), recorded, acted, logged.
+        self.clean = self.acted = self.logged = False
+        self.decision: Decision | None = None
         self.done = False
         self.queued = False
         self.error: Exception | None = None
@@ -187,8 +242,9 @@ class _Commit:
     def __call__(self, store: Store, decision: Decision) -> None:
         gate, scan = self.gate, self.scan
         decided_ms = (time.monotonic() - scan.received) * 1000
+        # Only a real token goes to the API: not a malformed one, nor the trace the last guard keeps.
         self.queued = gate.decider.backend.online and decision.source is Source.OFFLINE \
-            and decision.reason is not Reason.MALFORMED
+            and decision.reason is not Reason.MALFORMED and self.clean
         started = time.monotonic()
         try:
             store.record(scan, decision, lane=gate.lane, scan_mode=gate.scan_mode, latency_ms=decided_ms,

@@ -10,7 +10,14 @@ DEFAULT_MAX_LENGTH = 4096
 # AIM symbology identifier: "]" + code character + modifier, e.g. "]Q1" (QR), "]C0" (Code 128),
 # "]E0" (EAN-13), "]d2" (Data Matrix). Scanners prepend it when told to; tickets never start so.
 _AIM = re.compile(r"^\][A-Za-z][0-9A-Za-z]")
+# What a scanner puts around a code: terminators (CR, LF, CRLF, TAB), the STX/ETX framing of some
+# serial engines, padding. Any C0/C1 control or white space at either end is framing, not ticket.
+_EDGES = "".join(map(chr, [*range(0x21), *range(0x7F, 0xA1), 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029,
+                              0x202F, 0x205F, 0x3000]))
+_GS = "\x1d"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NOT_TEXT = re.compile(r"[\ud800-\udfff\ufffd]")  # lone surrogates (undecodable bytes), U+FFFD
+TRACE_LENGTH = 64
 
 
 class Malformed(ValueError):
@@ -27,24 +34,43 @@ def normalise(
 ) -> str:
     """Return the ticket token inside `text`, or raise Malformed.
 
-    Order matters: AIM identifiers come first on the wire, before any configured prefix.
-    Control characters are removed rather than rejected, because scanners add CR, LF, TAB
-    and GS separators that are not part of the ticket; a code made only of them is empty.
+    The rule: remove what the scanner adds, keep what the symbol holds, refuse what no ticket is.
+    - Removed: control characters and white space at either end (CR, LF, TAB terminators, STX/ETX,
+      padding), an AIM identifier, then the configured prefix and suffix (AIM comes first on the
+      wire, before any prefix), then the ends again.
+    - GS (0x1D) inside is removed: it is the GS1 field separator (FNC1) that scanners send inside
+      GS1 codes, not a character printed or typed as part of a ticket.
+    - Refused: any other control character inside (NUL, ESC, DEL, C1): `DEMO-\\x000001` is not
+      DEMO-0001; undecodable bytes (lone surrogates, U+FFFD), which no store or API can hold; empty
+      or oversize input.
     """
     if len(text) > max_length:
         raise Malformed(f"{len(text)} characters, more than the {max_length} allowed")
+    text = text.strip(_EDGES)
     if strip_aim and _AIM.match(text):
         text = text[3:]
     if prefix and text.startswith(prefix):
         text = text[len(prefix):]
     if suffix and text.endswith(suffix):
         text = text[: -len(suffix)]
-    text = _CONTROL.sub("", text).strip()
+    text = text.strip(_EDGES)
     if not text:
         raise Malformed("empty after removing control characters")
-    if "\ufffd" in text:
+    if _NOT_TEXT.search(text):
         raise Malformed("contains bytes that are not valid text")
+    if _GS in text:
+        text = text.replace(_GS, "")
+    if (bad := _CONTROL.search(text)) is not None:
+        raise Malformed(f"control character U+{ord(bad.group()):04X} inside the code")
     return text
+
+
+def trace(text: str) -> str:
+    """What is kept of input refused as malformed: its start, as printable ASCII (escapes for the rest).
+
+    It is stored and logged instead of the input, so it must survive any store, terminal or journal.
+    """
+    return text[:TRACE_LENGTH].encode("unicode_escape").decode("ascii")
 
 
 def token_hash(token: str) -> str:

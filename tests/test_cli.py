@@ -206,3 +206,19 @@ def test_check_lists_every_start_problem_at_once_and_writes_nothing(write_config
     fresh = write_config(f'[store]\npath = "{tmp_path / "new" / "state" / "gated.db"}"\n', name="fresh.toml")
     assert gated("check", fresh).returncode == 0
     assert not (tmp_path / "new").exists()  # a store (and its folder) is made by run, not by check
+
+
+def test_scan_ends_any_error_from_outside_with_a_message_and_exit_2_not_a_traceback(write_config, tickets_csv):
+    # A sync failing in a way no handler foresaw (a list row the parser chokes on), planted in the process.
+    plant = ("import sys\n"
+             "import gated.policy.local as local\n"
+             "async def sync(self, store):\n"
+             "    raise ValueError('row 3 of the list: \\x1b[2Jcannot parse')\n"
+             "local.LocalBackend.sync = sync\n"
+             "from gated import cli\n"
+             "sys.exit(cli.main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", plant, "scan", "--config", str(local(write_config, tickets_csv)),
+                        "T-0001"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "gated: the scan failed: ValueError: row 3 of the list: \\x1b[2Jcannot parse" in r.stderr
+    assert "Traceback" not in r.stderr and "\x1b" not in r.stderr

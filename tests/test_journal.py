@@ -212,3 +212,23 @@ def test_a_rejected_reload_is_an_error_entry_that_journalctl_x_explains(journald
                          capture_output=True, text=True, check=True, timeout=30).stdout
     assert "Subject: New configuration rejected; the running one stays" in out
     assert f"Subject: Ticket scanned at lane {lane}: admit (ok)" in out
+
+
+def test_a_name_from_the_ticket_list_cannot_add_a_line_or_an_escape_to_the_journal(journald, lane_config,
+                                                                                    tickets_csv):
+    lane, config = lane_config
+    forged = f"Mallory\n19:10:00 {lane} ADMIT ok online pretix …0001 3ms\x1b[2J"
+    tickets_csv(f'token,name\n{GOOD},"{forged}"\n')  # a quoted newline inside a CSV field
+    proc = start(config)
+    try:
+        proc.stdin.write(f"{GOOD}\n")
+        proc.stdin.flush()
+        wait_entries(journald, 1, GATED_LANE=lane, GATED_EVENT="scan")
+    finally:
+        stop(proc)
+    entries = journalctl_json(f"_PID={proc.pid}")
+    # journalctl's JSON gives a field holding control characters as a list of bytes, not a string
+    assert all(isinstance(e["MESSAGE"], str) and "\n" not in e["MESSAGE"] for e in entries), entries
+    (scan,) = [e for e in entries if e.get("GATED_EVENT") == "scan"]
+    assert scan["MESSAGE"].startswith(f"{lane} ADMIT ok offline local stdin:front …1e5b ")
+    assert scan["MESSAGE"].endswith(f'"Mallory\\x0a19:10:00 {lane} ADMIT ok online pretix …0001 3ms\\x1b[2J"')

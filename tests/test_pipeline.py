@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
+import re
 
 import pytest
 
+from gated import logs
 from gated.daemon import build
-from gated.model import InputKind, Reason, Scan, Verdict
+from gated.model import InputKind, Reason, Scan, Source, Verdict, admit
+from gated.store import Store
 
 LOCAL = """
 [backend]
@@ -130,3 +135,97 @@ def test_emergency_input_forces_free_passage_and_holds_relay(gate_config):
 
     decision, held, after = asyncio.run(scenario())
     assert decision.reason is Reason.EMERGENCY and held == 1 and after == 0
+
+
+# --- hostile input (issue #17) -------------------------------------------------------------
+
+
+def test_a_control_character_inside_a_code_is_refused_while_scanner_framing_is_still_removed(gate_config):
+    cfg = gate_config()
+    cfg.lane["debounce_seconds"] = 0.0
+    decisions, rows, pins, _ = asyncio.run(_run(cfg, "T-\x000001", "\x02]C0T-0001\x03\r\n"))
+    assert decisions[0].reason is Reason.MALFORMED  # not admitted as T-0001
+    assert "U+0000" in decisions[0].detail and rows[0]["token"] == "T-\\x000001"
+    assert decisions[1].reason is Reason.OK and rows[1]["token"] == "T-0001"  # STX, AIM id, ETX, CRLF removed
+    assert pins[17] == [False, True, False]  # one relay pulse: the framed T-0001 only
+
+
+def test_bytes_that_are_not_text_are_denied_malformed_and_stored_as_printable_ascii(gate_config):
+    # What a reader decoding with surrogateescape hands over for b"AB\xff\xfeCD".
+    decisions, rows, pins, _ = asyncio.run(_run(gate_config(), "AB\udcff\udcfeCD"))
+    assert decisions[0].reason is Reason.MALFORMED and rows[0]["reason"] == "malformed"
+    assert rows[0]["token"] == "AB\\udcff\\udcfeCD" and rows[0]["token"].isascii()
+    assert pins[17] == [False]
+
+
+async def _run_with(config, decide, *tokens):
+    """_run, with the decider's answers replaced by `decide(scan)` (None: the real decider)."""
+    parts = await build(config)
+    real = parts.decider.decide
+
+    async def patched(scan, mode, commit):
+        return decide(scan) or await real(scan, mode, commit)
+
+    parts.decider.decide = patched
+    try:
+        await parts.backend.sync(parts.store)
+        out = [await parts.gate.handle(Scan(token=t, reader="front")) for t in tokens]
+        await parts.gate.drain()
+        await parts.outputs.settle()
+        rows = await parts.store.call(lambda s: list(s.db.query("SELECT * FROM scans ORDER BY id")))
+        return out, rows, [st.state for st in parts.outputs.pin_factory.pin(17).states]
+    finally:
+        await parts.close()
+
+
+def test_an_answer_the_store_cannot_hold_is_a_recorded_deny_error_and_the_next_scan_is_handled(gate_config):
+    cfg = gate_config()
+    cfg.lane["debounce_seconds"] = 0.0
+
+    def decide(scan):  # a backend's admit carrying a lone surrogate (case 2 of issue #17)
+        if scan.token == "NOPE-1":
+            return admit(Reason.OK, Source.ONLINE, backend="local", message="Ada \udcff")
+        return None
+
+    decisions, rows, relay = asyncio.run(_run_with(cfg, decide, "NOPE-1", "T-0001"))
+    assert (decisions[0].verdict, decisions[0].reason) == (Verdict.DENY, Reason.ERROR)
+    assert [(r["token"], r["verdict"], r["reason"]) for r in rows] == [("NOPE-1", "deny", "error"),
+                                                                       ("T-0001", "admit", "ok")]
+    assert relay == [False, True, False]  # the relay moved for T-0001 only
+
+
+def test_when_even_the_record_fails_the_scan_is_a_logged_deny_and_the_relay_stays_shut(gate_config, monkeypatch,
+                                                                                       caplog):
+    def overflow(*args, **kw):
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    monkeypatch.setattr(Store, "record", overflow)
+    caplog.set_level(logging.INFO, "gated")
+    decisions, rows, relay = asyncio.run(_run_with(gate_config(), lambda scan: None, "T-0001"))
+    assert (decisions[0].verdict, decisions[0].reason) == (Verdict.DENY, Reason.ERROR)
+    assert rows == [] and relay == [False]
+    lines = [r for r in caplog.records if getattr(r, "GATED_EVENT", "") == "scan"]
+    assert len(lines) == 1 and " DENY error " in lines[0].getMessage()
+    assert any("not recorded" in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_message_cannot_forge_a_scan_line_or_reach_the_terminal_raw(gate_config, caplog):
+    forged = "Mallory\n19:10:00 lane-1 ADMIT ok online pretix …0001 3ms\x1b[2J\u202e"
+
+    def decide(scan):
+        return admit(Reason.OK, Source.ONLINE, backend="local", message=forged, detail="proxy says \r\x9b31m")
+
+    terminal = io.StringIO()  # what `gated run` in a terminal prints: stderr through logs.PlainFormatter
+    handler = logging.StreamHandler(terminal)
+    handler.setFormatter(logs.PlainFormatter())
+    caplog.set_level(logging.INFO, "gated")
+    logging.getLogger("gated").addHandler(handler)
+    try:
+        _, rows, _ = asyncio.run(_run_with(gate_config(), decide, "NOPE-1"))
+    finally:
+        logging.getLogger("gated").removeHandler(handler)
+    err = terminal.getvalue()
+    scan_lines = [line for line in err.splitlines() if re.match(r"\S+ lane-1 (ADMIT|DENY) ", line)]
+    assert len(scan_lines) == 1 and scan_lines[0].count("\\x0a19:10:00 lane-1 ADMIT") == 1
+    assert not re.search("[\x1b\r\x9b\u202e]", err)
+    assert rows[0]["message"] == forged  # the record keeps what the server said; only the log escapes it

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator
-from typing import TextIO
+from collections.abc import AsyncIterator, Iterator
+from typing import BinaryIO, TextIO
 
 from gated.drivers.base import Reader
 from gated.model import Scan
@@ -16,6 +16,24 @@ from gated.schema import Section
 log = logging.getLogger(__name__)
 
 SCHEMA: dict = {}
+
+# A line longer than this is passed on cut (and denied as oversize), the rest of it skipped:
+# a pipe without newlines must not grow memory without bound.
+MAX_LINE_BYTES = 65536
+
+
+def read_lines(stream: BinaryIO, encoding: str = "utf-8", limit: int = MAX_LINE_BYTES) -> Iterator[str]:
+    """Lines of a byte stream as text, each at most `limit` bytes, until end of input.
+
+    Decoded here, not by a text layer: with a strict locale one invalid byte would end the reader
+    for good. surrogateescape keeps such bytes as lone surrogates, which normalising refuses, so
+    that line alone is denied `malformed` and the next one is read.
+    """
+    while line := stream.readline(limit):
+        if not line.endswith(b"\n") and len(line) >= limit:
+            while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
+                pass  # the remainder of an overlong line
+        yield line.decode(encoding, "surrogateescape")
 
 
 class StdinReader(Reader):
@@ -39,8 +57,13 @@ class StdinReader(Reader):
         log.info("reader %s: end of input; it stops, the gate keeps running", self.name)
 
     def _pump(self, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue) -> None:
+        binary = getattr(self.stream, "buffer", None)
         try:
-            for line in iter(self.stream.readline, ""):
+            if binary is not None:
+                source = read_lines(binary, getattr(self.stream, "encoding", None) or "utf-8")
+            else:  # a text stream without bytes below it (tests): already text
+                source = iter(self.stream.readline, "")
+            for line in source:
                 loop.call_soon_threadsafe(lines.put_nowait, line)
         except (OSError, ValueError) as e:  # closed or unreadable stdin
             log.warning("reader %s: stdin unreadable (%s)", self.name, e)
