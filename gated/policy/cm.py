@@ -210,16 +210,17 @@ def ticket_rows(raw: dict[str, Any], service: str, fetched: float) -> list[dict[
             bad = True
             return None
 
+    absurd = False
+
     def number(name: str) -> int | None:
-        # Counts and flags; one beyond SQLite's range or of another type makes the row bad (denied).
-        nonlocal bad
+        nonlocal absurd
         value = raw.get(name)
         try:
             n = None if value is None or value == "" else int(value)
         except (TypeError, ValueError, OverflowError):
-            n = None
-        if n is not None and not INT64_MIN <= n <= INT64_MAX:
-            bad, n = True, None
+            return None
+        if not (n is None or INT64_MIN <= n <= INT64_MAX):
+            absurd = True
         return n
 
     max_checkins = number("validation_max_checkins") or None  # 0 or null: no limit
@@ -230,6 +231,10 @@ def ticket_rows(raw: dict[str, Any], service: str, fetched: float) -> list[dict[
         "count": number("count_checked_in") or 0, "last_in": when("last_checked_in_time"),
         "last_out": when("last_checked_out_time"), "fetched": fetched,
     }
+    if absurd:
+        # A count beyond SQLite's range is no real barcode's: the row is skipped, so a delta keeps
+        # the row held before, and in a full list the code is unknown (denied).
+        return []
     valid_from, valid_till = when("checkin_valid_from"), when("checkin_valid_till")
     data["bad"] = bad
     status = "bad_data" if bad else "canceled" if data["canceled"] else "ok" if data["allowed"] else "not_allowed"

@@ -143,13 +143,8 @@ class PretixBackend(HttpBackend):
             raise Unreachable(f"HTTP {response.status_code}: pretix did not take the request: {_brief(body)}")
         if status == "ok" and not 200 <= response.status_code < 300:
             raise Unreachable(f"HTTP {response.status_code} with an \"ok\" body: not pretix's answer")
-        # Every field used is checked here: a wrong type means this is not pretix's answer.
-        position = mapping(body.get("position"), "redeem position")
-        lst = mapping(body.get("list"), "redeem list")
-        who = (text(position.get("attendee_name"), "attendee_name")
-               or (ident(position.get("order"), "position order") or ""))
-        common = dict(source=Source.ONLINE, backend=self.name, event_id=ident(lst.get("event"), "list event"),
-                      message=who)
+        position, who, event_id = _redeem_fields(body)
+        common = dict(source=Source.ONLINE, backend=self.name, event_id=event_id, message=who)
         if status == "ok":
             if body.get("require_attention"):
                 common["message"] = f"{who} (attention)".strip()
@@ -382,12 +377,25 @@ class PretixBackend(HttpBackend):
             raise BackendRejected(f"pretix did not annul the check-in (HTTP {response.status_code})")
 
 
+def _redeem_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
+    """(position, who, event id) of a redeem answer, each checked: a wrong type means this is not pretix's answer."""
+    position = mapping(body.get("position"), "redeem position")
+    lst = mapping(body.get("list"), "redeem list")
+    who = text(position.get("attendee_name"), "attendee_name") or ident(position.get("order"), "position order")
+    return position, who or "", ident(lst.get("event"), "list event")
+
+
 def _upload_refusal(response: httpx.Response) -> str | None:
-    """None when pretix now holds the check-in (a nonce it already had counts), else why it never will."""
+    """None when pretix now holds the check-in (a nonce it already had counts), else why it never will.
+
+    Unreachable when the answer is not pretix's (JSON of another shape): the scan is sent again later.
+    """
     try:
         body = json_body(response)
     except Unreachable:
         return f"HTTP {response.status_code} without JSON"
+    if isinstance(body, dict) and body.get("status") in ("ok", "error"):
+        _redeem_fields(body)
     status = body.get("status") if isinstance(body, dict) else None
     if status == "ok" or (status == "error" and body.get("reason") == "already_redeemed"):
         return None

@@ -117,18 +117,10 @@ class TibilletBackend(HttpBackend):
         body = json_body(response)
         if not isinstance(body, dict):
             raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        # Every field used is checked here: a wrong type means this is not TiBillet's answer.
-        ticket = mapping(body.get("ticket"), "ticket")
-        said = next((body[k] for k in ("message", "error", "detail") if body.get(k)), None)
-        text_ = text(said, "message") if not isinstance(said, (dict, list)) else cut(str(said))
-        uuid = ticket.get("uuid")
-        if uuid is not None and not isinstance(uuid, str):  # the anti-passback identity: text only
-            raise Unreachable("ticket uuid is not text")
-        uuid = ident(uuid, "ticket uuid")
-        who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
+        ticket, text_, uuid, who, event = _answer_fields(body)
         common = dict(source=Source.ONLINE, backend=self.name,
                       backend_code=cut(f"{response.status_code} {text_}".strip(), ID_LIMIT),
-                      event_id=ident(ticket.get("event"), "ticket event"), message=who or text_)
+                      event_id=event, message=who or text_)
         code = response.status_code
         if code == 200 and not isinstance(body.get("success"), bool):
             # Every 200 of the scan API says success true or false; without it this is not TiBillet's
@@ -251,6 +243,7 @@ class TibilletBackend(HttpBackend):
         body = json_body(response)  # a proxy's HTML page or broken JSON is no answer: retried, not parked
         if not isinstance(body, dict):
             raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
+        _answer_fields(body)
         if response.status_code == 200 and body.get("success") is True:
             return None
         ticket = body.get("ticket") if isinstance(body.get("ticket"), dict) else {}
@@ -261,6 +254,22 @@ class TibilletBackend(HttpBackend):
                 return None  # our own earlier replay (or the server does not say whose): counted once
             return f"already scanned by another device ({by}): the ticket entered twice"
         return f"HTTP {response.status_code}: {text}"
+
+
+def _answer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None, str, str | None]:
+    """(ticket, message, ticket uuid, holder's name, event) of a scan answer, each checked.
+
+    A wrong type means this is not TiBillet's answer: Unreachable.
+    """
+    ticket = mapping(body.get("ticket"), "ticket")
+    said = next((body[k] for k in ("message", "error", "detail") if body.get(k)), None)
+    # DRF's validation errors are objects or lists: kept as text, they still explain a refusal.
+    message = cut(str(said)) if isinstance(said, (dict, list)) else text(said, "message")
+    uuid = ticket.get("uuid")
+    if uuid is not None and not isinstance(uuid, str):  # the anti-passback identity: text only
+        raise Unreachable("ticket uuid is not text")
+    who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
+    return ticket, message, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event")
 
 
 def _replayable(row: dict[str, Any]) -> bool:
