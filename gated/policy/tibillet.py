@@ -117,7 +117,7 @@ class TibilletBackend(HttpBackend):
         body = json_body(response)
         if not isinstance(body, dict):
             raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, text_, uuid, who, event = _answer_fields(body)
+        _, text_, uuid, who, event = _answer_fields(body)
         common = dict(source=Source.ONLINE, backend=self.name,
                       backend_code=cut(f"{response.status_code} {text_}".strip(), ID_LIMIT),
                       event_id=event, message=who or text_)
