@@ -16,7 +16,6 @@ backend reads, so a backend that skipped a check would meet it.
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import threading
 import time
@@ -34,10 +33,6 @@ BODIES: dict[str, dict[str, str]] = {
         "int_2_64": f'{{"status": "Admit", "reasonCode": "OK", "reasonMessage": "Good", "eventId": {_BIG}}}',
         "surrogate": '{"status": "Stop", "reasonCode": "VOID", "reasonMessage": "void \\udcff ticket"}',
         "duplicate_keys": '{"status": "Stop", "reasonCode": "OK", "status": "Admit"}',
-        # Get Events, for a sync: a scan window of 10**400 (float() overflows) and a surrogate name.
-        "events": json.dumps({"events": [{"eventId": "390:SIM:EVT1", "eventName": "\udcff",
-                                          "barcodeMasks": ["3901#########"]}]}).replace(
-            '"eventName"', f'"scanStartDateTime": {10**400}, "eventName"'),
     },
     "pretix": {
         "wrong_types": '{"status": "ok", "position": "Ada", "list": {"event": ["democon"]}}',
