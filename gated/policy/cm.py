@@ -35,8 +35,9 @@ from gated import reload
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, Verdict
+from gated.policy.answer import INT64_MAX, INT64_MIN, cut, integer, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import HttpBackend, json_body, make_client, request
+from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, json_answer, json_body, make_client, parse_json, request
 from gated.schema import Key
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
@@ -76,6 +77,7 @@ ADMIT_CODES = {100, 200}
 CHECKOUT_CODES = {200, 210, 220, 230}
 
 UNLIMITED = 1_000_000  # max_entries for a barcode without a check-in limit
+MAX_BARCODE = 4096  # no scan is longer (the gate refuses longer input as malformed)
 RENEW_MARGIN = 60.0  # renew the JWT this long before it expires (a quarter of a shorter life), not on a 401
 FULL_RELOAD_SECONDS = 6 * 3600.0  # deltas never tell of barcodes removed from a service
 EARLIEST_TRUSTED = 1704067200.0  # a clock before 2024 never synced: no delta from its timestamps
@@ -149,18 +151,20 @@ def _utc(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts is not None else "unknown"
 
 
-def _info(response: httpx.Response) -> str:
-    """The text of the API's Info Message ({"info": {"message": …}}), for logs and denials."""
+def info_message(response: httpx.Response) -> str | None:
+    """The text of CM.com's Info Message ({"info": {"message": …}}), or None when the body is not one."""
     try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}"
-    if isinstance(body, dict):
-        info = body.get("info") if isinstance(body.get("info"), dict) else body
-        message = info.get("message")
-        if isinstance(message, str) and message:
-            return message[:200]
-    return f"HTTP {response.status_code}"
+        body = parse_json(response.content)
+    except Unreachable:
+        return None
+    info = body.get("info") if isinstance(body, dict) else None
+    message = info.get("message") if isinstance(info, dict) else None
+    return cut(message) if isinstance(message, str) and message else None
+
+
+def _info(response: httpx.Response) -> str:
+    """The Info Message's text for logs and queue lines, else the status."""
+    return info_message(response) or f"HTTP {response.status_code}"
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,8 @@ class Local:
 def ticket_rows(raw: dict[str, Any], service: str, fetched: float) -> list[dict[str, Any]]:
     """Store rows for one API barcode: one per code that may be scanned (barcode_id, external id)."""
     barcode = raw.get("barcode_id")
-    if not isinstance(barcode, str) or not barcode:
-        return []
+    if not isinstance(barcode, str) or not barcode or len(barcode) > MAX_BARCODE:
+        return []  # no scan can ever match it
     bad = False
 
     def when(name: str) -> float | None:
@@ -206,12 +210,18 @@ def ticket_rows(raw: dict[str, Any], service: str, fetched: float) -> list[dict[
             bad = True
             return None
 
+    absurd = False
+
     def number(name: str) -> int | None:
+        nonlocal absurd
         value = raw.get(name)
         try:
-            return None if value is None or value == "" else int(value)
-        except (TypeError, ValueError):
+            n = None if value is None or value == "" else int(value)
+        except (TypeError, ValueError, OverflowError):
             return None
+        if not (n is None or INT64_MIN <= n <= INT64_MAX):
+            absurd = True
+        return n
 
     max_checkins = number("validation_max_checkins") or None  # 0 or null: no limit
     data = {
@@ -221,16 +231,21 @@ def ticket_rows(raw: dict[str, Any], service: str, fetched: float) -> list[dict[
         "count": number("count_checked_in") or 0, "last_in": when("last_checked_in_time"),
         "last_out": when("last_checked_out_time"), "fetched": fetched,
     }
+    if absurd:
+        # A count beyond SQLite's range is no real barcode's: the row is skipped, so a delta keeps
+        # the row held before, and in a full list the code is unknown (denied).
+        return []
     valid_from, valid_till = when("checkin_valid_from"), when("checkin_valid_till")
     data["bad"] = bad
     status = "bad_data" if bad else "canceled" if data["canceled"] else "ok" if data["allowed"] else "not_allowed"
+    # A lone surrogate in a name was replaced when the page was parsed (parse_json): the row is kept.
     ticket_type = raw.get("ticket_type")
-    row = {"token": barcode, "ticket_key": barcode, "name": ticket_type if isinstance(ticket_type, str) else None,
+    row = {"token": barcode, "ticket_key": barcode, "name": cut(ticket_type) if isinstance(ticket_type, str) else None,
            "valid_from": valid_from, "valid_until": valid_till, "status": status,
            "max_entries": max_checkins or UNLIMITED, "event_id": service, "data": json.dumps(data)}
     rows = [row]
     external = raw.get("external_barcode_id")
-    if isinstance(external, str) and external and external != barcode:
+    if isinstance(external, str) and external and external != barcode and len(external) <= MAX_BARCODE:
         rows.append({**row, "token": external})  # same ticket_key: one ticket, two codes
     return rows
 
@@ -438,10 +453,11 @@ class CMBackend(HttpBackend):
             return
         if self._password is None:
             self._password = read_secret(self.options.password_file, "[backend.cm] password_file")
-        response = await self._call("GET", lambda: f"users/{self.user_uuid}/services", timeout=SLOW)
+        response = await self._call("GET", lambda: f"users/{self.user_uuid}/services", timeout=SLOW,
+                                    limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
             raise Unreachable(f"scan services answered HTTP {response.status_code}")
-        body = json_body(response)
+        body = await json_answer(response)
         services = body.get("services") if isinstance(body, dict) else None
         chosen = choose_service(services if isinstance(services, list) else [], self.want_uuid, self.want_name,
                                 self.username, self.config.path)
@@ -545,34 +561,36 @@ class CMBackend(HttpBackend):
         except (BackendRejected, ConfigError) as e:
             raise self._refused(e) from None
         if response.status_code == 400:
-            # A definite answer: the API refuses this request. Final, like any deny it gives.
+            # A definite answer, in CM.com's Info Message shape: the API refuses this request. Final,
+            # like any deny it gives. Any other 400 (a proxy's page) says nothing about the ticket.
+            message = info_message(response)
+            if message is None:
+                raise Unreachable("check-in answered HTTP 400 without CM.com's Info Message")
             return Decision(Verdict.DENY, Reason.REJECTED, Source.ONLINE, backend=self.name,
-                            backend_code="400", message=_info(response), event_id=self.service_uuid)
+                            backend_code="400", message=message, event_id=self.service_uuid)
         if response.status_code not in (200, 201):
             raise Unreachable(f"check-in answered HTTP {response.status_code}")
         body = json_body(response)
         barcodes = body.get("barcodes") if isinstance(body, dict) else None
         first = barcodes[0] if isinstance(barcodes, list) and barcodes and isinstance(barcodes[0], dict) else None
-        try:
-            code = int(first["scan_status_code"])
-        except (TypeError, KeyError, ValueError):
-            raise Unreachable("check-in answered without a scan status") from None
-        message = first.get("scan_status_message")
-        message = message if isinstance(message, str) else MESSAGES.get(code, "")
+        if first is None:
+            raise Unreachable("check-in answered without a barcode")
+        # Every field used is checked here: a wrong type means this is not CM.com's answer.
+        code = integer(first.get("scan_status_code"), "scan_status_code", low=0, high=999)
+        if code is None:
+            raise Unreachable("check-in answered without a scan status")
+        message = text(first.get("scan_status_message"), "scan_status_message") or MESSAGES.get(code, "")
         if code in REASONS:
             verdict = Verdict.ADMIT if code in ADMIT_CODES else Verdict.DENY
             reason = REASONS[code]
         else:  # a code newer than the spec: the message says which way it went
             verdict = Verdict.ADMIT if message.startswith("ADMIT") else Verdict.DENY
             reason = Reason.OK if verdict is Verdict.ADMIT else Reason.REJECTED
-        barcode = first.get("barcode_id") if isinstance(first.get("barcode_id"), str) else scan.token
-        try:
-            max_entries = int(first.get("validation_max_checkins") or 0) or UNLIMITED
-        except (TypeError, ValueError):
-            max_entries = 1
+        barcode = text(first.get("barcode_id"), "barcode_id", limit=MAX_BARCODE) or scan.token
+        max_entries = integer(first.get("validation_max_checkins"), "validation_max_checkins", low=0) or UNLIMITED
         return Decision(verdict, reason, Source.ONLINE, backend=self.name, message=message,
-                        backend_code=str(code), ticket_key=barcode or scan.token, event_id=self.service_uuid,
-                        max_entries=max_entries)
+                        backend_code=str(code), ticket_key=barcode, event_id=self.service_uuid,
+                        max_entries=min(max_entries, UNLIMITED))
 
     async def probe(self) -> None:
         """The cheapest authenticated call: the user's scan services."""
@@ -679,7 +697,7 @@ class CMBackend(HttpBackend):
         fetched = time.time()
         try:
             response = await self._call("GET", f"services/{self.service_uuid}/barcodes", headers=headers,
-                                        timeout=SLOW)
+                                        timeout=SLOW, limit=LIST_PAGE_LIMIT)
         except (BackendRejected, ConfigError) as e:
             raise self._refused(e) from None
         if response.status_code == 400:
@@ -903,10 +921,7 @@ def _still_pending(store: Store, nonces: list[str]) -> list[str]:
 
 def _parse_page(content: bytes) -> tuple[list[dict[str, Any]], int]:
     """(barcodes, last page) of one Get Barcodes answer; Unreachable when it is not one."""
-    try:
-        body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
-        raise Unreachable("barcode page is not JSON") from None
+    body = parse_json(content, "barcode page")
     barcodes = body.get("barcodes") if isinstance(body, dict) else None
     if not isinstance(barcodes, list):
         raise Unreachable("barcode page without a barcodes list")

@@ -32,9 +32,11 @@ from gated import device
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
 from gated.model import Decision, InputKind, Reason, Scan, ScanMode, Source, admit, deny
+from gated.policy.answer import ID_LIMIT, ident, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.entry_data import (
     EntryEvent,
+    entry_error,
     error_text,
     filename_stamp,
     jwt_claims,
@@ -43,7 +45,7 @@ from gated.policy.entry_data import (
     map_reason,
     parse_events,
 )
-from gated.policy.http import json_body, make_client, request
+from gated.policy.http import LIST_PAGE_LIMIT, SCAN_ANSWER_LIMIT, json_answer, json_body, make_client, request
 from gated.policy.masks import MaskSet
 from gated.schema import Key
 from gated.secrets import read_secret
@@ -181,9 +183,10 @@ class EntryBackend(Backend):
     # --- HTTP ---------------------------------------------------------------------------------
 
     async def _send(self, endpoint: str, path: str, headers: dict[str, str], *, body: Any = None,
-                    content: bytes | None = None, timeout: float | None = None) -> httpx.Response:
+                    content: bytes | None = None, timeout: float | None = None,
+                    limit: int = SCAN_ANSWER_LIMIT) -> httpx.Response:
         rid = headers["PAC-Request-Id"]
-        kwargs: dict[str, Any] = {"headers": headers}
+        kwargs: dict[str, Any] = {"headers": headers, "limit": limit}
         if content is not None:
             kwargs["content"] = content
         else:
@@ -202,7 +205,8 @@ class EntryBackend(Backend):
         return response
 
     async def _call(self, endpoint: str, path: str, *, auth: str, body: Any = None, content: bytes | None = None,
-                    headers: dict[str, str] | None = None, timeout: float | None = None) -> httpx.Response:
+                    headers: dict[str, str] | None = None, timeout: float | None = None,
+                    limit: int = SCAN_ANSWER_LIMIT) -> httpx.Response:
         """One request with a fresh PAC-Request-Id; with auth="jwt" a 401 renews the session and asks again."""
 
         async def once() -> tuple[httpx.Response, str | None]:
@@ -214,7 +218,8 @@ class EntryBackend(Backend):
             else:
                 h["API-Authorization-Key"] = self.api_key
             h.update(headers or {})
-            return await self._send(endpoint, path, h, body=body, content=content, timeout=timeout), token
+            return await self._send(endpoint, path, h, body=body, content=content, timeout=timeout,
+                                    limit=limit), token
 
         response, token = await once()
         if response.status_code == 401 and auth == "jwt":
@@ -358,18 +363,21 @@ class EntryBackend(Backend):
             raise Unreachable("no Entry session (see the error above)") from None
         code = response.status_code
         if code == 400:
-            # The API judged the request itself (e.g. a token it cannot read): that is its verdict.
-            return deny(Reason.REJECTED, Source.ONLINE, backend=self.name, backend_code="HTTP 400",
-                        message=error_text(response))
+            # The API judged the request itself (e.g. a token it cannot read): that is its verdict, but
+            # only in Entry's error shape. A proxy's or portal's 400 page says nothing about the ticket.
+            message = entry_error(json_body(response))
+            if message is None:
+                raise Unreachable("Validate Scan answered HTTP 400 without Entry's error shape")
+            return deny(Reason.REJECTED, Source.ONLINE, backend=self.name, backend_code="HTTP 400", message=message)
         if not 200 <= code < 300:
             raise Unreachable(f"Validate Scan answered HTTP {code}")
         data = json_body(response)
         status = data.get("status") if isinstance(data, dict) else None
         if status not in ("Admit", "Stop"):
             raise Unreachable("Validate Scan answered without an Admit or Stop status")
-        reason_code = str(data.get("reasonCode") or status)
-        kw = dict(backend=self.name, backend_code=reason_code, message=str(data.get("reasonMessage") or ""),
-                  event_id=data.get("eventId") or None)
+        reason_code = text(data.get("reasonCode"), "Validate Scan reasonCode", limit=ID_LIMIT) or status
+        kw = dict(backend=self.name, backend_code=reason_code, message=text(data.get("reasonMessage"),
+                  "Validate Scan reasonMessage"), event_id=ident(data.get("eventId"), "Validate Scan eventId"))
         if status == "Admit":
             return admit(map_reason(status, reason_code), Source.ONLINE, ticket_key=scan.token, **kw)
         return deny(map_reason(status, reason_code), Source.ONLINE, **kw)
@@ -395,11 +403,11 @@ class EntryBackend(Backend):
         if self._token is None or self._expiring(self.SYNC_MARGIN):
             await self._renew(stale=self._token)  # renewed here, off the scan path, before it is due
         response = await self._call("Get Events", self.paths["events"], auth="jwt", body=self.context(),
-                                    timeout=self.slow_timeout)
+                                    timeout=self.slow_timeout, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
             raise BackendRejected(f"Get Events refused (HTTP {response.status_code}: {error_text(response)}, "
                                   f"PAC-Request-Id {response.request.headers.get('PAC-Request-Id')})")
-        data = json_body(response)
+        data = await json_answer(response)
         if not isinstance(data, dict) or not isinstance(data.get("events"), list):
             raise BackendRejected("Get Events answered without an events list")
         tz_name, tz = await self._timezone()
@@ -554,12 +562,13 @@ class EntryBackend(Backend):
     async def _holds(self, row: dict[str, Any]) -> bool:
         path = self.paths["lookup"].replace("{barcode}", quote(row["token"], safe=""))
         body = {**self._input_fields(row["input"], row.get("nfc_type")), **self.context()}
-        response = await self._call("Ticket Lookup", path, auth="jwt", body=body, timeout=self.slow_timeout)
+        response = await self._call("Ticket Lookup", path, auth="jwt", body=body, timeout=self.slow_timeout,
+                                    limit=LIST_PAGE_LIMIT)
         if response.status_code == 404:
             return False
         if response.status_code != 200:
             raise BackendRejected(f"HTTP {response.status_code}: {error_text(response)}")
-        data = json_body(response)
+        data = await json_answer(response)
         history = data.get("scanHistory") if isinstance(data, dict) else None
         mode = _MODE[ScanMode(row["scan_mode"])]
         near = 0
@@ -651,10 +660,10 @@ class EntryBackend(Backend):
         body = {"dataAccountId": o.data_account_id, "serialNumber": self.serial, "make": o.make, "model": o.model,
                 **self.context()}
         response = await self._call("Get Venues", self.paths["venues"], auth="key", body=body,
-                                    timeout=self.slow_timeout)
+                                    timeout=self.slow_timeout, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
             raise BackendRejected(f"Get Venues refused (HTTP {response.status_code}: {error_text(response)})")
-        data = json_body(response)
+        data = await json_answer(response)
         venues = data.get("venues") if isinstance(data, dict) else None
         return [v for v in venues if isinstance(v, dict)] if isinstance(venues, list) else []
 
@@ -662,12 +671,13 @@ class EntryBackend(Backend):
         """Ticket Lookup: the ticket, its event and seat, and its scan history, as lines to print."""
         path = self.paths["lookup"].replace("{barcode}", quote(token, safe=""))
         body = {"inputType": "Barcode", "barcodeType": "Barcode", **self.context()}
-        response = await self._call("Ticket Lookup", path, auth="jwt", body=body, timeout=self.slow_timeout)
+        response = await self._call("Ticket Lookup", path, auth="jwt", body=body, timeout=self.slow_timeout,
+                                    limit=LIST_PAGE_LIMIT)
         if response.status_code == 404:
             return [f"not known to Entry ({error_text(response)})"]
         if response.status_code != 200:
             raise BackendRejected(f"Ticket Lookup refused (HTTP {response.status_code}: {error_text(response)})")
-        return lookup_lines(json_body(response))
+        return lookup_lines(await json_answer(response))
 
     async def pair(self, store: StoreThread, token: str) -> str:
         """`gated pair VENUE_CODE`: check the venue against Get Venues, create the session, store the JWT."""

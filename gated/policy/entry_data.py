@@ -11,8 +11,12 @@ from typing import Any
 
 import httpx
 
+from gated.errors import Unreachable
 from gated.model import Reason
+from gated.policy.answer import ID_LIMIT, cut
+from gated.policy.http import parse_json
 from gated.policy.masks import MaskSet
+from gated.timeparse import parse_time
 
 # The spec documents only "OK"; the rest are the codes seen from the simulator and common spellings.
 REASONS = {
@@ -78,38 +82,39 @@ class EntryEvent:
 
 
 def venue_time(value: Any, tz: tzinfo | None) -> float | None:
-    """An event time from the API: ISO 8601 (without offset: the venue's time zone) or unix seconds."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    moment = datetime.fromisoformat(str(value).strip())
-    if moment.tzinfo is None:
-        # No zone given: the venue's, else the gate's own (astimezone treats a naive time as local).
-        moment = moment.replace(tzinfo=tz) if tz is not None else moment.astimezone()
-    return moment.timestamp()
+    """An event time from the API: ISO 8601 (without offset: the venue's time zone, else the gate's
+    own) or unix seconds. ValueError for anything else, whatever it is (see parse_time)."""
+    return parse_time(value, naive=tz)
 
 
 def parse_events(raw: list[Any], tz: tzinfo | None) -> tuple[list[dict[str, Any]], dict[str, list[str]], list[str]]:
-    """Get Events' list -> (events to store, masks by event id, problems to log)."""
+    """Get Events' list -> (events to store, masks by event id, problems to log).
+
+    Each value is checked here, where it enters: an event without a usable id is skipped, a time
+    that is not one leaves that side of the window open (as the API's "no limit"), text is cut.
+    """
     events, masks, problems = [], {}, []
     for item in raw:
-        if not isinstance(item, dict) or not isinstance(item.get("eventId"), str) or not item["eventId"]:
-            problems.append(f"an event without eventId was skipped: {str(item)[:80]}")
+        eid = item.get("eventId") if isinstance(item, dict) else None
+        if not isinstance(eid, str) or not eid or len(eid) > ID_LIMIT:
+            problems.append(f"an event without a usable eventId was skipped: {cut(str(item), 80)}")
             continue
-        eid = item["eventId"]
         window = []
         for field in ("scanStartDateTime", "scanEndDateTime"):
             try:
                 window.append(venue_time(item.get(field), tz))
             except ValueError:
-                problems.append(f"event {eid}: {field} {item.get(field)!r} is not a time; no limit on that side")
+                problems.append(f"event {eid}: {field} {cut(repr(item.get(field)), 80)} is not a time; "
+                                "no limit on that side")
                 window.append(None)
         found = item.get("barcodeMasks") or []
         masks[eid] = [m for m in found if isinstance(m, str) and m] if isinstance(found, list) else []
-        events.append({"eventId": eid, "eventName": str(item.get("eventName") or ""),
-                       "startDateTime": item.get("startDateTime"), "endDateTime": item.get("endDateTime"),
-                       "scanStart": window[0], "scanEnd": window[1]})
+        # Echoed back in uploads as Entry sent them: only text of a sane length is worth echoing.
+        start, end = (v if isinstance(v, str) and len(v) <= ID_LIMIT else None
+                      for v in (item.get("startDateTime"), item.get("endDateTime")))
+        name = item.get("eventName")
+        events.append({"eventId": eid, "eventName": cut(name) if isinstance(name, str) else "",
+                       "startDateTime": start, "endDateTime": end, "scanStart": window[0], "scanEnd": window[1]})
     return events, masks, problems
 
 
@@ -123,20 +128,26 @@ def filename_stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def entry_error(body: Any) -> str | None:
+    """The message of Entry's error shape ({"error": {"message": [...], "statusCode": n}}), else None."""
+    inner = body.get("error") if isinstance(body, dict) else None
+    message = inner.get("message") if isinstance(inner, dict) else None
+    if isinstance(message, str):
+        message = [message]
+    if not isinstance(message, list) or not all(isinstance(m, str) for m in message):
+        return None
+    return cut("; ".join(message))
+
+
 def error_text(response: httpx.Response) -> str:
-    """The message of Entry's error shape ({"error": {"message": [...]}}), or a short body excerpt."""
+    """The message of Entry's error shape, or a short excerpt of whatever else the body was."""
     try:
-        data = response.json()
-    except (ValueError, UnicodeDecodeError):
-        return response.text[:120].strip() or response.reason_phrase
-    if isinstance(data, dict):
-        inner = data.get("error") if isinstance(data.get("error"), dict) else data
-        message = inner.get("message")
-        if isinstance(message, list):
-            return "; ".join(str(m) for m in message)[:300]
-        if message:
-            return str(message)[:300]
-    return response.reason_phrase
+        message = entry_error(parse_json(response.content))
+    except Unreachable:
+        message = None
+    if message:
+        return message
+    return cut(" ".join(response.text[:120].split())) or response.reason_phrase
 
 
 def lookup_lines(data: Any) -> list[str]:

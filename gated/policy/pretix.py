@@ -31,8 +31,9 @@ from gated import __version__
 from gated.config import Config
 from gated.errors import BackendRejected, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
+from gated.policy.answer import ID_LIMIT, cut, ident, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import HttpBackend, json_body, request
+from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, json_answer, json_body, request
 from gated.policy.signatures import load_sig1_keys, verify_sig1
 from gated.schema import Key
 from gated.store import Store, StoreThread
@@ -54,6 +55,7 @@ KV_DEVICE = "pretix:device"
 HANDSHAKE_VERSION = 1
 SLOW_CALL_SECONDS = 30.0  # sync, pairing and uploads are not on a visitor's clock
 MANY = 1_000_000  # "allow multiple entries": no offline anti-passback limit
+MAX_SECRET = 4096  # no scan is longer (the gate refuses longer input as malformed)
 
 # pretix's redeem reasons -> one vocabulary. `invalid_time` is refined from the position's validity.
 REASONS = {
@@ -140,12 +142,10 @@ class PretixBackend(HttpBackend):
         if status not in ("ok", "error", "incomplete"):
             # A validation error about our request ({"lists": [...]}) says nothing about the ticket.
             raise Unreachable(f"HTTP {response.status_code}: pretix did not take the request: {_brief(body)}")
-        position = body.get("position") if isinstance(body.get("position"), dict) else {}
-        lst = body.get("list") if isinstance(body.get("list"), dict) else {}
-        who = str(position.get("attendee_name") or position.get("order") or "")
-        common = dict(source=Source.ONLINE, backend=self.name, event_id=lst.get("event"), message=who)
         if status == "ok" and not 200 <= response.status_code < 300:
             raise Unreachable(f"HTTP {response.status_code} with an \"ok\" body: not pretix's answer")
+        position, who, event_id = _redeem_fields(body)
+        common = dict(source=Source.ONLINE, backend=self.name, event_id=event_id, message=who)
         if status == "ok":
             if body.get("require_attention"):
                 common["message"] = f"{who} (attention)".strip()
@@ -153,13 +153,13 @@ class PretixBackend(HttpBackend):
         if status == "incomplete":
             return deny(Reason.REJECTED, backend_code="incomplete",
                         **(common | {"message": "pretix asks questions at check-in, which a gate cannot answer"}))
-        code = str(body.get("reason") or "error")
+        code = text(body.get("reason"), "redeem reason", limit=ID_LIMIT) or "error"
         reason = REASONS.get(code, Reason.REJECTED)
         if reason is Reason.INVALID_TIME:
             reason = _time_side(position, time.time())
-        explanation = body.get("reason_explanation")
+        explanation = text(body.get("reason_explanation"), "reason_explanation")
         if explanation:
-            common["message"] = f"{who}: {explanation}" if who else str(explanation)
+            common["message"] = cut(f"{who}: {explanation}") if who else explanation
         return deny(reason, backend_code=code, **common)
 
     async def probe(self) -> None:
@@ -171,9 +171,10 @@ class PretixBackend(HttpBackend):
 
     async def lookup(self, token: str) -> list[str] | None:
         response = await self._call("GET", f"{self.org_path}/checkinrpc/search/",
-                                    params={"list": self.list_id, "search": token}, timeout=SLOW_CALL_SECONDS)
-        body = json_body(response)
-        if response.status_code != 200:
+                                    params={"list": self.list_id, "search": token}, timeout=SLOW_CALL_SECONDS,
+                                    limit=LIST_PAGE_LIMIT)
+        body = await json_answer(response)
+        if response.status_code != 200 or not isinstance(body, dict):
             return [f"HTTP {response.status_code}: {_brief(body)}"]
         lines = [f"{body.get('count', 0)} match(es) on check-in list {self.list_id}"]
         for p in body.get("results", [])[:10]:
@@ -196,13 +197,15 @@ class PretixBackend(HttpBackend):
         except Unreachable:
             raise BackendRejected(f"no pretix device API answered (HTTP {response.status_code}, not JSON): "
                                   "check [backend] url") from None
-        if response.status_code != 200 or not isinstance(answer, dict) or not answer.get("api_token"):
-            why = "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                            for k, v in answer.items()) if isinstance(answer, dict) else str(answer)
+        token = answer.get("api_token") if isinstance(answer, dict) else None
+        if response.status_code != 200 or not isinstance(token, str) or not token or len(token) > ID_LIMIT:
+            why = cut("; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                for k, v in answer.items()) if isinstance(answer, dict) else str(answer))
             raise BackendRejected(f"pretix refused the setup token (HTTP {response.status_code}: {why}); "
                                   "tokens are single-use: make a new device in pretix")
-        self.token = str(answer["api_token"])
-        device = {k: answer.get(k) for k in ("organizer", "device_id", "unique_serial", "name", "gate")}
+        self.token = token
+        device = {k: cut(str(answer.get(k)), ID_LIMIT) for k in ("organizer", "device_id", "unique_serial", "name",
+                                                                   "gate")}
         await store.call(Store.set, KV_TOKEN, self.token)
         await store.call(Store.set, KV_DEVICE, json.dumps(device))
         lines = [f'paired with pretix as device "{device["name"]}" (serial {device["unique_serial"]}, '
@@ -216,7 +219,8 @@ class PretixBackend(HttpBackend):
         try:
             response = await self._call("GET", f"{self.event_path}/", timeout=SLOW_CALL_SECONDS)
             event = json_body(response)
-            lines.append(f"event {self.event!r}: HTTP {response.status_code}, {_text(event.get('name'))!r}")
+            name = _text(event.get("name")) if isinstance(event, dict) else "(not pretix's event shape)"
+            lines.append(f"event {self.event!r}: HTTP {response.status_code}, {cut(name)!r}")
         except Unreachable as e:
             lines.append(f"event {self.event!r} not readable yet ({e}); pairing is stored all the same")
         return "\n".join(lines)
@@ -263,10 +267,10 @@ class PretixBackend(HttpBackend):
                  len(keys), self.list_id, revoked, blocked, extra={"GATED_EVENT": "sync"})
 
     async def _get_json(self, path: str, what: str, params: dict[str, Any] | None = None) -> Any:
-        response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS)
+        response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
             raise BackendRejected(f"{what}: HTTP {response.status_code}")
-        return json_body(response)
+        return await json_answer(response)
 
     async def _get_all(self, path: str, params: dict[str, Any], what: str) -> tuple[list[dict], str | None]:
         """Every page of a list resource, and the first page's X-Page-Generated (the next delta's start)."""
@@ -275,14 +279,18 @@ class PretixBackend(HttpBackend):
         page: str | None = path
         first = True
         while page:
-            response = await self._call("GET", page, params=params if first else None, timeout=SLOW_CALL_SECONDS)
+            response = await self._call("GET", page, params=params if first else None, timeout=SLOW_CALL_SECONDS,
+                                        limit=LIST_PAGE_LIMIT)
             if response.status_code != 200:
                 raise BackendRejected(f"{what}: HTTP {response.status_code}")
             if first:
                 generated = response.headers.get("X-Page-Generated")
-            body = json_body(response)
-            results += body.get("results", [])
-            nxt = body.get("next")
+            body = await json_answer(response)
+            found = body.get("results") if isinstance(body, dict) else None
+            nxt = body.get("next") if isinstance(body, dict) else None
+            if not isinstance(found, list) or not (nxt is None or isinstance(nxt, str)):
+                raise Unreachable(f"{what}: a page without pretix's results and next")
+            results += found
             # `next` is absolute and may name the host as pretix sees itself behind a proxy: keep
             # our own base URL and follow only the path and query.
             page = (urlsplit(nxt).path + ("?" + urlsplit(nxt).query if urlsplit(nxt).query else "")) if nxt else None
@@ -296,14 +304,16 @@ class PretixBackend(HttpBackend):
         if since:
             params[f"{stamp}_since"] = since
         results, generated = await self._get_all(f"{self.event_path}/{resource}/", params, resource)
+        # A secret that is not text of a ticket's length can never match a scan: such rows are skipped.
         rows = [{"token": r["secret"], "ticket_key": r["secret"],
-                 "status": "blocked" if r.get("blocked", True) else "unblocked"} for r in results]
+                 "status": "blocked" if r.get("blocked", True) else "unblocked"} for r in results
+                if isinstance(r, dict) and isinstance(r.get("secret"), str) and 0 < len(r["secret"]) <= MAX_SECRET]
         if since:
             await store.call(Store.upsert_tickets, table, rows)
         else:
             await store.call(Store.load_tickets, table, rows)
-        newest = generated or (results[0].get(stamp) if results else None)
-        if newest:
+        newest = generated or (results[0].get(stamp) if results and isinstance(results[0], dict) else None)
+        if isinstance(newest, str) and newest and len(newest) <= ID_LIMIT:
             await store.call(Store.set, since_key, newest)
         return len(rows)
 
@@ -368,12 +378,25 @@ class PretixBackend(HttpBackend):
             raise BackendRejected(f"pretix did not annul the check-in (HTTP {response.status_code})")
 
 
+def _redeem_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
+    """(position, who, event id) of a redeem answer, each checked: a wrong type means this is not pretix's answer."""
+    position = mapping(body.get("position"), "redeem position")
+    lst = mapping(body.get("list"), "redeem list")
+    who = text(position.get("attendee_name"), "attendee_name") or ident(position.get("order"), "position order")
+    return position, who or "", ident(lst.get("event"), "list event")
+
+
 def _upload_refusal(response: httpx.Response) -> str | None:
-    """None when pretix now holds the check-in (a nonce it already had counts), else why it never will."""
+    """None when pretix now holds the check-in (a nonce it already had counts), else why it never will.
+
+    Unreachable when the answer is not pretix's (JSON of another shape): the scan is sent again later.
+    """
     try:
         body = json_body(response)
     except Unreachable:
         return f"HTTP {response.status_code} without JSON"
+    if isinstance(body, dict) and body.get("status") in ("ok", "error"):
+        _redeem_fields(body)
     status = body.get("status") if isinstance(body, dict) else None
     if status == "ok" or (status == "error" and body.get("reason") == "already_redeemed"):
         return None

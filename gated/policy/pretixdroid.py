@@ -19,6 +19,7 @@ import httpx
 from gated.config import Config
 from gated.errors import ConfigError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
+from gated.policy.answer import ID_LIMIT, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import HttpBackend, json_body, request
 from gated.schema import Key
@@ -90,7 +91,7 @@ class PretixdroidBackend(HttpBackend):
         body = await self._redeem(scan.token)
         if body["status"] == "ok":
             return admit(Reason.OK, Source.ONLINE, backend=self.name, backend_code="ok", ticket_key=scan.token)
-        code = str(body.get("reason") or "")
+        code = text(body.get("reason"), "redeem reason", limit=ID_LIMIT)
         return deny(REASONS.get(code, Reason.REJECTED), Source.ONLINE, backend=self.name, backend_code=code)
 
     async def _exit(self, scan: Scan) -> Decision:
@@ -99,14 +100,15 @@ class PretixdroidBackend(HttpBackend):
         if match is None:
             return deny(Reason.UNKNOWN, Source.ONLINE, backend=self.name, backend_code="search: no match")
         return admit(Reason.OK, Source.ONLINE, backend=self.name, backend_code="search",
-                     message=str(match.get("attendee_name") or ""), ticket_key=scan.token)
+                     message=text(match.get("attendee_name"), "attendee_name"), ticket_key=scan.token)
 
     async def _search(self, query: str) -> list[dict[str, Any]]:
         response = await self._call("GET", "search/", params={"query": query})
         body = json_body(response)
-        if response.status_code != 200 or not isinstance(body, dict):
-            raise Unreachable(f"search answered HTTP {response.status_code}")
-        return [r for r in body.get("results", []) if isinstance(r, dict)]
+        results = body.get("results") if isinstance(body, dict) else None
+        if response.status_code != 200 or not isinstance(results, list):
+            raise Unreachable(f"search answered HTTP {response.status_code} without a results list")
+        return [r for r in results if isinstance(r, dict)]
 
     async def probe(self) -> None:
         response = await self._call("GET", "status/")

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from gated.config import Config
 from gated.errors import BackendRejected, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
+from gated.policy.answer import ID_LIMIT, cut, ident, mapping, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import HttpBackend, json_body, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
@@ -116,21 +117,20 @@ class TibilletBackend(HttpBackend):
         body = json_body(response)
         if not isinstance(body, dict):
             raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket = body.get("ticket") if isinstance(body.get("ticket"), dict) else {}
-        text = str(body.get("message") or body.get("error") or body.get("detail") or "")[:200]
-        who = " ".join(str(ticket.get(k) or "") for k in ("first_name", "last_name")).strip()
-        common = dict(source=Source.ONLINE, backend=self.name, backend_code=f"{response.status_code} {text}".strip(),
-                      event_id=ticket.get("event"), message=who or text)
+        _, text_, uuid, who, event = _answer_fields(body)
+        common = dict(source=Source.ONLINE, backend=self.name,
+                      backend_code=cut(f"{response.status_code} {text_}".strip(), ID_LIMIT),
+                      event_id=event, message=who or text_)
         code = response.status_code
         if code == 200 and not isinstance(body.get("success"), bool):
             # Every 200 of the scan API says success true or false; without it this is not TiBillet's
             # answer (another API version, a proxy's page): decide offline rather than deny online.
             raise Unreachable("HTTP 200 without a success flag")
         if code == 200 and body.get("success") is True:
-            return admit(Reason.OK, ticket_key=ticket.get("uuid"), **common)
-        if code == 200 and "already" in text.lower():
-            return deny(Reason.ALREADY_USED, ticket_key=ticket.get("uuid"), **common)
-        lowered = text.lower()
+            return admit(Reason.OK, ticket_key=uuid, **common)
+        if code == 200 and "already" in text_.lower():
+            return deny(Reason.ALREADY_USED, ticket_key=uuid, **common)
+        lowered = text_.lower()
         if code == 400 and "event uuid" in lowered:
             # The server wants the event named: a setting, not this visitor's ticket.
             raise Unreachable("TiBillet wants the event: set [backend.tibillet] event_uuid")
@@ -159,12 +159,12 @@ class TibilletBackend(HttpBackend):
     async def lookup(self, token: str) -> list[str] | None:
         response = await self._post("check_ticket/", token)
         body = json_body(response)
-        if response.status_code != 200:
-            return [f"HTTP {response.status_code}: {body.get('error') or body.get('detail') or body}"]
-        t = body.get("ticket") or {}
+        if response.status_code != 200 or not isinstance(body, dict):
+            return [cut(f"HTTP {response.status_code}: {body}")]
+        t = mapping(body.get("ticket"), "ticket")
         lines = [f"{k}: {t.get(k)}" for k in ("uuid", "status", "is_scanned", "event", "first_name", "last_name",
                                               "product", "price", "scanned_by")]
-        reservation = body.get("reservation") or {}
+        reservation = mapping(body.get("reservation"), "reservation")
         lines.append(f"reservation: {reservation.get('uuid')} ({reservation.get('tickets_count')} tickets)")
         return lines
 
@@ -181,13 +181,14 @@ class TibilletBackend(HttpBackend):
         except Unreachable:
             raise BackendRejected(f"no TiBillet scan API answered (HTTP {response.status_code}, not JSON): check "
                                   "[backend] url and [backend.tibillet] path_prefix") from None
-        if response.status_code != 200 or not isinstance(body, dict) or not body.get("api_key"):
+        key = body.get("api_key") if isinstance(body, dict) else None
+        if response.status_code != 200 or not isinstance(key, str) or not key or len(key) > ID_LIMIT:
             why = body.get("error") or body.get("detail") if isinstance(body, dict) else None
             raise BackendRejected(f"TiBillet refused the pairing code (HTTP {response.status_code}"
                                   f"{': ' + str(why) if why else ''}); codes are single-use and expire: "
                                   "make a new one in the TiBillet admin")
-        self.api_key, self.device_uuid = str(body["api_key"]), str(body.get("device_uuid") or "")
-        name = str(body.get("device_name") or "")
+        self.api_key, self.device_uuid = key, cut(str(body.get("device_uuid") or ""), ID_LIMIT)
+        name = cut(str(body.get("device_name") or ""))
         await store.call(Store.set, KV_API_KEY, self.api_key)
         await store.call(Store.set, KV_DEVICE_UUID, self.device_uuid)
         await store.call(Store.set, KV_DEVICE_NAME, name)
@@ -198,8 +199,10 @@ class TibilletBackend(HttpBackend):
         try:
             response = await request(self.client, "GET", self.prefix + "test_api/", headers=self._headers(),
                                      timeout=self.slow_seconds)
-            server = json_body(response).get("server_info") or {}
-            lines.append(f"test_api: HTTP {response.status_code}, tenant {server.get('tenant')!r}")
+            answer = json_body(response)
+            server = answer.get("server_info") if isinstance(answer, dict) else None
+            tenant = server.get("tenant") if isinstance(server, dict) else None
+            lines.append(f"test_api: HTTP {response.status_code}, tenant {cut(str(tenant))!r}")
         except Unreachable as e:
             lines.append(f"test_api not reachable ({e}); pairing is stored all the same")
         return "\n".join(lines)
@@ -240,16 +243,33 @@ class TibilletBackend(HttpBackend):
         body = json_body(response)  # a proxy's HTML page or broken JSON is no answer: retried, not parked
         if not isinstance(body, dict):
             raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
+        _answer_fields(body)
         if response.status_code == 200 and body.get("success") is True:
             return None
         ticket = body.get("ticket") if isinstance(body.get("ticket"), dict) else {}
-        text = body.get("message") or body.get("error") or body.get("detail") or ""
+        text = cut(str(body.get("message") or body.get("error") or body.get("detail") or ""))
         if response.status_code == 200 and "already" in str(text).lower():
             by = ticket.get("scanned_by")
             if by is None or self.device_uuid is None or by == self.device_uuid:
                 return None  # our own earlier replay (or the server does not say whose): counted once
             return f"already scanned by another device ({by}): the ticket entered twice"
         return f"HTTP {response.status_code}: {text}"
+
+
+def _answer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None, str, str | None]:
+    """(ticket, message, ticket uuid, holder's name, event) of a scan answer, each checked.
+
+    A wrong type means this is not TiBillet's answer: Unreachable.
+    """
+    ticket = mapping(body.get("ticket"), "ticket")
+    said = next((body[k] for k in ("message", "error", "detail") if body.get(k)), None)
+    # DRF's validation errors are objects or lists: kept as text, they still explain a refusal.
+    message = cut(str(said)) if isinstance(said, (dict, list)) else text(said, "message")
+    uuid = ticket.get("uuid")
+    if uuid is not None and not isinstance(uuid, str):  # the anti-passback identity: text only
+        raise Unreachable("ticket uuid is not text")
+    who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
+    return ticket, message, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event")
 
 
 def _replayable(row: dict[str, Any]) -> bool:

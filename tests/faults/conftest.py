@@ -33,6 +33,7 @@ def _load(name: str) -> ModuleType:
 faultproxy = _load("faultproxy")
 backends = _load("backends")
 gatedrun = _load("gatedrun")
+hostile = _load("hostile")
 
 FIGURES: dict[str, list[float]] = defaultdict(list)
 

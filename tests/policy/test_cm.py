@@ -644,3 +644,29 @@ def test_simulator_refuses_what_the_real_api_refuses(sim):
         assert text_time.status_code == 400
         sim.expire_tokens()
         assert c.get(f"users/{sim.user_uuid}/services", headers=auth).status_code == 401
+
+
+def test_a_lone_surrogate_in_a_downloaded_row_is_replaced_and_the_list_still_loads(sim, cm):
+    sim.add_barcode(sim.service, "ODD-1", ticket_type="Regular \udcff")  # sent as the escape "\udcff"
+
+    async def run():
+        async with gate(cm(strategy="local")) as (parts, sync_store):
+            full = await scan(parts, "ODD-1")
+            sim.update_barcode(sim.service, "OK-1", ticket_type="VIP \udcff")
+            await parts.backend.sync(sync_store)  # a delta, written in this process
+            names = await sync_store.call(lambda s: [s.ticket("cm", t)["name"] for t in ("ODD-1", "OK-1")])
+            return full, await scan(parts, "OK-1"), names
+
+    full, delta, names = asyncio.run(run())
+    assert full.admitted and delta.admitted
+    assert names == ["Regular \ufffd", "VIP \ufffd"]
+
+
+def test_a_400_not_in_cms_info_message_shape_is_a_failed_call_decided_offline(sim, cm):
+    async def run():
+        async with gate(cm()) as (parts, _):
+            sim.fail_status = 400  # answers {"message": ...}: not CM.com's {"info": {"message": ...}}
+            return await scan(parts, "OK-1")
+
+    decision = asyncio.run(run())
+    assert (decision.verdict, decision.source) == (Verdict.ADMIT, Source.OFFLINE)

@@ -581,3 +581,29 @@ def test_missing_keys_and_bad_path_overrides_are_reported(load_config, entry_con
     with pytest.raises(ConfigError) as e:
         run(cfg, lambda parts: scan(parts, "x"))
     assert e.value.problems == ['[backend.entry] path_lookup = "/scan/lookup": must contain {barcode}']
+
+
+def test_a_400_not_in_entrys_error_shape_is_a_failed_call_decided_offline_and_counted_by_the_breaker(
+        sim, entry_config):
+    async def scenario(parts):
+        await parts.backend.sync(parts.store)
+        sim.fail_status = 400  # answers {"message": ...}: a proxy's 400, not Entry's {"error": {...}}
+        decisions = [await scan(parts, t) for t in ("3901234567890", "3901234567891")]
+        return decisions, parts.decider.breaker.is_open
+
+    decisions, breaker_open = run(entry_config(sim.url), scenario)
+    assert [(d.verdict, d.source) for d in decisions] == [(Verdict.ADMIT, Source.OFFLINE)] * 2
+    assert breaker_open
+
+
+def test_a_scan_window_beyond_any_time_leaves_that_side_open_and_the_sync_still_succeeds(sim, entry_config):
+    sim.events[0]["scanStartDateTime"] = 10**400  # float() overflows: OverflowError, not ValueError
+
+    async def scenario(parts):
+        await parts.backend.sync(parts.store)
+        sim.fail_status = 503
+        return await scan(parts, "3901234567890"), await parts.store.call(Store.get_data, "entry:events")
+
+    admitted, events = run(entry_config(sim.url), scenario)
+    assert events is not None and events[0]["events"][0]["scanStart"] is None
+    assert (admitted.verdict, admitted.source) == (Verdict.ADMIT, Source.OFFLINE)
