@@ -8,15 +8,22 @@ Already fuzzed elsewhere, not repeated here: scanner keystrokes (tests/drivers/t
 serial framing and decoding (tests/drivers/test_framing.py), pretix_sig1 payload round trips
 (tests/policy/test_signatures.py).
 
-Default: a few hundred cases per target so the file runs in seconds. `--long` raises each target
-to LONG_EXAMPLES, 100,000+ cases in all; the count actually run is reported as `fuzz_cases`.
+The values are hostile, not merely random: text over every code point including lone surrogates,
+integers far outside SQLite's range, `nan` and infinities, nesting thousands deep, wrong types.
+
+Default: a hundred cases per target so the file runs in seconds. `--long` raises each target to
+LONG_EXAMPLES, over 100,000 cases in all; the count each target actually ran is reported at the end
+of the run (`fuzz_cases[target]`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +48,7 @@ from gated.simulators.tibillet import make_code
 from gated.tokens import Malformed, normalise
 
 SHORT_EXAMPLES = 100
-LONG_EXAMPLES = 4000  # x 29 targets: over 100,000 cases with --long
+LONG_EXAMPLES = 4000
 
 
 @pytest.fixture
@@ -60,14 +67,22 @@ def fuzz(request, figures):
             check(value)
 
         property_holds()
-        figures["fuzz_cases"].append(count[0])
+        figures[f"fuzz_cases[{request.node.name}]"].append(count[0])
 
     return run
 
 
 # --- generic JSON -------------------------------------------------------------------------------
 
-SCALARS = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12)
+# Every code point, lone surrogates included (what a decoder with surrogateescape or a JSON "\udcff" gives).
+ANY_CHAR = st.characters(exclude_categories=())
+HOSTILE_TEXT = st.sampled_from([
+    "\udcff", "\ud800x", "\x00", "\x1b[2J", "\u2028", "\x85", "\r", "x" * 5000,
+    "Mallory\n19:10:00 lane-1 ADMIT ok online entry front …0001 3ms \"Forged\"",
+]) | st.text(ANY_CHAR, max_size=12)
+HUGE_INTS = st.sampled_from([2**63, -(2**63) - 1, 2**64, 10**30, -(10**400)]) | st.integers()
+SCALARS = (st.none() | st.booleans() | st.integers(-(2**40), 2**40) | HUGE_INTS | st.floats() | st.text(max_size=12)
+           | HOSTILE_TEXT)
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                           max_size=4), max_leaves=12)
 
@@ -87,7 +102,7 @@ def mutations(template: Any) -> st.SearchStrategy:
 
 # --- tokens -------------------------------------------------------------------------------------
 
-TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=80) | st.text(max_size=80)
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=80) | st.text(ANY_CHAR, max_size=80)
 AIM = st.sampled_from(["", "]Q1", "]C0", "]E0", "]d2", "]"])
 
 
@@ -151,8 +166,26 @@ def test_config_loader_gives_a_config_or_a_config_error_for_any_file(fuzz, tmp_p
             configmod.report(e)
             return
         configmod.dump(config)
+        assert not _non_finite(config), doc
 
     fuzz(st.one_of(toml_documents(), st.binary(max_size=200)), check)
+
+
+def _non_finite(value: Any, seen: set[int] | None = None) -> list[float]:
+    """Every float inside a loaded config that is nan or infinite (none may pass the checker)."""
+    seen = set() if seen is None else seen
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [value]
+    if id(value) in seen or isinstance(value, (str, bytes, int)) or value is None:
+        return []
+    seen.add(id(value))
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _non_finite(v, seen)]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [x for v in value for x in _non_finite(v, seen)]
+    if hasattr(value, "__dict__"):
+        return _non_finite(vars(value), seen)
+    return []
 
 
 TABLE_VALUES = st.recursive(SCALARS | st.just("/dev/null") | st.just("\x00"),
@@ -168,9 +201,11 @@ def test_config_checker_gives_a_config_or_a_config_error_for_any_tables(fuzz, tm
 
     def check(raw):
         try:
-            configmod.from_dict(raw, str(tmp_path / "gated.toml"))
+            config = configmod.from_dict(raw, str(tmp_path / "gated.toml"))
         except ConfigError as e:
             assert all(isinstance(p, str) and p for p in e.problems)
+            return
+        assert not _non_finite(config), raw
 
     fuzz(tables, check)
 
@@ -377,10 +412,21 @@ def _answer(templates: list[bytes]) -> st.SearchStrategy:
     json_body = st.one_of(*shapes).map(lambda v: json.dumps(v).encode())
     real = st.sampled_from(templates or [b"{}"])
     raw = st.one_of(real, real.flatmap(lambda t: st.integers(0, len(t)).map(lambda n: t[:n])),
-                    st.binary(max_size=40), st.just(b"<html><body>Welcome to Venue Wi-Fi</body></html>"))
+                    st.binary(max_size=40), st.sampled_from(HOSTILE_BODIES))
     status = st.one_of(st.sampled_from([200, 201, 400, 401, 403, 404, 409, 429, 500, 502, 503]), st.integers(200, 599))
     kind = st.sampled_from(["application/json", "text/json", "text/html"])
     return st.tuples(status, st.one_of(json_body, json_body, raw), kind)
+
+
+HOSTILE_BODIES = [
+    b"<html><body>Welcome to Venue Wi-Fi</body></html>",
+    b"[" * 10_000 + b"]" * 10_000,
+    b'{"a":' * 5_000 + b"1" + b"}" * 5_000,
+    b"1" * 5_000,
+    b'{"status": NaN, "eventId": Infinity}',
+    b'{"status":"Stop","status":"Admit","success":false,"success":true}',
+    b'"\\udcff"', b"null", b"[]", b'"ok"', b"\xff\xfe{}",
+]
 
 
 def _is_json(data: bytes) -> bool:
@@ -479,10 +525,20 @@ def test_any_api_answer_is_a_verdict_an_upload_outcome_or_unreachable_never_a_cr
         try:
             result = loop.run_until_complete(call())
         except Unreachable:
-            return
+            failed = True
         except GatedError:
             # A definite refusal (BackendRejected, ConfigError): allowed where the caller handles it.
             assert operation in ("upload", "sync"), f"{operation} may only raise Unreachable"
+            failed = True
+        else:
+            failed = False
+        if operation == "sync" and failed:
+            # A failed sync keeps what the gate had: the kit's tickets are still admitted offline.
+            kept = loop.run_until_complete(parts.store.call(
+                lambda s: b.decide_offline(s, Scan(token=kit.tokens[-1], reader="front"), ScanMode.ENTRY,
+                                           time.time(), True)))
+            assert kept.admitted, kept
+        if failed:
             return
         status, body = drawn[0][0], _parse(drawn[0][1])
         if operation == "validate":
@@ -490,6 +546,11 @@ def test_any_api_answer_is_a_verdict_an_upload_outcome_or_unreachable_never_a_cr
             assert isinstance(result.reason, Reason) and isinstance(result.verdict, Verdict)
             if result.admitted:
                 assert admitted_by(backend, status, body), (status, drawn[0][1])
+        elif operation == "probe":
+            # Only the API itself answering closes the breaker: a portal's page or an error is no proof.
+            assert 200 <= status < 300, (status, drawn[0][1])
+        elif operation == "sync":
+            assert result is None
         elif operation == "upload":
             assert isinstance(result, UploadResult)
             sent, parked, retry = set(result.sent), set(result.parked), set(result.retry)
@@ -500,7 +561,70 @@ def test_any_api_answer_is_a_verdict_an_upload_outcome_or_unreachable_never_a_cr
     fuzz(st.lists(_answer(templates), min_size=1, max_size=4 if operation == "sync" else 1), check)
 
 
-def test_fuzz_targets_add_up_to_100000_cases_in_the_long_run():
-    targets = 9 + len(backends.available_backends()) * len(OPERATIONS) - 2  # two backends download nothing
-    assert targets * LONG_EXAMPLES >= 100_000
 
+
+
+# --- the whole scan path: reader text -> normalise -> decide -> store -> outputs -> log ----------------
+
+# What readers hand over: any text (a serial engine decodes with surrogateescape, so invalid bytes
+# arrive as lone surrogates), a real ticket with junk around it, or a real ticket as it is.
+def _reader_text(tokens: list[str]) -> st.SearchStrategy:
+    real = st.sampled_from(tokens)
+    wrapped = st.builds(lambda a, t, b: a + t + b, st.text(ANY_CHAR, max_size=3), real, st.text(ANY_CHAR, max_size=3))
+    decoded = st.binary(max_size=60).map(lambda b: b.decode("utf-8", "surrogateescape"))
+    return st.one_of(real, wrapped, decoded, st.text(ANY_CHAR, max_size=80), HOSTILE_TEXT)
+
+
+class _Lines(logging.Handler):
+    """What a technician would read on the terminal: the scan logger through gated's own formatter."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        from gated.logs import PlainFormatter
+
+        self.setFormatter(PlainFormatter())
+        self.text: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text.append(self.format(record))
+
+
+SCAN_LINE = re.compile(r"^\d\d:\d\d:\d\d lane-1 (ADMIT|DENY) [a-z_]+ (online|offline|mode) \S+ \S+ …\S* \d+ms")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@pytest.mark.parametrize("backend", backends.available_backends())
+def test_any_reader_text_and_api_answer_give_one_recorded_scan_and_one_true_log_line(backend, api_gate, fuzz):
+    kit, cfg, api, loop, parts = api_gate(backend)
+    api.target = re.compile(TARGETS[backend]["validate"])
+    api.recording = []
+    loop.run_until_complete(parts.backend.validate(Scan(token=kit.tokens[0], reader="front"), ScanMode.ENTRY))
+    templates, api.recording = api.recording, None
+    lines = _Lines()
+    scan_log = logging.getLogger("gated.scan")
+    scan_log.addHandler(lines)
+    scan_log.setLevel(logging.INFO)
+
+    def check(drawn):
+        text, answer = drawn
+        api.answers = [answer]
+        parts.decider.breaker.close()  # every case asks the API, however the last one ended
+        lines.text.clear()
+        scan = Scan(token=text, reader="front")
+        decision = loop.run_until_complete(parts.gate.handle(scan))
+        assert isinstance(decision, Decision) and isinstance(decision.reason, Reason)
+        recorded = loop.run_until_complete(parts.store.call(
+            lambda s: s.db.execute("SELECT count(*) FROM scans WHERE nonce = ?", [scan.nonce]).fetchone()[0]))
+        assert recorded == 1
+        out = "\n".join(lines.text).split("\n")
+        assert len(out) == 1 and SCAN_LINE.match(out[0]), out
+        assert not CONTROL.search(out[0]), out[0]
+        if decision.admitted and decision.source is Source.ONLINE:
+            assert admitted_by(backend, answer[0], _parse(answer[1])), answer
+        if decision.admitted and decision.source is Source.OFFLINE:
+            assert any(t in text for t in kit.tokens), text
+
+    try:
+        fuzz(st.tuples(_reader_text(kit.tokens), _answer(templates)), check)
+    finally:
+        scan_log.removeHandler(lines)
