@@ -70,7 +70,8 @@ def trace(text: str) -> str:
 
     It is stored and logged instead of the input, so it must survive any store, terminal or journal.
     """
-    return text[:TRACE_LENGTH].encode("unicode_escape").decode("ascii")
+    # Spaces escaped too: the trace stands as one word in a space-separated log line.
+    return text[:TRACE_LENGTH].encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
 
 
 def token_hash(token: str) -> str:
@@ -79,9 +80,12 @@ def token_hash(token: str) -> str:
 
 
 def redact(token: str) -> str:
-    """What a log shows of a token: at most its last 4 characters, never more than half of it."""
+    """What a log shows of a token: at most its last 4 characters, never more than half of it.
+
+    A space in them is written `\\x20`, so the token stays one word of the space-separated scan line.
+    """
     keep = min(4, len(token) // 2)
-    return "…" + token[len(token) - keep:] if keep else "…"
+    return "…" + token[len(token) - keep:].replace(" ", "\\x20") if keep else "…"
 
 
 def redact_field(token: str) -> str:

@@ -430,17 +430,14 @@ HOSTILE_BODIES = [
 
 
 def _is_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True
+    return _parse(data) is not None
 
 
 def _parse(body: bytes) -> Any:
+    """The body as the most lenient reader would see it (None when even that fails)."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -521,6 +518,9 @@ def test_any_api_answer_is_a_verdict_an_upload_outcome_or_unreachable_never_a_cr
     api.repeat = operation != "sync"  # a sync's later requests (pages, other lists) reach the simulator
 
     def check(drawn):
+        if operation == "sync":  # start from the real data: an earlier case may have replaced it legitimately
+            api.answers = []
+            loop.run_until_complete(call())
         api.answers = list(drawn)
         try:
             result = loop.run_until_complete(call())
@@ -621,7 +621,7 @@ def test_any_reader_text_and_api_answer_give_one_recorded_scan_and_one_true_log_
         assert not CONTROL.search(out[0]), out[0]
         if decision.admitted and decision.source is Source.ONLINE:
             assert admitted_by(backend, answer[0], _parse(answer[1])), answer
-        if decision.admitted and decision.source is Source.OFFLINE:
+        if decision.admitted and decision.source is Source.OFFLINE and decision.reason is not Reason.FALLBACK_ADMIT:
             assert any(t in text for t in kit.tokens), text
 
     try:
