@@ -39,8 +39,9 @@ The explanation follows pretix's documented approach (`_logic_explain`): each fa
 a text and a weight (how little the visitor can change it, then how far off it is); the rule is put
 in disjunctive normal form; the way to "true" whose worst failure weighs least, then with the fewest
 failures, is explained. Texts are pretix's English ones; times are shown in the event's zone,
-`HH:MM` within 12 hours of the scan, else `YYYY-MM-DD HH:MM`. pretix times its explanation with the
-server's clock, this module with the scan's (the same thing online).
+`HH:MM` within 12 hours of the clock, else `YYYY-MM-DD HH:MM`. pretix words its explanation by the
+server's clock at the answer, with `customtime` on that day, even for a check-in sent with an earlier
+`datetime`; `Facts.clock` says which clock (by default the scan's time, the same thing at a gate).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class Facts:
     date_from: datetime | None = None  # of the event, or of the position's date in a series
     date_to: datetime | None = None
     date_admission: datetime | None = None
+    # pretix words its explanation by the server's clock when it answers, not by the scan's time
+    # (which differ only for a check-in sent with an earlier `datetime`). None: the scan's time.
+    clock: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def evaluate(rules: Any, facts: Facts) -> RuleResult:
     try:
         if env.apply(rules):
             return RuleResult(True)
-        return RuleResult(False, _explain(rules, env))
+        return RuleResult(False, _explain(rules, _Env(facts, clock=facts.clock)))
     except CannotEvaluate as e:
         return RuleResult(False, f"gated cannot evaluate this rule offline: {e}", unsupported=True)
     except (_Failed, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
@@ -165,11 +169,13 @@ OPERATORS = {
 @dataclass
 class _Env:
     facts: Facts
+    clock: datetime | None = None  # the day `customtime` means and explanations are worded by
     tz: tzinfo = field(init=False)
 
     def __post_init__(self) -> None:
         tz = self.facts.timezone
         self.tz = ZoneInfo(tz) if isinstance(tz, str) else tz
+        self.clock = self.clock or self.facts.now
 
     def apply(self, rule: Any) -> Any:
         if not isinstance(rule, dict):
@@ -247,7 +253,7 @@ class _Env:
             return t
         if kind == "customtime":
             clock = time.fromisoformat(str(value))
-            return f.now.astimezone(self.tz).replace(hour=clock.hour, minute=clock.minute, second=clock.second,
+            return self.clock.astimezone(self.tz).replace(hour=clock.hour, minute=clock.minute, second=clock.second,
                                                       microsecond=clock.microsecond)
         if kind == "date_from":
             return f.date_from
@@ -344,7 +350,7 @@ def _leaf(rule: Any, env: _Env) -> _Leaf:
     left, rhs = (args[0] if args else None), args[1:]
     if not isinstance(left, dict):
         raise _NoExplanation()
-    now = env.facts.now
+    now = env.clock
     if "var" in left:
         name = left["var"][0] if isinstance(left["var"], list) else left["var"]
     elif any(k in left for k in ENTRY_FUNCTIONS):

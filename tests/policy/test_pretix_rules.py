@@ -1,4 +1,4 @@
-"""pretix check-in rules offline (gated/policy/pretix_rules.py): each operator, then scan for scan against real pretix."""
+"""pretix check-in rules offline (gated/policy/pretix_rules.py): each operator, then scan for scan vs real pretix."""
 
 from __future__ import annotations
 
@@ -217,3 +217,131 @@ def test_a_rule_that_fails_to_evaluate_denies_as_pretix_does():
     naive = {"isAfter": [NOW_VAR, {"buildTime": ["custom", "2026-03-04T09:00:00"]}]}  # no zone
     result = evaluate(naive, facts())
     assert (result.allowed, result.explanation, result.unsupported) == (False, EVALUATION_FAILED, False)
+
+
+# --- the same scans, decided by real pretix online and by this module -----------------------------
+#
+# Each scenario makes a check-in list with rules (and multiple entries allowed, so pretix's answer
+# depends on the rules alone), positions, then scans them in time order. Before each scan the
+# position's check-ins are read back from pretix (what gated downloads) and the rules evaluated here;
+# then pretix redeems the same scan at the same `datetime` with the device of gate "north". Exit scans
+# are made too (rules do not apply to them) so that entry_status has something to follow.
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _scenarios(srv, now: datetime) -> list[tuple[str, dict, list[tuple[str, str, datetime, str]]]]:
+    """(list name, rules, scans as (position key, product/variation spec, time, entry|exit))."""
+    tz = ZoneInfo(srv.timezone)
+    midnight = now.astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def day(days_ago: int, hour: int, minute: int = 0) -> datetime:
+        return (midnight - timedelta(days=days_ago)).replace(hour=hour, minute=minute)
+
+    ticket, vip, workshop = srv.items["Ticket"], srv.items["VIP"], srv.items["Workshop"]
+    gold = srv.variations["VIP/Gold"]
+    t0 = now - timedelta(hours=6)
+    weekdays = sorted({day(d, 12).isoweekday() for d in (2, 4)})
+    return [
+        ("r_products", {"inList": [{"var": "product"}, {"objectList": [
+            {"lookup": ["product", str(ticket), "Ticket"]}, {"lookup": ["product", str(workshop), "Workshop"]}]}]},
+         [("a", "Ticket", t0, "entry"), ("b", "VIP/Gold", t0, "entry"), ("c", "Workshop", t0, "entry")]),
+        ("r_variation", {"==": [{"var": "variation"}, gold]},
+         [("a", "VIP/Gold", t0, "entry"), ("b", "VIP/Silver", t0, "entry"), ("c", "Ticket", t0, "entry")]),
+        ("r_weekday", {"or": [{"==": [{"var": "now_isoweekday"}, w]} for w in weekdays]},
+         [("a", "Ticket", day(d, 12), "entry") for d in (6, 5, 4, 3, 2, 1)]),
+        ("r_window", {"and": [{"isAfter": [{"var": "now"}, custom(t0 - timedelta(minutes=60)), 10]},
+                              {"isBefore": [{"var": "now"}, custom(t0 - timedelta(minutes=20)), 5]}]},
+         [("a", "Ticket", t0 - timedelta(minutes=m), "entry") for m in (75, 71, 69, 40, 16, 14)]),
+        ("r_event_times", {"or": [{"and": [{"isAfter": [{"var": "now"}, {"buildTime": ["date_admission"]}, None]},
+                                           {"isBefore": [{"var": "now"}, {"buildTime": ["date_to"]}]}]},
+                                  {"inList": [{"var": "product"}, {"objectList": [
+                                      {"lookup": ["product", str(vip), "VIP"]}]}]}]},
+         [("a", "Ticket", now - timedelta(hours=h), "entry") for h in (5, 4, 3.5, 2.5, 1)]
+         + [("b", "VIP/Silver", now - timedelta(hours=5), "entry")]),
+        ("r_customtime", {"and": [{"isAfter": [{"var": "now"}, {"buildTime": ["customtime", "10:00:00"]}]},
+                                  {"isBefore": [{"var": "now"}, {"buildTime": ["customtime", "18:30"]}, 15]}]},
+         [("a", "Ticket", day(3, h, m), "entry") for h, m in ((9, 30), (10, 5), (18, 40), (18, 50))]),
+        ("r_entries_number", {"<": [{"var": "entries_number"}, 3]},
+         [("a", "Ticket", t0 + timedelta(minutes=m), k) for m, k in
+          ((0, "entry"), (5, "exit"), (10, "entry"), (20, "entry"), (30, "entry"), (40, "exit"), (50, "entry"))]),
+        ("r_entries_today", {"<": [{"var": "entries_today"}, 2]},
+         [("a", "Ticket", t, "entry") for t in (day(3, 23, 30), day(2, 0, 10), day(2, 8), day(2, 12), day(1, 9))]),
+        ("r_entries_days", {"<=": [{"var": "entries_days"}, 1]},
+         [("a", "Ticket", t, "entry") for t in (day(4, 23, 50), day(3, 0, 20), day(3, 9), day(2, 9))]),
+        ("r_last_entry", {"or": [{"==": [{"var": "minutes_since_last_entry"}, -1]},
+                                 {">": [{"var": "minutes_since_last_entry"}, 60]}]},
+         [("a", "Ticket", t0 + timedelta(minutes=m), "entry") for m in (0, 30, 61, 100, 200, 201)]),
+        ("r_first_entry", {"or": [{"==": [{"var": "minutes_since_first_entry"}, -1]},
+                                  {"<": [{"var": "minutes_since_first_entry"}, 120]}]},
+         [("a", "Ticket", t0 + timedelta(minutes=m), "entry") for m in (0, 50, 119, 121, 180)]),
+        ("r_since_before", {"and": [{"<": [{"entries_since": [custom(day(2, 0))]}, 2]},
+                                    {"<=": [{"entries_before": [custom(day(2, 0))]}, 1]},
+                                    {"<": [{"entries_days_since": [custom(day(3, 0))]}, 3]},
+                                    {"<": [{"entries_days_before": [custom(day(3, 0))]}, 2]}]},
+         [("a", "Ticket", t, "entry") for t in (day(5, 10), day(4, 10), day(4, 11), day(3, 10), day(2, 10),
+                                                day(2, 11), day(2, 12), day(1, 10))]
+         + [("b", "Ticket", t, "entry") for t in (day(3, 10), day(2, 10), day(1, 10), day(1, 11))]),
+        ("r_gate", {"or": [{"==": [{"var": "gate"}, srv.gate_id("south")]},
+                           {"inList": [{"var": "product"}, {"objectList": [
+                               {"lookup": ["product", str(vip), "VIP"]}]}]}]},
+         [("a", "Ticket", t0, "entry"), ("b", "VIP/Gold", t0, "entry")]),
+        ("r_entry_status", {"==": [{"var": "entry_status"}, "absent"]},
+         [("a", "Ticket", t0 + timedelta(minutes=m), k) for m, k in
+          ((0, "entry"), (1, "entry"), (2, "exit"), (3, "entry"), (4, "entry"))]),
+        ("r_mixed", {"or": [{"and": [{"inList": [{"var": "product"}, {"objectList": [
+                                         {"lookup": ["product", str(vip), "VIP"]}]}]},
+                                     {"isAfter": [{"var": "now"}, custom(t0 + timedelta(minutes=30))]}]},
+                            {"and": [{"inList": [{"var": "product"}, {"objectList": [
+                                         {"lookup": ["product", str(ticket), "Ticket"]}]}]},
+                                     {"<": [{"var": "entries_today"}, 1]},
+                                     {"!=": [{"var": "now_isoweekday"}, day(2, 12).isoweekday()]}]}]},
+         [("a", "VIP/Gold", t0, "entry"), ("a", "VIP/Gold", t0 + timedelta(minutes=31), "entry"),
+          ("b", "Ticket", day(2, 12), "entry"), ("b", "Ticket", day(1, 12), "entry"),
+          ("b", "Ticket", day(1, 13), "entry"), ("c", "Workshop", t0, "entry")]),
+    ]
+
+
+def test_rules_agree_with_real_pretix_scan_for_scan(real_pretix):
+    srv = real_pretix
+    device = srv.device_token("north")
+    event = srv.event_detail()
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)  # every scan in the (recent) past
+    scans = refused = disagreements = texts = 0
+    report = []
+    for list_name, rules, plan in _scenarios(srv, now):
+        list_id = srv.add_list(list_name, allow_multiple_entries=True, rules=rules)
+        positions = {}
+        for key, spec, when, kind in plan:
+            item, _, variation = spec.partition("/")
+            if key not in positions:
+                positions[key] = srv.order("p", item, variation=variation or None)
+            pos = positions[key]
+            history = [CheckIn(at=_parse(c["datetime"]), type=c["type"], list_id=c["list"])
+                       for c in srv.checkins(pos)]
+            mine = evaluate(rules, Facts(
+                now=when, timezone=event["timezone"], product=pos.item, variation=pos.variation,
+                gate=srv.gate_id("north"), list_id=list_id, checkins=history,
+                date_from=_parse(event["date_from"]), date_to=_parse(event["date_to"]),
+                date_admission=_parse(event["date_admission"]), clock=datetime.now(UTC)))
+            answer = srv.redeem(pos.secret, list_name, when=when, type=kind, device=device)
+            theirs = answer.get("status") == "ok"
+            assert theirs or answer.get("reason") == "rules", answer  # nothing but the rules may refuse here
+            if kind == "exit":
+                assert theirs, answer
+                continue
+            scans += 1
+            refused += not theirs
+            if theirs != mine.allowed:
+                disagreements += 1
+                report.append(f"{list_name} {key}@{when.isoformat()}: pretix {answer}, gated {mine}")
+            elif not theirs and answer.get("reason_explanation") != mine.explanation:
+                texts += 1
+                report.append(f"{list_name} {key}@{when.isoformat()}: pretix says "
+                              f"{answer.get('reason_explanation')!r}, gated {mine.explanation!r}")
+    print(f"\ndifferential: {scans} entry scans ({refused} refused by pretix) on {len(_scenarios(srv, now))} lists, "
+          f"{disagreements} verdict disagreements, {texts} explanation differences")
+    assert report == [], "\n".join(report)
+    assert scans >= 60 and 20 <= refused <= scans - 20  # both verdicts well represented
