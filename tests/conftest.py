@@ -16,7 +16,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long runs (soak, kill loops, big fuzz)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "realpretix: needs the real pretix server (tests/realpretix.py); "
+                                       "select with -m realpretix, leave out with -m 'not realpretix'")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that uses the real server is marked by that fact, so no test can forget its mark.
+    for item in items:
+        if "real_pretix" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realpretix)
     if config.getoption("--long"):
         return
     skip = pytest.mark.skip(reason="long run: pass --long")
@@ -101,3 +110,13 @@ def shipped_config(tmp_path: Path):
     for secret in (copy / "example-secrets").iterdir():
         secret.chmod(0o600)
     return lambda name: copy / name
+
+
+@pytest.fixture(scope="session")
+def real_pretix(tmp_path_factory):
+    """One real pretix for the whole run (tests/realpretix.py): the first run on a machine installs and
+    migrates it (a few minutes), later runs start it in seconds. Tests add their own orders and lists."""
+    from tests.realpretix import running
+
+    with running(tmp_path_factory.mktemp("realpretix")) as server:
+        yield server
