@@ -15,10 +15,12 @@ import time
 import pytest
 import sqlite_utils
 
-from gated import store as storemod
 from gated.errors import StoreError
 from gated.model import Reason, Scan, ScanMode, Source, admit, deny
 from gated.store import Store, StoreThread, keep_wal
+from gated.store import lists as store_lists
+from gated.store import wal as store_wal
+from gated.store.migrations import migrations
 
 
 def record(store: Store, token: str, *, admitted=True, queue=False, wall=None, key=None) -> Scan:
@@ -40,8 +42,8 @@ def test_store_is_wal_with_full_sync_and_owner_only(tmp_path):
 def test_after_a_checkpoint_scans_are_written_over_the_wal_not_onto_its_end(tmp_path, monkeypatch):
     # A WAL written over needs no new blocks, so a scan's fsync needs no journal commit of the
     # filesystem (Store.checkpoint); a burst's WAL is cut back, so the card keeps its space.
-    monkeypatch.setattr(storemod, "WAL_KEEP_BYTES", 1024 * 1024)  # 16 MiB at a test's scale
-    monkeypatch.setattr(storemod, "WAL_SHRINK_STEP", 256 * 1024)
+    monkeypatch.setattr(store_wal, "WAL_KEEP_BYTES", 1024 * 1024)  # 16 MiB at a test's scale
+    monkeypatch.setattr(store_wal, "WAL_SHRINK_STEP", 256 * 1024)
     scans, housekeeping = StoreThread(tmp_path / "g.db"), StoreThread(tmp_path / "g.db", "housekeeping")
     wal = tmp_path / "g.db-wal"
 
@@ -75,16 +77,16 @@ def test_after_a_checkpoint_scans_are_written_over_the_wal_not_onto_its_end(tmp_
 def test_a_new_list_file_is_written_back_a_slice_at_a_time(tmp_path):
     # Without the C library's sync_file_range the list would be written back in one fsync (and a
     # scan's commit queue behind all of it): the binding must work where gated runs.
-    sync_range = storemod._libc_sync_file_range()
+    sync_range = store_wal.libc_sync_file_range()
     if os.uname().sysname != "Linux":
         assert sync_range is None
         return
     path = tmp_path / "list.sqlite"
-    path.write_bytes(os.urandom(3 * storemod.WRITEBACK_SLICE + 1))
+    path.write_bytes(os.urandom(3 * store_wal.WRITEBACK_SLICE + 1))
     fd = os.open(path, os.O_RDONLY)
     try:
-        for offset in range(0, path.stat().st_size, storemod.WRITEBACK_SLICE):
-            sync_range(fd, offset, storemod.WRITEBACK_SLICE)
+        for offset in range(0, path.stat().st_size, store_wal.WRITEBACK_SLICE):
+            sync_range(fd, offset, store_wal.WRITEBACK_SLICE)
         with pytest.raises(OSError):
             sync_range(-1, 0, 1)  # a failure is an OSError
     finally:
@@ -102,14 +104,14 @@ def test_a_write_error_while_writing_a_list_back_is_raised_not_covered_by_the_fs
         calls.append(offset)
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(storemod, "_libc_sync_file_range", lambda: failing)
+    monkeypatch.setattr(store_wal, "libc_sync_file_range", lambda: failing)
     path = tmp_path / "list.sqlite"
     path.write_bytes(b"x" * 10)
     if raised:
         with pytest.raises(OSError):
-            storemod._write_back(path)
+            store_wal.write_back(path)
     else:
-        storemod._write_back(path)
+        store_wal.write_back(path)
     assert calls == [0]
 
 
@@ -277,10 +279,10 @@ def test_a_replaced_list_let_go_while_another_store_opens_it_keeps_one_descripto
     old = scans.lists_dir / loader.get("tickets:cm")
     assert scans.ticket("cm", "A")
     late = []
-    monkeypatch.setattr(storemod.threading, "Thread", lambda target, args, **kw: type(
+    monkeypatch.setattr(store_lists.threading, "Thread", lambda target, args, **kw: type(
         "Held", (), {"start": lambda self: late.append((target, args))})())
     scans._lists.pop("cm").retire()  # its last user: the descriptor's close waits for its thread
-    opened = storemod._ListFile.open(old.parent, old.name)  # the syncer's, just then
+    opened = store_lists.ListFile.open(old.parent, old.name)  # the syncer's, just then
 
     def descriptors() -> int:
         return sum(1 for fd in os.listdir("/proc/self/fd")
@@ -304,7 +306,7 @@ def test_a_replaced_list_let_go_while_another_store_opens_it_keeps_one_descripto
 def test_a_store_from_before_list_files_keeps_its_lists_through_the_upgrade(tmp_path):
     path = tmp_path / "g.db"
     db = sqlite_utils.Database(path)
-    storemod.migrations.apply(db, stop_before="m003_ticket_lists_in_files")
+    migrations.apply(db, stop_before="m003_ticket_lists_in_files")
     db.execute("INSERT INTO tickets (backend, token, name, max_entries) VALUES ('local@1', 'KEPT-1', 'Kay', 2)")
     db.execute("INSERT INTO tickets (backend, token) VALUES ('local@0', 'STALE-1')")  # an old generation
     db.execute("INSERT INTO kv (key, value) VALUES ('tickets:local', 'local@1')")
@@ -322,7 +324,7 @@ def test_a_load_waits_for_another_process_loading_the_same_list_and_gives_up_wit
     s.load_tickets("cm", [{"token": "OLD"}])
     lock = os.open(s.lists_dir / ".cm.lock", os.O_RDONLY)  # what a `gated scan` stopped mid-load holds
     fcntl.flock(lock, fcntl.LOCK_EX)
-    monkeypatch.setattr(storemod, "LIST_LOCK_WAIT", 0.3)
+    monkeypatch.setattr(store_lists, "LIST_LOCK_WAIT", 0.3)
     try:
         with pytest.raises(StoreError, match="another process has been loading the cm list"):
             s.load_tickets("cm", [{"token": "NEW"}])
