@@ -19,7 +19,7 @@ never holds the scan path's connection.
 Store is put together from one mixin class per job (ScanJournal, TicketLists, WalUpkeep, ...)
 rather than from helper objects it holds: every job works on the same connection, in the same
 transactions (`_write`) and the same kv, and callers hand unbound methods to a StoreThread
-(`scans.call(Store.record, ...)`). Helpers would each need a way back to the Store and the
+(`store.call(Store.get, key)`). Helpers would each need a way back to the Store and the
 Store a forwarding method for each of theirs; a mixin keeps each job readable in its own file,
 with the few Store attributes it uses named in its docstring.
 """

@@ -64,11 +64,7 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
             self._high_water = self._max_wall()
             self._wal_frames = 0  # the WAL's frames at this connection's last checkpoint
         except sqlite3.DatabaseError as e:
-            if getattr(self, "db", None) is not None:
-                self.db.close()
-            if getattr(e, "sqlite_errorcode", None) in CORRUPT_CODES:
-                raise StoreCorrupt(f"{self.path}: {e}") from e
-            raise StoreError(f"{self.path}: {e}") from e
+            raise self._not_opened(e, f"{self.path}: {e}") from e
         except OSError as e:
             raise StoreError(f"{self.path}: {e.strerror or e}") from e
         # With [mqtt] sharing on: the venue-keyed hash of a ticket identity (gated.mqtt), the form
@@ -92,12 +88,16 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
                                  "gated must first upgrade it")
             self._high_water = self._max_wall()
         except sqlite3.DatabaseError as e:
-            if getattr(self, "db", None) is not None:
-                self.db.close()
-            if getattr(e, "sqlite_errorcode", None) in CORRUPT_CODES:
-                raise StoreCorrupt(f"{self.path}: {e}") from e
-            raise StoreError(f"{self.path}: cannot be written ({self.read_only}) and not read: {e}") from e
+            raise self._not_opened(e, f"{self.path}: cannot be written ({self.read_only}) and not read: {e}") from e
         self._wal_frames = 0
+
+    def _not_opened(self, e: sqlite3.DatabaseError, message: str) -> StoreError:
+        """Close what was opened; StoreCorrupt when the file is damaged, else StoreError(message)."""
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+        if getattr(e, "sqlite_errorcode", None) in CORRUPT_CODES:
+            return StoreCorrupt(f"{self.path}: {e}")
+        return StoreError(message)
 
     def close(self) -> None:
         # The last connection to close checkpoints the WAL, writing the mapped WAL index: on a

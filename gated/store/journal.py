@@ -22,7 +22,6 @@ class QueueStats:
     oldest_pending: float | None  # wall time of the oldest scan waiting for upload
 
 
-
 class ScanJournal:
     """Store's scan journal. Uses the Store's `db`, `_write`, `_one` and `_high_water`."""
 
