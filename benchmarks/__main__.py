@@ -73,11 +73,10 @@ def markdown(rows: list[Figure], *, quick: bool, facts: str, started: str, secon
         indent = len(text) - len(text.lstrip(" "))  # sub-rows are indented; Markdown drops leading spaces
         return "&nbsp;" * indent + text.lstrip(" ").replace("|", "\\|")
 
-    mode = ("quick (`--quick`: 100,000 tickets instead of 1,000,000, fewer repetitions)" if quick
-            else "full")
+    mode = "a quick run: 100,000 tickets instead of 1,000,000, fewer repetitions" if quick else "a full run"
     lines = [
         BEGIN,
-        f"- command: `python -m benchmarks{' --quick' if quick else ''}`, {mode}",
+        f"- command: `python -m benchmarks{' --quick' if quick else ''}` ({mode})",
         f"- date: {started}",
         f"- machine: {facts}",
         f"- result: {summary(rows)}, {seconds:.0f} s",
@@ -100,7 +99,7 @@ def write_markdown(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller data sets, a few minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller data sets, under a minute")
     parser.add_argument("--markdown", metavar="FILE", type=Path,
                         help="also write the run (machine, date, every row with its target and verdict) "
                              "as Markdown to FILE")

@@ -104,7 +104,7 @@ def test_markdown_holds_the_machine_the_date_and_every_row_with_its_target_and_v
     assert harness.main(["--quick", "--markdown", str(out)]) == 1
     text = out.read_text()
     assert text.startswith(harness.BEGIN) and text.rstrip().endswith(harness.END)
-    assert "- command: `python -m benchmarks --quick`, quick" in text
+    assert "- command: `python -m benchmarks --quick` (a quick run: " in text
     assert "- date: 20" in text and " UTC" in text
     assert f"- machine: {harness.platform.node()}: " in text and "cores" in text
     assert "- result: 2 figures with targets, 1 below target, " in text

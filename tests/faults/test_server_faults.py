@@ -31,7 +31,7 @@ from gated.upload import Uploader
 
 BACKENDS = backends.available_backends()
 DEADLINE = backends.DEADLINE
-# DESIGN.md's figure, deadline + 10 ms, is the benchmark's to measure (`python -m benchmarks`: stalled
+# docs/design.md's figure, deadline + 10 ms, is the benchmark's to measure (`python -m benchmarks`: stalled
 # and refused servers). A test sharing 2 cores with the rest of the suite checks the behaviour: the
 # verdict comes at the deadline, not after a connect or read timeout of the HTTP client (seconds).
 SLACK_MS = 100.0
