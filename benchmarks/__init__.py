@@ -1,1 +1,1 @@
-"""Performance figures of DESIGN.md, measured: `python -m benchmarks` (add --quick for a short run)."""
+"""Performance figures of docs/design.md, measured: `python -m benchmarks` (add --quick for a short run)."""

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import Figure, housekeeping, latency_text, pct, rss_mb, set_idle, workdir, write_config
+from benchmarks.common import Figure, housekeeping, latency_text, line, pct, rss_mb, set_idle, workdir, write_config
 from gated.reload import peak_rss_mb
 
 
@@ -53,6 +53,7 @@ def figures(quick: bool) -> list[Figure]:
     finally:
         sim.terminate()
         sim.wait(10)
+    upload_target = uploads / 100_000 * 30  # docs/design.md: 100,000 queued scans within 30 s
     return [
         Figure(f"CM.com sync of {barcodes:,} barcodes (full download, pages of 500, into SQLite)",
                f"{r['ingest_s']:.1f} s", "<= 10 s", r["ingest_s"] <= 10),
@@ -60,21 +61,23 @@ def figures(quick: bool) -> list[Figure]:
                f"{r['peak_rss_mb']:.1f} MB (before it {r['rss_before_mb']:.1f} MB)", "<= 50 MB",
                r["peak_rss_mb"] <= 50),
         Figure("  the download process: peak RSS, written to disk",
-               f"{r['first_reload']['peak_rss_mb']:.1f} MB, {r['first_reload']['written_mb']:.1f} MB written",
-               "-", True),
+               f"{r['first_reload']['peak_rss_mb']:.1f} MB, {r['first_reload']['written_mb']:.1f} MB written"),
         Figure(f"CM.com local decision, scan -> relay command ({barcodes:,} barcodes loaded)",
                latency_text(r["decide_ms"]), "p99 <= 5 ms", pct(r["decide_ms"], 99) <= 5.0),
         Figure("  the same, a scan every 20 ms, nothing else running (the pacing's own cost)",
-               latency_text(r["paced_ms"]) + f"; CPU steal {r['paced_steal']:.1f} ms/s", "-", True),
+               latency_text(r["paced_ms"]) + f"; CPU steal {r['paced_steal']:.1f} ms/s", "p99 <= 5 ms",
+               pct(r["paced_ms"], 99) <= 5.0),
         Figure(f"  the same, a scan every 20 ms during {reloads} full reload{'s' * (reloads > 1)} of the {barcodes:,} "
                f"({r['reload_s']:.1f} s each)",
                latency_text(r["during_reload_ms"]), "p99 <= 5 ms", pct(r["during_reload_ms"], 99) <= 5.0),
-        Figure("    of which the durable commit", latency_text(r["commits"]), "-", True),
-        Figure("    CPU steal by the hypervisor meanwhile", f"{r['reload_steal']:.1f} ms/s", "-", True),
+        Figure("    of which the durable commit", latency_text(r["commits"])),
+        Figure("    CPU steal by the hypervisor meanwhile", f"{r['reload_steal']:.1f} ms/s"),
+        # Scans during a reload have the offline budget (docs/design.md), whoever competes for the CPU.
         Figure("  the same, the simulator competing for the 2 CPUs at normal priority (not a gate's case)",
-               latency_text(r["competing_ms"]), "-", None),
+               latency_text(r["competing_ms"]), "p99 <= 5 ms", pct(r["competing_ms"], 99) <= 5.0),
         Figure(f"CM.com upload of {uploads:,} local scans (Post Upload, 100 a request)",
-               f"{r['upload_s']:.1f} s ({r['uploaded']:,} confirmed)", "-", r["uploaded"] == uploads or False),
+               f"{r['upload_s']:.1f} s ({r['uploaded']:,} of {uploads:,} confirmed)", f"<= {upload_target:.0f} s",
+               r["uploaded"] == uploads and r["upload_s"] <= upload_target),
     ]
 
 
@@ -219,7 +222,7 @@ def main() -> int:
         print(json.dumps(child(url, int(sim_pid), int(barcodes), int(scans), int(uploads), int(reloads))))
         return 0
     for fig in figures(args.quick):
-        print(f"  {fig.verdict:4}  {fig.name}: {fig.value}  [target {fig.target}]")
+        print(line(fig), flush=True)
     return 0
 
 

@@ -23,16 +23,40 @@ if TYPE_CHECKING:
     from gated.store import StoreThread
 
 
+NO_TARGET = "-"
+
+
 @dataclass
 class Figure:
+    """One printed row. A row with a target (from docs/design.md) has a verdict by measurement,
+    `ok`; a row without one is context and says "-", so it can never pass or fail."""
+
     name: str
     value: str
-    target: str
-    ok: bool | None  # None: informational, no target
+    target: str = NO_TARGET
+    ok: bool | None = None
+    error: bool = False  # the figure could not be measured at all (see `Figure.broken`)
+
+    def __post_init__(self) -> None:
+        if (self.target == NO_TARGET) != (self.ok is None):
+            raise ValueError(f"{self.name!r}: a row has a verdict exactly when it has a target "
+                             f"(target {self.target!r}, ok {self.ok!r})")
+
+    @classmethod
+    def broken(cls, where: str, exc: BaseException) -> Figure:
+        """The loud row for a figure module that cannot be imported or a figure that raised."""
+        text = (str(exc).strip().splitlines() or [""])[0]
+        return cls(f"{where}: could not run", f"{type(exc).__name__}: {text}".rstrip(": "), "runs", False,
+                   error=True)
 
     @property
     def verdict(self) -> str:
         return {True: "pass", False: "FAIL", None: "-"}[self.ok]
+
+
+def line(fig: Figure) -> str:
+    """The progress line printed as each row is measured."""
+    return f"  {fig.verdict:4}  {fig.name}: {fig.value}  [target {fig.target}]"
 
 
 def pct(values: Iterable[float], p: float) -> float:

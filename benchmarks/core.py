@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.common import (
@@ -23,6 +25,19 @@ from benchmarks.common import (
 from gated import config as configmod
 from gated.model import Scan, ScanMode, Source, admit
 from gated.store import Store
+
+
+def figures(quick: bool) -> Iterator[Figure]:
+    n_tickets = 100_000 if quick else 1_000_000
+    yield from offline_decision(n_tickets, 1000, 300 if quick else 3000)
+    # What one figure wrote and left to the kernel (a 1,000,000-line CSV) must not be written back
+    # in the middle of the next one's commits.
+    os.sync()
+    yield commit_only(200 if quick else 2000)
+    os.sync()
+    yield from cold_start(3 if quick else 10)
+    os.sync()
+    yield memory(n_tickets)
 
 
 def _masks(n: int) -> list[str]:

@@ -100,3 +100,20 @@ def test_readme_commands_table_lists_every_command_and_no_other():
     listed = {row.split("`gated ", 1)[1].split()[0].rstrip("`") for row in rows}
     assert listed == set(cli.build_parser()._subparsers._group_actions[0].choices)
 
+
+
+def test_nothing_in_the_repository_cites_a_design_file_outside_it():
+    cited = []
+    for path in ROOT.rglob("*"):
+        if any(part.startswith(".") for part in path.relative_to(ROOT).parts) or not path.is_file() \
+                or path.suffix not in (".py", ".md", ".toml", ".service", ".sh", "") or "egg-info" in str(path):
+            continue
+        if path.resolve() == Path(__file__).resolve():
+            continue  # this test names what it looks for
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        if "DESIGN.md" in text or "../shared" in text:
+            cited.append(str(path.relative_to(ROOT)))
+    assert cited == [], "cite docs/design.md instead"

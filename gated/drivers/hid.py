@@ -3,7 +3,7 @@
 The device is grabbed exclusively (EVIOCGRAB) before anything is read, so ticket codes never reach
 a console or a login prompt; a device that cannot be grabbed is not read at all. A scanner that is
 unplugged is logged once and reopened as soon as it is back (polled every `POLL_SECONDS`, so
-within the 2 s DESIGN.md asks), without restarting the daemon. Devices are found by path
+within the 2 s docs/design.md asks), without restarting the daemon. Devices are found by path
 (`device`, best a /dev/input/by-id/ name) or by `match` (a name glob or "vendor:product"), read
 from sysfs without opening anything.
 """

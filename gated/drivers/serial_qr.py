@@ -33,7 +33,7 @@ PARITY = {"none": serial.PARITY_NONE, "even": serial.PARITY_EVEN, "odd": serial.
           "mark": serial.PARITY_MARK, "space": serial.PARITY_SPACE}
 STOPBITS = {1.0: serial.STOPBITS_ONE, 1.5: serial.STOPBITS_ONE_POINT_FIVE, 2.0: serial.STOPBITS_TWO}
 RETRY_FIRST_SECONDS = 0.1
-RETRY_MAX_SECONDS = 2.0  # DESIGN.md: back within 5 s of the device reappearing
+RETRY_MAX_SECONDS = 2.0  # docs/design.md: back within 5 s of the device reappearing
 _ABSENT = (errno.ENOENT, errno.ENODEV, errno.ENXIO)
 _BYTES_PER_CHAR = 4  # a UTF-8 character is at most 4 bytes: no frame within max_length is cut early
 

@@ -4,7 +4,7 @@ The daemon runs under libfaketime (Debian's `faketime` package) with the monoton
 alone (FAKETIME_DONT_FAKE_MONOTONIC=1) and the wall clock read from a file on every call, so the
 test moves the wall clock under the running process the way an NTP step or a dead RTC does.
 
-What must hold (DESIGN.md, the decision, step 5): timeouts and debounce run on monotonic time and
+What must hold (docs/design.md, the decision, step 5): timeouts and debounce run on monotonic time and
 do not notice; a clock before 2024 or before the newest recorded scan is untrusted, and then time
 windows are refused (`[offline] fallback = "deny"`) or skipped (`"policy"`), logged once per change.
 The decider's rules themselves are unit-tested with an injected clock in tests/policy/test_decider.py.

@@ -99,7 +99,7 @@ def kill_rounds(entry_gate, run_gated, figures, rounds: int, seed: int) -> None:
     # A last start on what the kills left: the queue drains, and Entry holds each scan once.
     gated = run_gated(config)
     gated.wait_line(r"ready in \d+ ms")
-    # What the kills left queued goes out at start (DESIGN: within 10 s), without a new scan to wake it.
+    # What the kills left queued goes out at start (docs/design.md: within 10 s), with no new scan to wake it.
     deadline = time.monotonic() + 10
     while _pending(db) and time.monotonic() < deadline:
         gated.wait_line(r"uploaded \d+ scans", timeout=max(0.1, deadline - time.monotonic()))

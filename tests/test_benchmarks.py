@@ -1,0 +1,125 @@
+"""The benchmark harness tells the truth: verdicts, the summary, broken figures and the Markdown run.
+
+No real figure runs here: fake figure modules are put in `sys.modules` and named in
+`FIGURE_MODULES`, so these tests take milliseconds and say nothing about performance.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+import benchmarks.__main__ as harness
+from benchmarks.common import Figure
+
+
+def _module(name: str, figures) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.figures = figures
+    return module
+
+
+@pytest.fixture
+def modules(monkeypatch):
+    """modules({name: figures function or None}) registers fakes in that order; None: not importable."""
+
+    def register(fakes: dict) -> None:
+        for name, figures in fakes.items():
+            if figures is not None:
+                monkeypatch.setitem(sys.modules, name, _module(name, figures))
+            else:
+                monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.setattr(harness, "FIGURE_MODULES", list(fakes))
+        monkeypatch.setattr(harness.os, "sync", lambda: None)  # nothing was written worth syncing
+
+    return register
+
+
+def test_a_row_without_a_target_says_dash_and_cannot_pass_or_fail():
+    assert Figure("import of a list", "4.2 s").verdict == "-"
+    # The old rows in cm_figures said "pass" with no target; such a row is now refused where it is made.
+    with pytest.raises(ValueError, match="verdict exactly when it has a target"):
+        Figure("download process RSS", "49.9 MB", "-", True)
+    with pytest.raises(ValueError, match="verdict exactly when it has a target"):
+        Figure("scans during a reload", "p99 5.6 ms", "p99 <= 5 ms", None)
+
+
+def test_a_row_with_a_target_says_pass_or_fail_by_its_measurement():
+    assert Figure("cold start", "163 ms", "<= 500 ms", True).verdict == "pass"
+    assert Figure("scans during a reload", "p99 5.60 ms", "p99 <= 5 ms", False).verdict == "FAIL"
+
+
+def test_the_summary_counts_only_rows_with_targets():
+    rows = [Figure("a", "1", "<= 2", True), Figure("b", "3", "<= 2", False), Figure("c", "x"), Figure("d", "y")]
+    assert harness.summary(rows) == "2 figures with targets, 1 below target"
+
+
+def test_a_module_that_cannot_be_imported_is_a_fail_row_and_the_run_exits_non_zero(modules, capsys):
+    modules({"fake_ok": lambda quick: [Figure("fine", "1 ms", "<= 5 ms", True)],
+             "benchmarks.no_such_figures": None})
+    rows = harness.collect(quick=True)
+    assert [(f.name, f.verdict) for f in rows] == [
+        ("fine", "pass"), ("benchmarks.no_such_figures: could not run", "FAIL")]
+    assert rows[1].value == "ModuleNotFoundError: No module named 'benchmarks.no_such_figures'"
+    assert harness.summary(rows) == "1 figures with targets, 0 below target, 1 could not run"
+    assert harness.main(["--quick"]) == 1
+    assert "FAIL  benchmarks.no_such_figures: could not run" in capsys.readouterr().out
+
+
+def test_a_figure_that_raises_keeps_the_rows_before_it_and_the_next_module_still_runs(modules):
+    def half(quick):
+        yield Figure("measured first", "1 ms")
+        raise RuntimeError("simulator did not start\nlong traceback text")
+
+    modules({"fake_half": half, "fake_next": lambda quick: [Figure("next", "2 ms", "<= 5 ms", True)]})
+    rows = harness.collect(quick=True)
+    assert [(f.name, f.value, f.verdict) for f in rows] == [
+        ("measured first", "1 ms", "-"),
+        ("fake_half: could not run", "RuntimeError: simulator did not start", "FAIL"),
+        ("next", "2 ms", "pass")]
+
+
+def test_all_targets_met_exits_zero_and_a_missed_one_exits_one(modules):
+    modules({"fake": lambda quick: [Figure("a", "1 ms", "<= 5 ms", True), Figure("b", "context")]})
+    assert harness.main([]) == 0
+    modules({"fake": lambda quick: [Figure("a", "6 ms", "<= 5 ms", False)]})
+    assert harness.main([]) == 1
+
+
+def test_quick_is_passed_to_every_module(modules):
+    seen = []
+    modules({"fake": lambda quick: seen.append(quick) or []})
+    harness.collect(quick=True)
+    harness.collect(quick=False)
+    assert seen == [True, False]
+
+
+def test_markdown_holds_the_machine_the_date_and_every_row_with_its_target_and_verdict(modules, tmp_path):
+    modules({"fake": lambda quick: [Figure("offline decision", "p99 1.34 ms", "p99 <= 5 ms", True),
+                                    Figure("  of which the commit", "p99 0.69 ms"),
+                                    Figure("upload | pages", "4.8 s", "<= 30 s", False)]})
+    out = tmp_path / "run.md"
+    assert harness.main(["--quick", "--markdown", str(out)]) == 1
+    text = out.read_text()
+    assert text.startswith(harness.BEGIN) and text.rstrip().endswith(harness.END)
+    assert "- command: `python -m benchmarks --quick` (a quick run: " in text
+    assert "- date: 20" in text and " UTC" in text
+    assert f"- machine: {harness.platform.node()}: " in text and "cores" in text
+    assert "- result: 2 figures with targets, 1 below target, " in text
+    assert "| offline decision | p99 1.34 ms | p99 <= 5 ms | pass |" in text
+    assert "| &nbsp;&nbsp;of which the commit | p99 0.69 ms | - | - |" in text
+    assert "| upload \\| pages | 4.8 s | <= 30 s | FAIL |" in text
+
+
+def test_markdown_replaces_only_the_run_in_a_file_that_has_one(modules, tmp_path):
+    modules({"fake": lambda quick: [Figure("new row", "1 ms", "<= 5 ms", True)]})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nprose before\n\n{harness.BEGIN}\n| old row |\n{harness.END}\n\nprose after\n")
+    harness.main(["--markdown", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nprose before\n\n" + harness.BEGIN)
+    assert text.endswith(harness.END + "\n\nprose after\n")
+    assert "| new row | 1 ms | <= 5 ms | pass |" in text and "old row" not in text
+    assert text.count(harness.BEGIN) == 1 and text.count(harness.END) == 1
