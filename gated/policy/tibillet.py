@@ -266,7 +266,8 @@ class TibilletBackend(HttpBackend):
             name = await self._check_key(self.client.timeout)
         except KeyRefused as e:
             if self.key_refused is None:
-                log.warning("TiBillet refused the API key: %s", e, extra={"GATED_EVENT": "key_refused"})
+                log.warning("TiBillet refused the API key (%s); deciding offline until it accepts one", e,
+                            extra={"GATED_EVENT": "key_refused"})
             self.key_refused = str(e)
             raise
         if self.key_refused is not None:
