@@ -165,7 +165,8 @@ def test_3_offline_signed_codes_and_downloaded_statuses(lespass, folder, capsys)
         print(f"  synced: {asyncio.run(sync())[0]} tickets")
         codes = [("valid #2", t["valid"][1]["qrcode_data"]), ("valid #3", t["valid"][2]["qrcode_data"]),
                  ("valid #3, again", t["valid"][2]["qrcode_data"]),
-                 ("canceled", t["canceled"][0]["qrcode_data"]), ("created (unpaid)", t["created_unpaid"][0]["qrcode_data"]),
+                 ("canceled", t["canceled"][0]["qrcode_data"]),
+                 ("created (unpaid)", t["created_unpaid"][0]["qrcode_data"]),
                  ("already scanned", t["already_scanned"][0]["qrcode_data"]),
                  ("other event", t["other_event"][0]["qrcode_data"]),
                  ("forged signature", t["forged_signature"][0]["qrcode_data"])]
