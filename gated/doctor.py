@@ -434,6 +434,8 @@ async def _store_and_backend(config: Config, system: System, now: float, progres
         facts.checks += _store_state(config, backend.online, store.read_only, await store.call(Store.replaced))
         facts.newest_scan = await store.call(Store.high_water)
         facts.checks.append(_data_age(config, backend.online, await store.call(backend.data_age, now)))
+        if backend.name == "tibillet":  # TiBillet: the downloaded ticket statuses beside the signature keys
+            facts.checks.append(_tibillet_statuses(config, await store.call(backend.statuses, now)))
         facts.checks.append(_queue(await store.call(Store.queue_stats), now))
     except StoreError as e:
         facts.checks.append(Check("store", FAIL, str(e), "check the file and its folder's permissions"))
@@ -567,6 +569,24 @@ def _data_age(config: Config, online: bool, age: float | None) -> Check:
                      "make the API reachable; the daemon refreshes every "
                      f"{config.backend.sync_interval_seconds:g} s")
     return Check("offline data", OK, f"{_ago(age)} old (limit {_ago(limit)})")
+
+
+def _tibillet_statuses(config: Config, statuses: tuple[int, float] | None) -> Check:
+    """How old TiBillet's ticket statuses are: without them a canceled ticket's signed code admits offline."""
+    if not config.backend_options.get("event_uuid"):
+        return Check("ticket statuses", WARN, "[backend.tibillet] event_uuid is not set: TiBillet refuses entry "
+                     "scans and offline a canceled ticket's signed code is admitted",
+                     "set [backend.tibillet] event_uuid to the event's uuid")
+    if statuses is None:
+        return Check("ticket statuses", WARN, "none downloaded yet: offline a canceled ticket's signed code is "
+                     "admitted", "start the daemon with the API reachable; it downloads them at once")
+    tickets, age = statuses
+    limit = config.offline.max_age_seconds
+    if age > limit:
+        return Check("ticket statuses", WARN, f"{tickets} ticket(s), {_ago(age)} old, older than [offline] "
+                     f"max_age_seconds ({_ago(limit)})", "make the API reachable; the daemon refreshes every "
+                     f"{config.backend.sync_interval_seconds:g} s")
+    return Check("ticket statuses", OK, f"{tickets} ticket(s) from list_tickets, {_ago(age)} old")
 
 
 def _queue(stats, now: float) -> Check:

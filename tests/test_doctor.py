@@ -484,3 +484,77 @@ def test_a_replaced_store_warns_what_was_lost_until_the_technician_accepts_it(ga
     assert cli.main(["doctor", "--config", path, "--accept-new-store"]) == 0
     assert "is the lane's store from now on" in capsys.readouterr().out
     assert "store" not in statuses(run_checks(path, machine)[0])
+
+
+# --- TiBillet ---------------------------------------------------------------------------------
+
+TIBILLET = """
+[reader.front]
+type = "stdin"
+[gpio]
+pin_factory = "mock"
+[backend]
+type = "tibillet"
+url = "{url}"
+[backend.tibillet]
+public_keys = ["{pem}"]
+event_uuid = "{event}"
+api_key_file = "{key}"
+[offline]
+max_age_seconds = 600
+"""
+
+
+@pytest.fixture
+def tibillet(write_config, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from gated.simulators.tibillet import TibilletSim, public_pem
+
+    sim = TibilletSim().start()
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    event = sim.add_event("Concert", private)
+    sim.issue(event)
+    pem = tmp_path / "concert.pem"
+    pem.write_bytes(public_pem(private))
+
+    def make(key: str | None = None, event_uuid: str = event) -> str:
+        if key is None:
+            key = "GoodKey1.abcdefghijklmnopqrstuvwxyz012345"
+            sim.keys[key] = "device-1"
+        key_file = tmp_path / "tibillet.key"
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+        return str(write_config(TIBILLET.format(url=sim.url, pem=pem, event=event_uuid, key=key_file), base=BASE))
+
+    yield sim, make
+    sim.stop()
+
+
+def test_tibillet_unknown_key_fails_as_credentials_refused_not_unreachable(tibillet, machine):
+    _, make = tibillet
+    c = line(run_checks(make(key="AAAAAAAA.wrongwrongwrongwrongwrongwrongwr"), machine)[0], "backend")
+    assert c.status == FAIL and "credentials refused" in c.detail and "HTTP 500" in c.detail
+    assert "gated pair" in c.detail
+
+
+def test_tibillet_ticket_statuses_show_their_age_once_downloaded(tibillet, machine):
+    _, make = tibillet
+    path = make()
+    checks = run_checks(path, machine)[0]
+    assert line(checks, "backend").status == OK
+    c = line(checks, "ticket statuses")
+    assert c.status == WARN and "none downloaded yet" in c.detail and "canceled" in c.detail
+    sync(path)
+    c = line(run_checks(path, machine)[0], "ticket statuses")
+    assert c.status == OK and "1 ticket(s) from list_tickets" in c.detail
+    later = time.time() + 3600
+    machine.clock = lambda: later
+    c = line(run_checks(path, machine)[0], "ticket statuses")
+    assert c.status == WARN and "older than [offline] max_age_seconds" in c.detail
+
+
+def test_tibillet_without_event_uuid_warns_that_entries_are_refused(tibillet, machine):
+    _, make = tibillet
+    c = line(run_checks(make(event_uuid=""), machine)[0], "ticket statuses")
+    assert c.status == WARN and "event_uuid" in c.fix

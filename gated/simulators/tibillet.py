@@ -1,10 +1,26 @@
-"""A TiBillet scan API on 127.0.0.1 for tests and benches: pairing, test_api, check_ticket, ticket.
+"""A TiBillet scan API on 127.0.0.1 for tests and benches, answering as the real server does.
 
-Shapes follow specs/tibillet-scan-api.*.md and TiBillet's views_scan.py: `Api-Key` auth (403 when
-missing or wrong), JSON bodies only, `{"error": ...}` with 400/404/406 for bad codes, HTTP 200 with
-`success: false` for a ticket already scanned. The path prefix is configurable ("/api/scan/" in
-the French spec and current servers, "/scan/" in the English one). Codes are made here the way
-TiBillet makes them: URL-safe base64 of `{"uuid": ...}`, RSA-PSS-SHA256 (max salt) over that text.
+It follows TiBillet/Lespass 1.8.28 (`BaseBillet/views_scan.py`, observed in
+`../shared/peers/tibillet-lespass/observed/transcript.md`), not the API documents. Where they differ:
+
+- Paths live under `/scan/` with a trailing slash; the French document's `/api/scan/` and any
+  other path answer 404 with an HTML page, and a path without its trailing slash answers 301.
+- The key check is `GET check_api_scan/` → `{"scan_app": name}`. The documents' `test_api/`
+  answers 403 `{"detail": "Authentication credentials were not provided."}` (pass
+  `test_api=True` for a server as documented: then `test_api/` answers and `check_api_scan/` is 404).
+- No key → 403 `{"detail": "No app associated with this key."}`; an archived device → 403
+  `{"detail": "App is archived."}`; an unknown key → **HTTP 500 with an HTML page**.
+- Pairing answers `tenant_name` too; a used or bad code → 400 `{"error": ...}`.
+- `ticket/` needs `event_uuid` (400 "Event uuid is required", asked before anything else) and
+  answers 406 "Event error" for another event's ticket. It **scans any ticket not yet scanned**,
+  canceled, inactive and unpaid ones included, and answers `success: true`.
+- `check_ticket/` shows the real status (`get_status_display()`, English or French) and
+  `is_scanned`; without `qrcode_data` it answers 406 (400 on `ticket/`).
+- `list_tickets/` pages an event's tickets with their status (at most 200 a page).
+- Errors are `{"error": "..."}` with 400/404/406; JSON or form bodies are both read.
+
+Codes are made here the way TiBillet makes them: URL-safe base64 of `{"uuid": ...}`,
+RSA-PSS-SHA256 (max salt) over that text; each making signs anew, so a code differs every time.
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote
 
 from cryptography.exceptions import InvalidSignature
@@ -26,6 +43,17 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gated.policy.signatures import TIBILLET_PSS
 from gated.simulators.base import Request, Response, Simulator, route
+
+# Ticket.status codes and their display texts, as Lespass's models.py and its French catalogue have them.
+CREATED, INACTIVE, VALID, SCANNED, CANCELED = "C", "N", "K", "S", "R"
+DISPLAY = {
+    "en": {CREATED: "Created", INACTIVE: "Inactive", VALID: "Valid and not scanned", SCANNED: "Valid and scanned",
+           CANCELED: "Canceled"},
+    "fr": {CREATED: "Créé", INACTIVE: "Inactive", VALID: "Valide et non scanné", SCANNED: "Valide et scanné",
+           CANCELED: "Annulé"},
+}
+_NOT_FOUND_PAGE = "\n\n<!doctype html>\n<html lang=\"en\"><head><title>Page not found</title></head></html>\n"
+_ERROR_PAGE = "\n\n<!doctype html>\n<html lang=\"en\"><head><title>Server error</title></head></html>\n"
 
 
 def make_code(private_key: rsa.RSAPrivateKey, ticket_uuid: str, *, padding: bool = True) -> str:
@@ -52,21 +80,29 @@ class Ticket:
     event: str  # event uuid
     first_name: str = ""
     last_name: str = ""
+    status: str = VALID
     scanned_by: str | None = None  # device uuid
     product: str = "Concert Ticket"
     price: str = "General Admission"
     reservation: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
+def _html(status: int, page: str) -> Response:
+    return Response(status, page, {"Content-Type": "text/html; charset=utf-8"})
+
+
 class TibilletSim(Simulator):
-    def __init__(self, prefix: str = "/api/scan/", *, require_event_uuid: bool = False, **kw):
+    def __init__(self, prefix: str = "/scan/", *, language: str = "en", test_api: bool = False, **kw):
         super().__init__(**kw)
         self.prefix = prefix
-        self.require_event_uuid = require_event_uuid  # current servers want it with each `ticket`
+        self.language = language  # the server's LANGUAGE_CODE: status texts are translated
+        self.documented = test_api  # True: `test_api/` as the documents describe it, no `check_api_scan/`
+        self.tenant = "Example Organization"
         self.events: dict[str, tuple[str, rsa.RSAPrivateKey]] = {}  # uuid -> (name, key)
         self.tickets: dict[str, Ticket] = {}
         self.pairing: dict[str, dict] = {}  # pairing code -> device
         self.keys: dict[str, str] = {}  # api key -> device uuid
+        self.archived: set[str] = set()  # device uuids archived in the admin
         self.scans: list[tuple[str, str]] = []  # (device uuid, ticket uuid) of every check-in made
         self.hold_answer = threading.Event()  # set: do the work, then hold the answer (a lost response)
 
@@ -84,9 +120,10 @@ class TibilletSim(Simulator):
         self.events[event_uuid] = (name, key)
         return event_uuid
 
-    def issue(self, event_uuid: str, first_name: str = "Ada", last_name: str = "Lovelace") -> tuple[str, str]:
-        """A new ticket: (uuid, QR text)."""
-        t = Ticket(str(uuid.uuid4()), event_uuid, first_name, last_name)
+    def issue(self, event_uuid: str, first_name: str = "Ada", last_name: str = "Lovelace",
+              status: str = VALID) -> tuple[str, str]:
+        """A new ticket in `status` (VALID, SCANNED, CANCELED, INACTIVE, CREATED): (uuid, QR text)."""
+        t = Ticket(str(uuid.uuid4()), event_uuid, first_name, last_name, status)
         with self.lock:
             self.tickets[t.uuid] = t
         return t.uuid, make_code(self.events[event_uuid][1], t.uuid)
@@ -100,76 +137,106 @@ class TibilletSim(Simulator):
             self.pairing[code] = {"uuid": device_uuid, "name": name, "claimed": False}
         return code
 
+    def status(self, ticket_uuid: str) -> str:
+        with self.lock:
+            return self.tickets[ticket_uuid].status
+
     # --- the API --------------------------------------------------------------------------
 
-    def _prefix_ok(self, req: Request) -> bool:
-        return req.params.get("prefix") == self.prefix
-
-    def _device(self, req: Request) -> str | None:
+    def _device(self, req: Request) -> str | Response:
+        """The device the request's key belongs to, or TiBillet's answer to a missing or bad key."""
         scheme, _, key = req.headers.get("authorization", "").partition(" ")
-        return self.keys.get(key) if scheme == "Api-Key" else None
-
-    def _guard(self, req: Request, json_body: bool) -> Response | str:
-        if not self._prefix_ok(req):
-            return Response(404, "<h1>Not Found</h1>", {"Content-Type": "text/html"})
-        device = self._device(req)
-        if device is None:
-            return Response(403, {"detail": "You do not have permission to perform this action."})
-        if json_body and not req.headers.get("content-type", "").startswith("application/json"):
-            return Response(415, {"detail": f'Unsupported media type "{req.headers.get("content-type")}" in request.'})
+        if scheme != "Api-Key" or not key:
+            return Response(403, {"detail": "No app associated with this key."})
+        device = self.keys.get(key)
+        if device is None:  # ScannerAPIKey.DoesNotExist is not caught: Django's error page
+            return _html(500, _ERROR_PAGE)
+        if device in self.archived:
+            return Response(403, {"detail": "App is archived."})
         return device
 
-    @route("GET", r"(?P<prefix>/.*/)(?P<code>[^/]+)/pair")
-    def pair(self, req: Request) -> Response:
-        if not self._prefix_ok(req):
-            return Response(404, "<h1>Not Found</h1>", {"Content-Type": "text/html"})
-        with self.lock:
-            device = self.pairing.get(unquote(req.params["code"]))
-            if device is None or device["claimed"]:
-                return Response(400, {"error": "No ScanApp matches the given query."})
-            device["claimed"] = True
-            api_key = secrets.token_urlsafe(24)
-            self.keys[api_key] = device["uuid"]
-        return Response(200, {"success": True, "message": "Device successfully paired", "api_key": api_key,
-                              "device_uuid": device["uuid"], "device_name": device["name"]})
+    def _guard(self, req: Request) -> str | Response:
+        if req.params.get("prefix") != self.prefix:
+            return _html(404, _NOT_FOUND_PAGE)
+        return self._device(req)
 
-    @route("GET", r"(?P<prefix>/.*/)test_api/")
-    def test_api(self, req: Request) -> Response:
-        device = self._guard(req, json_body=False)
-        if isinstance(device, Response):
-            return device
-        name = next((d["name"] for d in self.pairing.values() if d["uuid"] == device), "")
-        return Response(200, {"success": True, "message": "API key is valid",
-                              "device_info": {"uuid": device, "name": name, "claimed": True, "archived": False},
-                              "server_info": {"tenant": "Example Organization", "domain": "127.0.0.1",
-                                              "timestamp": datetime.now(UTC).isoformat()}})
-
-    def _find(self, req: Request) -> Ticket | Response:
+    @staticmethod
+    def _data(req: Request) -> dict[str, Any]:
+        """The body as DRF reads it: JSON, or a form (each field's first value)."""
+        if req.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return {k: v[0] for k, v in req.form().items()}
         try:
             body = req.json()
         except ValueError:
-            return Response(400, {"detail": "JSON parse error"})
-        code = body.get("qrcode_data") if isinstance(body, dict) else None
-        if not code:
-            return Response(400, {"error": "QR code data is required"})
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    @route("GET", r"(?P<prefix>/.*/)(?P<code>[^/]+)/pair/")
+    def pair(self, req: Request) -> Response:
+        if req.params["prefix"] != self.prefix:
+            return _html(404, _NOT_FOUND_PAGE)
+        with self.lock:
+            device = self.pairing.get(unquote(req.params["code"]))
+            if device is None:
+                return Response(400, {"error": 'No ":" found in value'})
+            if device["claimed"]:
+                return Response(400, {"error": "No ScanApp matches the given query."})
+            device["claimed"] = True
+            api_key = f"{secrets.token_urlsafe(6)[:8]}.{secrets.token_urlsafe(24)[:32]}"
+            self.keys[api_key] = device["uuid"]
+        return Response(200, {"success": True, "tenant_name": self.tenant, "message": "Device successfully paired",
+                              "api_key": api_key, "device_uuid": device["uuid"], "device_name": device["name"]})
+
+    @route("GET", r"(?P<prefix>/.*/)(?P<code>[^/]+)/pair")
+    def pair_without_slash(self, req: Request) -> Response:
+        if req.params["prefix"] != self.prefix:
+            return _html(404, _NOT_FOUND_PAGE)
+        if self.documented:
+            return self.pair(req)
+        return Response(301, "", {"Location": f"{req.path}/", "Content-Type": "text/html; charset=utf-8"})
+
+    def _device_name(self, device: str) -> str:
+        return next((d["name"] for d in self.pairing.values() if d["uuid"] == device), "")
+
+    @route("GET", r"(?P<prefix>/.*/)check_api_scan/")
+    def check_api_scan(self, req: Request) -> Response:
+        device = self._guard(req)
+        if isinstance(device, Response):
+            return device
+        if self.documented:
+            return _html(404, _NOT_FOUND_PAGE)
+        return Response(200, {"scan_app": self._device_name(device)})
+
+    @route("GET", r"(?P<prefix>/.*/)test_api/")
+    def test_api(self, req: Request) -> Response:
+        if not self.documented:  # caught by Lespass's unanchored `api/` route, whatever the key
+            return Response(403, {"detail": "Authentication credentials were not provided."})
+        device = self._guard(req)
+        if isinstance(device, Response):
+            return device
+        return Response(200, {"success": True, "message": "API key is valid",
+                              "device_info": {"uuid": device, "name": self._device_name(device), "claimed": True,
+                                              "archived": False},
+                              "server_info": {"tenant": self.tenant, "domain": "127.0.0.1",
+                                              "timestamp": datetime.now(UTC).isoformat()}})
+
+    def _find(self, code: str, event_uuid: str | None = None) -> Ticket | Response:
+        """The ticket a QR text names, checked in the real server's order (under self.lock)."""
         try:
             data, signature = code.split(":")  # as the server does: exactly one colon
         except ValueError:
             return Response(400, {"error": "Invalid QR code format"})
         try:
-            ticket_uuid = json.loads(_b64(data)).get("uuid")
+            ticket_uuid = json.loads(base64.b64decode(data).decode("utf-8")).get("uuid")  # standard base64, as it
+            if not ticket_uuid:
+                return Response(400, {"error": "Ticket UUID not found in QR code data"})
         except (ValueError, binascii.Error, AttributeError) as e:
             return Response(400, {"error": f"Error decoding QR code data: {e}"})
-        if not ticket_uuid:
-            return Response(400, {"error": "Ticket UUID not found in QR code data"})
-        ticket = self.tickets.get(ticket_uuid)
+        ticket = self.tickets.get(str(ticket_uuid))
         if ticket is None:
             return Response(404, {"error": "Ticket not found"})
-        if self.require_event_uuid or body.get("event_uuid") is not None:
-            if not body.get("event_uuid"):
-                return Response(400, {"error": "Event uuid is required"})
-            if body["event_uuid"] != ticket.event:
-                return Response(406, {"error": "Event error"})
+        if event_uuid is not None and event_uuid != ticket.event:
+            return Response(406, {"error": "Event error"})
         try:
             self.events[ticket.event][1].public_key().verify(_b64(signature), data.encode(), TIBILLET_PSS,
                                                              hashes.SHA256())
@@ -177,50 +244,105 @@ class TibilletSim(Simulator):
             return Response(400, {"error": "Invalid ticket signature"})
         return ticket
 
-    def _ticket_json(self, t: Ticket, scanned_by: bool) -> dict:
-        out = {"uuid": t.uuid, "status": "Valid and scanned" if t.scanned_by else "Valid and not scanned",
-               "event": self.events[t.event][0], "first_name": t.first_name, "last_name": t.last_name,
-               "price": t.price, "product": t.product}
-        if scanned_by:
-            out["scanned_by"] = t.scanned_by
-        return out
+    def _ticket_json(self, t: Ticket) -> dict:
+        return {"uuid": t.uuid, "status": DISPLAY[self.language][t.status], "event": self.events[t.event][0],
+                "first_name": t.first_name, "last_name": t.last_name, "price": t.price, "product": t.product,
+                "scanned_by": t.scanned_by, "custom_form": None}
+
+    def _reservation(self, t: Ticket) -> dict:
+        return {"uuid": t.reservation, "tickets_count": sum(1 for x in self.tickets.values()
+                                                             if x.reservation == t.reservation)}
 
     @route("POST", r"(?P<prefix>/.*/)check_ticket/")
     def check_ticket(self, req: Request) -> Response:
-        device = self._guard(req, json_body=True)
+        device = self._guard(req)
         if isinstance(device, Response):
             return device
+        code = self._data(req).get("qrcode_data")
+        if not code:
+            return Response(406, {"error": "QR code data is required"})
         with self.lock:
-            found = self._find(req)
+            found = self._find(str(code))
             if isinstance(found, Response):
                 return found
-            ticket = self._ticket_json(found, scanned_by=True) | {"is_scanned": found.scanned_by is not None}
+            ticket = self._ticket_json(found)
+            ticket = {**ticket, "is_scanned": found.status == SCANNED}
             return Response(200, {"success": True, "message": "Ticket information retrieved", "ticket": ticket,
-                                  "reservation": {"uuid": found.reservation, "tickets_count": 1}})
+                                  "reservation": self._reservation(found)})
 
     @route("POST", r"(?P<prefix>/.*/)ticket/")
     def ticket(self, req: Request) -> Response:
-        device = self._guard(req, json_body=True)
+        device = self._guard(req)
         if isinstance(device, Response):
             return device
+        body = self._data(req)
+        if not body.get("event_uuid"):
+            return Response(400, {"error": "Event uuid is required"})
+        if not body.get("qrcode_data"):
+            return Response(400, {"error": "QR code data is required"})
         with self.lock:
-            found = self._find(req)
+            found = self._find(str(body["qrcode_data"]), str(body["event_uuid"]))
             if isinstance(found, Response):
                 return found
-            reservation = {"uuid": found.reservation, "tickets_count": 1}
-            if found.scanned_by is not None:
+            if found.status == SCANNED:
                 answer = Response(200, {"success": False, "message": "Ticket already scanned",
-                                        "ticket": self._ticket_json(found, scanned_by=True),
-                                        "reservation": reservation})
-            else:
-                found.scanned_by = device
+                                        "ticket": self._ticket_json(found), "reservation": self._reservation(found)})
+            else:  # canceled, inactive and unpaid tickets too: the real server checks nothing else
+                found.status, found.scanned_by = SCANNED, device
                 self.scans.append((device, found.uuid))
                 answer = Response(200, {"success": True, "message": "Ticket successfully scanned",
-                                        "ticket": self._ticket_json(found, scanned_by=False),
-                                        "reservation": reservation})
+                                        "ticket": self._ticket_json(found), "reservation": self._reservation(found)})
         while self.hold_answer.is_set():  # the scan is recorded; the client never hears back
             threading.Event().wait(0.02)
         return answer
+
+    @route("POST", r"(?P<prefix>/.*/)list_tickets/")
+    def list_tickets(self, req: Request) -> Response:
+        device = self._guard(req)
+        if isinstance(device, Response):
+            return device
+        body = self._data(req)
+        event = body.get("event_uuid")
+        page, size = body.get("page", 1), body.get("page_size", 40)
+        problems = {}
+        if not event:
+            problems["event_uuid"] = ["This field is required."]
+        else:
+            try:
+                event = str(uuid.UUID(str(event)))
+            except ValueError:
+                problems["event_uuid"] = ["Must be a valid UUID."]
+        if not isinstance(page, int) or page < 1:
+            problems["page"] = ["Ensure this value is greater than or equal to 1."]
+        if not isinstance(size, int) or not 1 <= size <= 200:
+            problems["page_size"] = ["Ensure this value is less than or equal to 200."]
+        if problems:
+            return Response(400, problems)
+        with self.lock:
+            chosen = [t for t in self.tickets.values() if t.event == event]
+            if body.get("order_by") == "uuid":
+                chosen.sort(key=lambda t: t.uuid, reverse=body.get("order_dir", "desc") == "desc")
+            items = chosen[(page - 1) * size:page * size]
+            results = [{"uuid": t.uuid, "first_name": t.first_name, "last_name": t.last_name,
+                        "email": "buyer@example.org", "price": t.price, "product": t.product,
+                        "reservation_uuid": t.reservation, "status": DISPLAY[self.language][t.status],
+                        "reservation_datetime": "2026-12-07T19:11:19.582562Z",
+                        "qrcode_data": make_code(self.events[t.event][1], t.uuid), "custom_form": None}
+                       for t in items]
+        return Response(200, {"success": True, "count": len(results), "total": len(chosen), "page": page,
+                              "page_size": size, "total_pages": (len(chosen) + size - 1) // size,
+                              "ordering": {"order_by": body.get("order_by", "reservation__datetime"),
+                                           "order_dir": body.get("order_dir", "desc")},
+                              "results": results})
+
+    # Last in the route table (routes are taken in name order): Django's 404 page for anything else.
+    @route("GET", r"/.*")
+    def zz_not_found_get(self, req: Request) -> Response:
+        return _html(404, _NOT_FOUND_PAGE)
+
+    @route("POST", r"/.*")
+    def zz_not_found_post(self, req: Request) -> Response:
+        return _html(404, _NOT_FOUND_PAGE)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="TiBillet scan API simulator (loopback only)")
     parser.add_argument("--port", type=int, default=8081)
-    parser.add_argument("--prefix", default="/api/scan/", help='"/api/scan/" or "/scan/"')
+    parser.add_argument("--prefix", default="/scan/", help='"/scan/" as TiBillet serves it')
     parser.add_argument("--public-key-out", metavar="PATH",
                         help="write the demo event's public key (PEM) here, for [backend.tibillet] public_keys")
     args = parser.parse_args(argv)
@@ -239,10 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.public_key_out:
         with open(args.public_key_out, "wb") as f:
             f.write(public_pem(key))
-    print(f"TiBillet simulator on {sim.url}{args.prefix}  (event {event})")
+    print(f"TiBillet simulator on {sim.url}{args.prefix}  (event_uuid = \"{event}\")")
     print(f"pairing code: {sim.new_device()}")
     for name in ("Ada", "Bob", "Cy"):
         print(f"ticket for {name}: {sim.issue(event, name)[1]}")
+    print(f"canceled ticket: {sim.issue(event, 'Carl', 'Canceled', CANCELED)[1]}")
     sim.start()
     try:
         threading.Event().wait()

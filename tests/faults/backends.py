@@ -132,7 +132,7 @@ def make_kit(name: str, folder: Path, n_tokens: int = 3) -> Kit:
         from gated.simulators.tibillet import TibilletSim, public_pem
 
         key = _rsa_key()
-        sim = TibilletSim("/api/scan/").start()
+        sim = TibilletSim().start()
         event = sim.add_event("Concert", key)
         pem = folder / "concert.pem"
         pem.write_bytes(public_pem(key))
@@ -140,6 +140,7 @@ def make_kit(name: str, folder: Path, n_tokens: int = 3) -> Kit:
         return Kit(name, sim, [code for _, code in issued], f"""
             [backend.tibillet]
             public_keys = ["{pem}"]
+            event_uuid = "{event}"
             """, extra={"uuids": {u: code for u, code in issued}})
     if name == "pretix":
         from gated.simulators.pretix import PretixSim

@@ -349,7 +349,8 @@ def test_a_wallet_tap_with_any_card_answers_ends_in_an_outcome_never_a_crash(fuz
 # What each backend asks for, as a regex on the request path, and how an admission looks in its answer.
 TARGETS = {
     "entry": {"validate": r"/scan/validate$", "upload": r"/offline/", "probe": r"/ping$", "sync": r"/events$"},
-    "tibillet": {"validate": r"/ticket/$", "upload": r"/ticket/$", "probe": r"/test_api/$", "sync": r"^$"},
+    "tibillet": {"validate": r"/(check_)?ticket/$", "upload": r"/(check_)?ticket/$", "probe": r"/check_api_scan/$",
+                 "sync": r"/list_tickets/$"},
     "pretix": {"validate": r"/checkinrpc/redeem/$", "upload": r"/checkinrpc/redeem/$", "probe": r"/events/democon/$",
                "sync": r"/events/democon/"},
     "pretixdroid": {"validate": r"/redeem/$", "upload": r"/redeem/$", "probe": r"/status/$", "sync": r"^$"},

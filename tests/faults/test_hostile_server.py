@@ -43,7 +43,8 @@ CALLS: dict[str, dict[str, str]] = {
                "upload": r"/checkinrpc/redeem/$", "probe": r"^GET /api/v1/organizers/demo/events/democon/$",
                "pair": r"/device/initialize$"},
     "pretixdroid": {"validate": r"/redeem/$", "upload": r"/redeem/$", "probe": r"/status/$"},
-    "tibillet": {"validate": r"/ticket/$", "upload": r"/ticket/$", "probe": r"/test_api/$", "pair": r"/pair$"},
+    "tibillet": {"validate": r"/(check_)?ticket/$", "sync": r"/list_tickets/$", "upload": r"/(check_)?ticket/$",
+                 "probe": r"/check_api_scan/$", "pair": r"/pair/?$"},
     "cm": {"validate": r"/barcodes/checkin$", "sync": r"/services/[^/]+/barcodes$", "upload": r"/barcodes/upload$",
            "probe": r"/users/[^/]+/services$"},
 }

@@ -1,4 +1,9 @@
-"""TiBillet backend against the TiBillet simulator: pairing, online scans, offline signed codes, upload."""
+"""TiBillet backend against the TiBillet simulator, which answers as the real server (Lespass) does.
+
+Pairing from the site's URL alone, the health check, online verdicts per ticket status (the real
+`ticket/` would scan a canceled ticket), offline signed codes and downloaded statuses, uploads.
+tests/test_real_tibillet.py runs the same against the real server, by hand.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gated import cli
 from gated.daemon import build
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
-from gated.simulators.tibillet import TibilletSim, make_code, public_pem
+from gated.policy.tibillet import KeyRefused
+from gated.simulators.tibillet import CANCELED, CREATED, INACTIVE, SCANNED, VALID, TibilletSim, make_code, public_pem
 from gated.store import Store
 from gated.upload import Uploader
 
@@ -24,33 +30,40 @@ def keys():
     return [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2)]
 
 
-@pytest.fixture
-def sim(keys):
-    s = TibilletSim("/api/scan/")
+def _sim(keys, *args, **kw) -> TibilletSim:
+    s = TibilletSim(*args, **kw)
     s.event = s.add_event("Concert", keys[0])
     s.other_event = s.add_event("Other show", keys[1])
-    with s:
+    return s
+
+
+@pytest.fixture
+def sim(keys):
+    with _sim(keys) as s:
         yield s
 
 
 @pytest.fixture
 def tib(sim, keys, load_config, tmp_path):
-    """Config for the simulator; the Concert's public key is configured for offline checks."""
+    """Config for the simulator as an installer writes it: the site's URL, the event, its public key."""
     pem = tmp_path / "concert.pem"
     pem.write_bytes(public_pem(keys[0]))
 
-    def make(extra_backend: str = "", extra: str = "", prefix: str = "/api/scan/"):
-        return load_config(f"""
+    def make(extra_backend: str = "", extra: str = "", event: str | None = None, url: str | None = None):
+        event = sim.event if event is None else event
+        config = load_config(f"""
             [backend]
             type = "tibillet"
-            url = "{sim.url}"
+            url = "{url or sim.url}"
             timeout_seconds = 2.0
             [backend.tibillet]
-            path_prefix = "{prefix}"
             public_keys = ["{pem}"]
+            event_uuid = "{event}"
             {extra_backend}
             {extra}
         """)
+        config.lane["debounce_seconds"] = 0.0
+        return config
     return make
 
 
@@ -82,18 +95,42 @@ def _kv(config, key):
         store.close()
 
 
+def _paths(sim, since: int = 0) -> list[str]:
+    return [f"{r.method} {r.path}" for r in sim.requests[since:]]
+
+
 # --- pairing ------------------------------------------------------------------------------------
 
 
-def test_pair_stores_the_api_key_in_the_owner_only_store_and_prints_the_device_name(sim, tib, capsys):
+def test_pair_finds_the_scan_api_from_the_site_url_alone_and_says_where(sim, tib, capsys):
     config = tib()
     code = sim.new_device("North gate 3")
     rc, out, _ = _pair(config, code, capsys)
-    assert rc == 0 and 'device "North gate 3"' in out and "tenant 'Example Organization'" in out
+    assert rc == 0 and 'device "North gate 3"' in out and "(Example Organization)" in out
+    assert f"scan API at {sim.url}/scan/ (found)" in out
+    assert 'health check: the new key is accepted as device "North gate 3"' in out
     (api_key,) = sim.keys
-    assert _kv(config, "tibillet:api_key") == api_key and api_key not in out
+    assert _kv(config, "tibillet:api_key") == api_key and api_key not in out and code not in out
+    assert _kv(config, "tibillet:path_prefix") == "/scan/"
     assert stat.S_IMODE(os.stat(config.store.path).st_mode) == 0o600
-    assert sim.requests[0].path == f"/api/scan/{code}/pair"
+    assert _paths(sim) == [f"GET /scan/{code}/pair/", "GET /scan/check_api_scan/"]
+
+
+def test_pair_finds_the_api_under_the_french_document_prefix_and_scans_there(keys, tib, load_config, capsys):
+    with _sim(keys, "/api/scan/") as other:
+        config = tib(url=other.url, event=other.event)
+        rc, out, _ = _pair(config, other.new_device(), capsys)
+        assert rc == 0 and f"scan API at {other.url}/api/scan/ (found)" in out
+        (d,) = asyncio.run(_scan(config, other.issue(other.event)[1]))
+    assert d.reason is Reason.OK and d.source is Source.ONLINE
+    assert _paths(other)[-2:] == ["POST /api/scan/check_ticket/", "POST /api/scan/ticket/"]
+
+
+def test_pair_takes_the_admin_pairing_link_as_the_code(sim, tib, capsys):
+    config = tib()
+    code = sim.new_device()
+    rc, out, _ = _pair(config, f"https://tickets.example.org/scan/{code}/pair", capsys)
+    assert rc == 0 and "paired with TiBillet" in out
 
 
 def test_a_pairing_code_works_once(sim, tib, capsys):
@@ -101,15 +138,31 @@ def test_a_pairing_code_works_once(sim, tib, capsys):
     code = sim.new_device()
     assert _pair(config, code, capsys)[0] == 0
     rc, _, err = _pair(config, code, capsys)
-    assert rc == 2 and "refused the pairing code (HTTP 400" in err and "single-use" in err
+    assert rc == 2 and "refused the pairing code (HTTP 400: No ScanApp matches the given query.)" in err
+    assert "single-use" in err
 
 
-def test_wrong_path_prefix_is_named_when_pairing_fails(sim, tib, capsys):
-    rc, _, err = _pair(tib(prefix="/scan/"), sim.new_device(), capsys)
-    assert rc == 2 and "path_prefix" in err
+def test_a_site_without_the_scan_api_names_every_place_tried(sim, tib, capsys):
+    rc, _, err = _pair(tib(url=f"{sim.url}/shop"), sim.new_device(), capsys)
+    assert rc == 2 and "no TiBillet scan API under" in err and "path_prefix" in err
+    assert "/scan/…/pair/ HTTP 404" in err and "/api/scan/…/pair HTTP 404" in err
 
 
-# --- online ------------------------------------------------------------------------------------
+def test_path_prefix_overrides_the_search(sim, tib, capsys):
+    config = tib(extra_backend='path_prefix = "api/scan"')
+    rc, _, err = _pair(config, sim.new_device(), capsys)
+    assert rc == 2 and all(p.startswith("GET /api/scan/") for p in _paths(sim))
+
+
+def test_pair_says_when_the_key_in_api_key_file_is_refused(sim, tib, tmp_path, capsys):
+    key = tmp_path / "tibillet.key"
+    key.write_text("AAAAAAAA.wrongwrongwrongwrongwrongwrongwr\n")
+    key.chmod(0o600)
+    rc, _, err = _pair(tib(extra_backend=f'api_key_file = "{key}"'), sim.new_device(), capsys)
+    assert rc == 2 and "refuses the key in api_key_file" in err and "HTTP 500" in err
+
+
+# --- health check -----------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -121,63 +174,126 @@ def paired(sim, tib, capsys):
     return make
 
 
-def test_online_entry_admits_once_then_says_already_used(sim, paired):
+async def _probe(config):
+    parts = await build(config)
+    try:
+        await parts.backend.probe()
+        return parts.backend
+    finally:
+        await parts.close()
+
+
+def test_health_check_is_check_api_scan(sim, paired):
+    config = paired()
+    mark = len(sim.requests)
+    asyncio.run(_probe(config))
+    assert "GET /scan/check_api_scan/" in _paths(sim, mark) and "GET /scan/test_api/" not in _paths(sim, mark)
+
+
+def test_health_check_falls_back_to_test_api_where_only_the_documents_one_exists(keys, tib, capsys):
+    with _sim(keys, test_api=True) as documented:
+        config = tib(url=documented.url, event=documented.event)
+        assert _pair(config, documented.new_device(), capsys)[0] == 0
+        asyncio.run(_probe(config))
+        assert _paths(documented)[-2:] == ["GET /scan/check_api_scan/", "GET /scan/test_api/"]
+
+
+def test_an_unknown_key_is_named_refused_not_taken_for_a_dead_server(sim, paired, caplog):
+    config = paired()
+    sim.keys.clear()  # the device was deleted in the admin: the key is unknown, TiBillet answers 500
+    with pytest.raises(KeyRefused, match="API key refused .*HTTP 500.*gated pair"):
+        asyncio.run(_probe(config))
+    assert any("refused the API key" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_an_archived_device_is_named_refused(sim, paired):
+    config = paired()
+    sim.archived.update(sim.keys.values())
+    with pytest.raises(KeyRefused, match=r"HTTP 403: App is archived"):
+        asyncio.run(_probe(config))
+
+
+# --- online ------------------------------------------------------------------------------------
+
+
+def test_online_entry_admits_a_valid_ticket_once_then_says_already_used(sim, paired):
     config = paired()
     ticket_uuid, code = sim.issue(sim.event, "Ada", "Lovelace")
-    config.lane["debounce_seconds"] = 0.0
+    mark = len(sim.requests)
     first, second = asyncio.run(_scan(config, code, code))
     assert (first.verdict, first.reason, first.source) == (Verdict.ADMIT, Reason.OK, Source.ONLINE)
     assert first.message == "Ada Lovelace" and first.ticket_key == ticket_uuid and first.event_id == "Concert"
     assert (second.reason, second.message) == (Reason.ALREADY_USED, "Ada Lovelace")
     assert len(sim.scans) == 1
-    auth = sim.requests[-1].headers["authorization"]
-    assert auth == f"Api-Key {next(iter(sim.keys))}"
+    scan = [r for r in sim.requests[mark:] if r.path == "/scan/ticket/"]
+    assert len(scan) == 1 and scan[0].json() == {"qrcode_data": code, "event_uuid": sim.event}
+    assert scan[0].headers["authorization"] == f"Api-Key {next(iter(sim.keys))}"
 
 
-def test_online_refusals_each_get_their_reason(sim, paired, keys):
+@pytest.mark.parametrize(("status", "reason"), [(CANCELED, Reason.CANCELED), (INACTIVE, Reason.REJECTED),
+                                                (CREATED, Reason.NOT_PAID), (SCANNED, Reason.ALREADY_USED)])
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_a_ticket_whose_status_is_not_valid_is_denied_online_and_not_marked_scanned(keys, tib, capsys, status,
+                                                                                    reason, language):
+    with _sim(keys, language=language) as s:
+        config = tib(url=s.url, event=s.event)
+        assert _pair(config, s.new_device(), capsys)[0] == 0
+        ticket_uuid, code = s.issue(s.event, "Carl", "Canceled", status)
+        mark = len(s.requests)
+        (d,) = asyncio.run(_scan(config, code))
+        assert (d.verdict, d.reason, d.source) == (Verdict.DENY, reason, Source.ONLINE)
+        assert d.message == "Carl Canceled" and d.ticket_key == ticket_uuid
+        assert s.status(ticket_uuid) == status and s.scans == []
+        assert "POST /scan/ticket/" not in _paths(s, mark)
+
+
+def test_a_french_server_admits_its_valid_tickets(keys, tib, capsys):
+    with _sim(keys, language="fr") as s:
+        config = tib(url=s.url, event=s.event)
+        assert _pair(config, s.new_device(), capsys)[0] == 0
+        ticket_uuid, code = s.issue(s.event)
+        (d,) = asyncio.run(_scan(config, code))
+        assert d.reason is Reason.OK and d.backend_code == "200 Ticket successfully scanned"
+        assert s.status(ticket_uuid) == SCANNED
+
+
+def test_online_refusals_each_get_their_reason_and_scan_nothing(sim, paired, keys):
     config = paired()
     _, code = sim.issue(sim.event)
+    other_uuid, other = sim.issue(sim.other_event)
     data, sig = code.split(":")
     unknown = make_code(keys[0], "00000000-0000-0000-0000-000000000000")
-    tampered = f"{data}:{sig[:50]}{'A' if sig[50] != 'A' else 'B'}{sig[51:]}"
-    decisions = asyncio.run(_scan(config, unknown, tampered, "not-a-tibillet-code"))
-    assert [d.reason for d in decisions] == [Reason.UNKNOWN, Reason.INVALID_SIGNATURE, Reason.MALFORMED]
-    assert all(d.source is Source.ONLINE for d in decisions)
-    assert decisions[0].backend_code == "404 Ticket not found"
+    forged = f"{data}:{sig[:50]}{'A' if sig[50] != 'A' else 'B'}{sig[51:]}"
+    decisions = asyncio.run(_scan(config, unknown, forged, "not-a-tibillet-code", other))
+    assert [d.reason for d in decisions] == [Reason.UNKNOWN, Reason.INVALID_SIGNATURE, Reason.MALFORMED,
+                                             Reason.WRONG_EVENT]
+    assert all(d.source is Source.ONLINE and not d.admitted for d in decisions)
+    assert [d.backend_code for d in decisions] == ["404 Ticket not found", "400 Invalid ticket signature",
+                                                   "400 Invalid QR code format", "406 Event error"]
+    assert sim.scans == [] and sim.status(other_uuid) == VALID
 
 
-def test_ticket_of_another_event_is_wrong_event_when_event_uuid_is_set(sim, paired):
-    config = paired(extra_backend=f'event_uuid = "{sim.event}"')
-    _, code = sim.issue(sim.other_event)
-    (d,) = asyncio.run(_scan(config, code))
-    assert d.reason is Reason.WRONG_EVENT and d.source is Source.ONLINE
-    assert sim.requests[-1].json() == {"qrcode_data": code, "event_uuid": sim.event}
-
-
-def test_exit_scan_asks_check_ticket_and_leaves_the_ticket_unscanned(sim, paired):
+def test_exit_scan_asks_check_ticket_only_and_leaves_the_ticket_unscanned(sim, paired):
     config = paired()
     _, code = sim.issue(sim.event, "Bob", "Marley")
+    mark = len(sim.requests)
     (d,) = asyncio.run(_scan(config, code, mode=ScanMode.EXIT))
     assert d.verdict is Verdict.ADMIT and d.message == "Bob Marley"
-    assert sim.requests[-1].path == "/api/scan/check_ticket/" and sim.scans == []
+    assert _paths(sim, mark)[-1] == "POST /scan/check_ticket/" and sim.scans == []
 
 
-def test_scan_api_under_the_english_spec_prefix(keys, load_config, capsys):
-    with TibilletSim("/scan/") as sim:
-        event = sim.add_event("Concert", keys[0])
-        config = load_config(f'[backend]\ntype = "tibillet"\nurl = "{sim.url}"\ntimeout_seconds = 2.0\n'
-                             '[backend.tibillet]\npath_prefix = "scan"\n')
-        assert _pair(config, sim.new_device(), capsys)[0] == 0
-        (d,) = asyncio.run(_scan(config, sim.issue(event)[1]))
-        assert d.reason is Reason.OK and sim.requests[-1].path == "/scan/ticket/"
+def test_without_event_uuid_entries_are_decided_offline_naming_the_key_to_set(sim, paired):
+    config = paired(event="")
+    (d,) = asyncio.run(_scan(config, sim.issue(sim.event)[1]))
+    assert d.source is Source.OFFLINE and d.admitted and "event_uuid" in d.detail and sim.scans == []
 
 
 def test_lookup_shows_the_ticket_without_scanning_it(sim, paired, capsys):
     config = paired()
-    _, code = sim.issue(sim.event, "Cy", "Young")
+    _, code = sim.issue(sim.event, "Cy", "Young", CANCELED)
     assert cli.main(["lookup", "--config", config.path, code]) == 0
     out = capsys.readouterr().out
-    assert "first_name: Cy" in out and "is_scanned: False" in out and sim.scans == []
+    assert "first_name: Cy" in out and "status: Canceled" in out and sim.scans == []
     assert code not in out
 
 
@@ -186,7 +302,6 @@ def test_lookup_shows_the_ticket_without_scanning_it(sim, paired, capsys):
 
 def test_unpaired_gate_decides_offline_from_the_signature_and_keys_anti_passback_by_uuid(sim, tib, keys):
     config = tib()
-    config.lane["debounce_seconds"] = 0.0
     ticket_uuid, code = sim.issue(sim.event)
     same_ticket_other_text = make_code(keys[0], ticket_uuid, padding=False)
     assert same_ticket_other_text != code
@@ -194,7 +309,7 @@ def test_unpaired_gate_decides_offline_from_the_signature_and_keys_anti_passback
     assert (first.verdict, first.source, first.ticket_key) == (Verdict.ADMIT, Source.OFFLINE, ticket_uuid)
     assert "not paired" in first.detail and first.event_id == "concert"
     assert second.reason is Reason.ALREADY_USED
-    assert not any(r.path.endswith("/ticket/") for r in sim.requests)
+    assert sim.requests == []
 
 
 def test_offline_codes_are_checked_by_signature_when_the_api_fails(sim, paired, keys):
@@ -210,17 +325,65 @@ def test_offline_codes_are_checked_by_signature_when_the_api_fails(sim, paired, 
     assert all(d.source is Source.OFFLINE for d in decisions) and "HTTP 503" in decisions[0].detail
 
 
+async def _sync_then_offline(config, sim, tokens, mode=ScanMode.ENTRY):
+    parts = await build(config)
+    try:
+        await parts.backend.sync(parts.store)
+        sim.fail_status = 503
+        parts.gate.scan_mode = mode
+        return [await parts.gate.handle(Scan(token=t, reader="front")) for t in tokens]
+    finally:
+        sim.fail_status = None
+        await parts.close()
+
+
+def test_downloaded_statuses_deny_canceled_unpaid_inactive_and_scanned_tickets_offline(sim, paired):
+    config = paired()
+    codes = {status: sim.issue(sim.event, "Dee", status, status) for status in (VALID, CANCELED, CREATED,
+                                                                               INACTIVE, SCANNED)}
+    for i in range(250):  # more than one page of list_tickets (200 a page)
+        sim.issue(sim.event, "Filler", str(i))
+    decisions = asyncio.run(_sync_then_offline(config, sim, [code for _, code in codes.values()]))
+    assert [(d.verdict, d.reason) for d in decisions] == [
+        (Verdict.ADMIT, Reason.OK), (Verdict.DENY, Reason.CANCELED), (Verdict.DENY, Reason.NOT_PAID),
+        (Verdict.DENY, Reason.REJECTED), (Verdict.DENY, Reason.ALREADY_USED)]
+    assert all(d.source is Source.OFFLINE for d in decisions)
+    assert decisions[0].message == "Dee K" and "canceled in TiBillet's list" in decisions[1].message
+    lists = [r.json() for r in sim.requests if r.path == "/scan/list_tickets/"]
+    assert [x["page"] for x in lists] == [1, 2] and all(x["event_uuid"] == sim.event for x in lists)
+
+
+def test_a_canceled_ticket_may_still_leave_offline(sim, paired):
+    config = paired()
+    _, code = sim.issue(sim.event, status=CANCELED)
+    (d,) = asyncio.run(_sync_then_offline(config, sim, [code], mode=ScanMode.EXIT))
+    assert d.admitted and d.source is Source.OFFLINE
+
+
+def test_data_age_is_the_downloaded_statuses_age(sim, paired):
+    config = paired()
+
+    async def run():
+        parts = await build(config)
+        try:
+            before = await parts.store.call(parts.backend.statuses, 0.0)
+            await parts.backend.sync(parts.store)
+            import time
+            now = time.time() + 100
+            return before, await parts.store.call(parts.backend.statuses, now), \
+                await parts.store.call(parts.backend.data_age, now)
+        finally:
+            await parts.close()
+
+    sim.issue(sim.event)
+    before, (tickets, age), data_age = asyncio.run(run())
+    assert before is None and tickets == 1 and 99 < age < 110 and data_age == age
+
+
 def test_no_event_keys_means_the_offline_fallback_decides(sim, load_config):
     config = load_config(f'[backend]\ntype = "tibillet"\nurl = "{sim.url}"\n[offline]\nfallback = "deny"\n')
     (d,) = asyncio.run(_scan(config, sim.issue(sim.event)[1]))
     assert d.reason is Reason.OFFLINE_NO_DATA and not d.admitted
-
-
-def test_refused_api_key_decides_offline_and_says_to_pair_again(sim, paired):
-    config = paired()
-    sim.keys.clear()  # the device was archived in the admin
-    (d,) = asyncio.run(_scan(config, sim.issue(sim.event)[1]))
-    assert d.source is Source.OFFLINE and d.admitted and "pair again" in d.detail
 
 
 def test_key_file_that_is_not_an_rsa_public_key_is_logged_and_skipped(sim, load_config, tmp_path, caplog):
@@ -251,13 +414,13 @@ async def _offline_then_upload(config, sim, tokens, between=None):
         first = await uploader.drain()
         stats = await parts.store.call(Store.queue_stats)
         second = await uploader.drain()
-        replays = [r for r in sim.requests[mark:] if r.path == "/api/scan/ticket/"]
+        replays = [r for r in sim.requests[mark:] if r.path == "/scan/ticket/"]
         return decisions, (first, second, stats), replays
     finally:
         await parts.close()
 
 
-def test_offline_entries_are_replayed_once_when_the_api_is_back(sim, paired):
+def test_offline_entries_are_replayed_once_with_the_event_when_the_api_is_back(sim, paired):
     config = paired()
     (u1, c1), (u2, c2) = sim.issue(sim.event), sim.issue(sim.event)
     _, other = sim.issue(sim.other_event)
@@ -267,6 +430,26 @@ def test_offline_entries_are_replayed_once_when_the_api_is_back(sim, paired):
     assert sorted(sim.scans) == sorted([(device, u1), (device, u2)])
     assert (first, second, stats.pending, stats.parked) == (3, 0, 0, 0)  # the deny is done without a request
     assert sorted(r.json()["qrcode_data"] for r in replays) == sorted([c1, c2])
+    assert all(r.json()["event_uuid"] == sim.event for r in replays)
+
+
+def test_a_ticket_canceled_while_offline_is_parked_not_replayed_and_stays_canceled(sim, paired):
+    config = paired()
+    ticket_uuid, code = sim.issue(sim.event)
+
+    def canceled_meanwhile():
+        sim.tickets[ticket_uuid].status = CANCELED
+
+    (d,), (first, _, stats), replays = asyncio.run(_offline_then_upload(config, sim, [code],
+                                                                        between=canceled_meanwhile))
+    assert d.admitted and (first, stats.parked) == (0, 1) and replays == []
+    assert sim.status(ticket_uuid) == CANCELED and sim.scans == []
+    store = Store(config.store.path)
+    try:
+        (row,) = store.parked()
+    finally:
+        store.close()
+    assert "not replayed: the ticket is Canceled" in row["upload_error"] and code not in row["upload_error"]
 
 
 def test_replay_whose_answer_was_lost_is_counted_once_on_retry(sim, paired):
@@ -301,6 +484,7 @@ def test_ticket_scanned_meanwhile_by_another_device_is_parked_not_dropped(sim, p
     ticket_uuid, code = sim.issue(sim.event)
 
     def scanned_elsewhere():
+        sim.tickets[ticket_uuid].status = SCANNED
         sim.tickets[ticket_uuid].scanned_by = "another-device"
 
     _, (first, _, stats), _ = asyncio.run(_offline_then_upload(config, sim, [code], between=scanned_elsewhere))
@@ -313,8 +497,8 @@ def test_ticket_scanned_meanwhile_by_another_device_is_parked_not_dropped(sim, p
     assert "another device" in row["upload_error"] and code not in row["upload_error"]
 
 
-def test_server_that_wants_the_event_uuid_is_not_taken_for_a_ticket_refusal(sim, paired):
-    sim.require_event_uuid = True
-    config = paired()
-    (d,) = asyncio.run(_scan(config, sim.issue(sim.event)[1]))
-    assert d.source is Source.OFFLINE and d.admitted and "event_uuid" in d.detail
+def test_uploads_without_event_uuid_wait_instead_of_being_parked(sim, paired):
+    config = paired(event="")
+    _, code = sim.issue(sim.event)
+    _, (first, _, stats), _ = asyncio.run(_offline_then_upload(config, sim, [code]))
+    assert (first, stats.pending, stats.parked) == (0, 1, 0) and sim.scans == []
