@@ -704,6 +704,16 @@ class Store:
         finally:
             conn.close()
 
+    # --- ready/metrics ---
+    # Added by the metrics branch (gated ready, gated/metrics.py); to be moved by hand at merge.
+
+    def data_updated(self) -> dict[str, float]:
+        """When each offline data row was last refreshed: name -> wall time."""
+        try:
+            return dict(self.db.conn.execute("SELECT name, updated FROM offline_data").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
 
 _TICKET_COLUMNS = ("token", "ticket_key", "name", "valid_from", "valid_until", "status", "max_entries",
                    "event_id", "data")
