@@ -23,7 +23,7 @@ def figures(quick: bool) -> list:
         lambda: [core.memory(n_tickets)],
     ]
     # Figures that need a backend's simulator live beside it; they join when their module exists.
-    for name in ("decoders", "entry_figures", "cm_figures"):
+    for name in ("decoders", "entry_figures", "cm_figures", "venue_figures"):
         try:
             module = importlib.import_module(f"benchmarks.{name}")
         except ModuleNotFoundError:
