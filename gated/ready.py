@@ -119,7 +119,7 @@ async def _offline_data(config: Config, backend, store, now: float) -> list[Resu
             results.append(Result("ticket count", True, f"{local:,} tickets, as the API says"))
     if age >= 2 * interval:
         results.append(Result("last sync", False, f"{_ago(age)} ago, more than twice [backend] "
-                              f"sync_interval_seconds ({_ago(interval)})",
+                              f"sync_interval_seconds ({interval:g} s)",
                               "make the API reachable; journalctl -u gated GATED_EVENT=sync_failed says why not"))
     else:
         results.append(Result("last sync", True, f"{_ago(age)} ago (limit {_ago(2 * interval)})"))
