@@ -21,6 +21,7 @@ FIGURE_MODULES = [
     "benchmarks.decoders",
     "benchmarks.entry_figures",
     "benchmarks.cm_figures",
+    "benchmarks.venue_figures",
 ]
 
 # `--markdown FILE` replaces what stands between these two lines when FILE has them (so

@@ -226,6 +226,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(args.config, timeout=args.timeout)
 
 
+def cmd_ready(args: argparse.Namespace) -> int:
+    from gated import ready
+
+    return ready.main(args.config, as_json=args.json)
+
+
 def cmd_outputs(args: argparse.Namespace) -> int:
     from gated import wiring
 
@@ -293,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-new-store", action="store_true",
                    help="confirm a store that replaced a damaged one: offline decisions stop following "
                         "[offline] fallback for it (see docs/reliability.md)")
+    p = command("ready", cmd_ready, "Doors-open check: would this lane decide every ticket right without a network? "
+                "Exit 0 ready, 1 not (each unmet condition named with its next step), 2 config error.")
+    p.add_argument("--json", action="store_true", help='print a JSON list of {"check", "ok", "detail"}')
     command("list-devices", cmd_list_devices, "Show input devices and serial ports a scanner could be, with the "
             "stable /dev/.../by-id names to put in the config.")
     p = command("outputs", cmd_outputs, "Wiring test: switch the relay, LEDs and buzzer one at a time and show the "

@@ -139,6 +139,34 @@ LOG = {
                    help="auto: journald when started by systemd, plain stderr otherwise"),
     "debug": Key("bool", default=False),
 }
+# --- [metrics]: Prometheus (gated/metrics.py) ---
+METRICS = {
+    "textfile": Key("str", default="", help="file for node_exporter's textfile collector (a .prom name), "
+                    "rewritten atomically every interval"),
+    "listen": Key("str", default="", help='also serve /metrics over HTTP, e.g. "127.0.0.1:9464"'),
+    "interval_seconds": Key("float", default=15.0, minimum=1, maximum=3600,
+                            help="how often the gauges are refreshed and the textfile rewritten"),
+}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """[metrics] listen `host:port` -> (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('must be "host:port", e.g. "127.0.0.1:9464"')
+    return host.strip("[]"), int(port)
+
+
+def _check_metrics(section: Section) -> list[str]:
+    try:
+        if section.get("listen"):
+            parse_listen(section["listen"])
+    except ValueError as e:
+        return [f"[metrics] listen = {fmt(section['listen'])}: {e}."]
+    if section.get("textfile") and not section["textfile"].endswith(".prom"):
+        return [f"[metrics] textfile = {fmt(section['textfile'])}: node_exporter reads only files named *.prom."]
+    return []
+
 
 WALLET_APPLE = {
     "pass_type_ids": Key("strlist", default=[], help="Apple pass type identifiers asked for, in this order"),
@@ -154,8 +182,8 @@ WALLET_GOOGLE = {
 WALLET = {"apple": WALLET_APPLE, "google": WALLET_GOOGLE}
 
 FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
-         "store": STORE, "log": LOG, "mqtt": MQTT}
-OPTIONAL = ("buzzer", "mqtt")
+         "store": STORE, "log": LOG, "mqtt": MQTT, "metrics": METRICS}
+OPTIONAL = ("buzzer", "mqtt", "metrics")
 SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input", "wallet"])
 
 
@@ -178,13 +206,14 @@ class Config:
     wallet_apple: Section | None = None  # [wallet.apple]: NFC wallet keys, read by the nfc reader
     wallet_google: Section | None = None
     mqtt: Section | None = None  # [mqtt]: lane-to-lane sharing and fleet status (gated.mqtt)
+    metrics: Section | None = None  # [metrics]: Prometheus textfile and/or HTTP (gated.metrics)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def sections(self) -> list[Section]:
         out = [self.lane, self.backend, self.backend_options, *self.readers.values(), self.gpio,
                self.relay, *self.leds.values()]
         out += [s for s in (self.buzzer, self.passage, self.emergency) if s is not None]
-        out += [s for s in (self.wallet_apple, self.wallet_google, self.mqtt) if s is not None]
+        out += [s for s in (self.wallet_apple, self.wallet_google, self.mqtt, self.metrics) if s is not None]
         return out + [self.offline, self.store, self.log]
 
 
@@ -319,11 +348,15 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
     mqtt = fixed("mqtt") if "mqtt" in raw else None
     if mqtt is not None:
         problems += check_mqtt(mqtt)
+    metrics = fixed("metrics") if "metrics" in raw else None
+    if metrics is not None:
+        problems += _check_metrics(metrics)
     config = Config(
         path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
         gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
         emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"),
-        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), mqtt=mqtt, raw=raw,
+        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), mqtt=mqtt, metrics=metrics,
+        raw=raw,
     )
     _cross_check(config, problems)
     if problems:

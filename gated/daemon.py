@@ -43,6 +43,7 @@ log = logging.getLogger("gated")
 
 _RELOAD = object()  # queue sentinel: reload the config between two scans
 HOUSEKEEPING_SECONDS = 5.0  # status refresh and WAL upkeep (gated.store.keep_wal)
+READY_SECONDS = 60.0  # the doors-open check (gated.ready) in the retained MQTT status
 GIL_SWITCH_SECONDS = 0.001  # see build()
 
 
@@ -178,6 +179,10 @@ class Daemon:
         self.link: mqtt.LaneLink | None = None
         self._last_pending = 0
         self._maintenance_failing = False  # housekeeping's store upkeep: one line per edge
+        # Occupancy for the metrics: () -> (people inside the venue, capacity; 0 for none), read off
+        # the scan path every [metrics] interval_seconds. Set by gated.occupancy when it is wired in.
+        self.occupancy: Callable[[], tuple[int, int]] | None = None
+        self.exporter = None  # gated.metrics.Exporter with [metrics]
 
     async def run(self) -> int:
         c = self.config
@@ -221,8 +226,24 @@ class Daemon:
         # for the breaker's probe (on_reconnect below): waking now would only fail again.
         p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
         p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
-        background = [loop.create_task(_keep_running(name, run), name=name) for name, run in (
-            ("uploader", self.uploader.run), ("syncer", self.syncer.run), ("housekeeping", self._housekeeping))]
+        tasks = [("uploader", self.uploader.run), ("syncer", self.syncer.run), ("housekeeping", self._housekeeping)]
+        if c.metrics is not None:
+            from gated import metrics
+
+            try:
+                self.exporter = metrics.attach(c.metrics, p.gate, metrics.Lane(
+                    self.syncer.store, lambda: self.parts.decider, self._readers_up, self.occupancy))
+            except OSError as e:
+                log.error("cannot start: [metrics] listen = %s: %s", c.metrics.listen, e.strerror or e,
+                          extra={"GATED_EVENT": "start_failed"})
+                await p.close()
+                return 1
+            if self.exporter is not None:
+                tasks.append(("metrics", self.exporter.run))
+                log.info("metrics: %s", self.exporter.describe())
+        if self.link is not None and c.mqtt.status:
+            tasks.append(("ready", self._share_ready))
+        background = [loop.create_task(_keep_running(name, run), name=name) for name, run in tasks]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.queue.put_nowait(_RELOAD))
@@ -258,6 +279,8 @@ class Daemon:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if self.exporter is not None:
+            self.exporter.close()
         await p.close()
         self.syncer.store.close()
         log.info("stopped")
@@ -317,16 +340,38 @@ class Daemon:
             state = "online"
         return state
 
-    def _share_status(self, queued: int) -> None:
-        """The fleet's view of this lane (retained on the MQTT broker), refreshed with STATUS=."""
-        if self.link is None:
-            return
-        d = self.parts.decider
+    def _reader_states(self) -> dict[str, str]:
         readers = {}
         for name, (_, task) in self.readers.items():
             connected = getattr(self._reader_objs.get(name), "connected", None)
             readers[name] = "stopped" if task.done() else {True: "connected", False: "disconnected"}.get(
                 connected, "running")
+        return readers
+
+    def _readers_up(self) -> dict[str, bool]:
+        return {name: state in ("connected", "running") for name, state in self._reader_states().items()}
+
+    async def _share_ready(self) -> None:
+        """The doors-open check every minute, into the retained status (Home Assistant's Ready sensor)."""
+        from gated import doctor, ready
+
+        system = doctor.System()
+        link = self.link
+
+        async def broker() -> str | None:
+            return None if link.connected else "not connected (the lane's own link)"
+
+        while True:
+            results = await ready.evaluate(self.config, self.parts.backend, self.syncer.store, system, broker)
+            link.set_status(**ready.summary(results))
+            await asyncio.sleep(READY_SECONDS)
+
+    def _share_status(self, queued: int) -> None:
+        """The fleet's view of this lane (retained on the MQTT broker), refreshed with STATUS=."""
+        if self.link is None:
+            return
+        d = self.parts.decider
+        readers = self._reader_states()
         self.link.set_status(api=self._state(), queue=queued, last_scan=self.parts.gate.last_scan,
                              mode="emergency" if d.emergency else d.mode, readers=readers)
 

@@ -53,6 +53,7 @@ class System:
     run: Path = Path("/run")
     sys: Path = Path("/sys")
     timedatectl: str | None = "timedatectl"
+    chronyc: str | None = "chronyc"  # asked when timedatectl gives no answer (chrony without timedated)
     user: str = "gated"  # the service account whose access to devices and files matters
     min_free_fail: int = 50 * MIB
     min_free_warn: int = 500 * MIB
@@ -309,6 +310,14 @@ def check_clock_sync(system: System) -> Check:
                                capture_output=True, text=True, timeout=3)
             if r.returncode == 0 and r.stdout.strip() in ("yes", "no"):
                 synced = r.stdout.strip() == "yes"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if synced is None and system.chronyc and shutil.which(system.chronyc):
+        try:
+            r = subprocess.run([system.chronyc, "tracking"], capture_output=True, text=True, timeout=3)
+            leap = [line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.startswith("Leap status")]
+            if r.returncode == 0 and leap:
+                synced = leap[0] != "Not synchronised"
         except (OSError, subprocess.TimeoutExpired):
             pass
     if synced is None:

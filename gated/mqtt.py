@@ -637,6 +637,11 @@ class LaneLink:
                       "value_template": f"{{{{ value_json.{field} }}}}", "availability_topic": self.topics.availability,
                       "device": device, **extra}
             client.publish(f"{prefix}/sensor/{node}/{field}/config", json.dumps(config), qos=1, retain=True)
+        # The doors-open check (gated.ready), refreshed by the daemon every minute in the same status.
+        ready = {"name": "Ready", "unique_id": f"{device_id}_ready", "state_topic": self.topics.status,
+                 "value_template": "{{ value_json.ready | default('OFF') }}",
+                 "availability_topic": self.topics.availability, "device": device}
+        client.publish(f"{prefix}/binary_sensor/{node}/ready/config", json.dumps(ready), qos=1, retain=True)
 
     # --- the worker thread ---------------------------------------------------------------
 

@@ -111,13 +111,15 @@ def run(config: Config, *, yes: bool = False, ask: Ask = input, say: Say = print
             contact.on_change(changed, changed)
         if not inputs:
             say("  no passage or emergency input configured")
-        _cycle(steps, yes, ask, say)
+        complete = _cycle(steps, yes, ask, say)
         if inputs and not yes:
             _ask(ask, "Operate the passage sensor and the emergency input now and watch their lines; "
                  "press Enter to finish ")
         for name, section, contact in inputs:
             say(f"  input {name} GPIO{section.pin}: {_state(contact, section.active_when)}")
         say("Done: every output is off (relay locked).")
+        if complete:
+            _record_tested(config, say)
         return 0
     finally:
         for device in reversed(devices):
@@ -136,7 +138,26 @@ def _ask(ask: Ask, prompt: str) -> str:
         return "q"
 
 
-def _cycle(steps: list[Step], yes: bool, ask: Ask, say: Say) -> None:
+def _record_tested(config: Config, say: Say) -> None:
+    """Note the test with this boot's id in the store: `gated ready` wants the outputs tested since boot."""
+    from gated import ready
+    from gated.errors import StoreError
+    from gated.store import Store, keep_owner
+
+    try:
+        store = Store(config.store.path)
+        try:
+            store.set(ready.OUTPUTS_TESTED, ready.outputs_tested(ready.boot_id(), time.time()))
+        finally:
+            store.close()
+            keep_owner(config.store.path)
+    except StoreError as e:
+        say(f"  not recorded for gated ready: {e}")
+
+
+def _cycle(steps: list[Step], yes: bool, ask: Ask, say: Say) -> bool:
+    """Switch each output in turn; True when every one was switched (none skipped, not stopped)."""
+    complete = True
     for i, step in enumerate(steps, 1):
         number, what = f"[{i}/{len(steps)}]", f"{step.action} on GPIO{step.pin} for {step.seconds:g} s"
         if yes:
@@ -145,12 +166,14 @@ def _cycle(steps: list[Step], yes: bool, ask: Ask, say: Say) -> None:
             answer = _ask(ask, f"{number} Press Enter to {what} (s: skip, q: quit) ")
             if answer.startswith("q"):
                 say("  stopped: the remaining outputs were not tested")
-                return
+                return False
             if answer.startswith("s"):
                 say(f"  {step.name} skipped")
+                complete = False
                 continue
         step.device.on()
         say(f"  {step.name} GPIO{step.pin} on")
         time.sleep(step.seconds)  # the installer must see or hear it; this is the whole point
         step.device.off()
         say(f"  {step.name} GPIO{step.pin} off")
+    return complete

@@ -82,7 +82,7 @@ def test_no_reader_is_a_problem(tmp_path):
 def test_unknown_section_suggests_the_nearest(tmp_path):
     assert problems(tmp_path, MINIMAL + "[realy]\npin = 3\n") == [
         '[realy]: unknown section. Did you mean "relay"? Sections: backend, buzzer, gpio, input, lane, led, '
-        "log, mqtt, offline, reader, relay, store, wallet."
+        "log, metrics, mqtt, offline, reader, relay, store, wallet."
     ]
 
 

@@ -667,6 +667,11 @@ def test_status_last_will_and_signed_commands_seen_from_a_dashboard(venue, broke
         _, ha, _ = watch.wait_for(lambda t, p, r: t.startswith(f"{venue.prefix}/ha/sensor/") and
                                   t.endswith("/mode/config"))
         assert json.loads(ha)["availability_topic"] == avail_topic
+        # The doors-open check (gated ready) as a binary sensor: this lane's outputs were never tested.
+        _, ha, _ = watch.wait_for(lambda t, p, r: t == f"{venue.prefix}/ha/binary_sensor/lane-d/ready/config")
+        assert json.loads(ha)["state_topic"] == status_topic
+        _, payload, _ = watch.wait_for(status_with(ready="OFF"), 10)
+        assert "outputs" in key.open(payload)["not_ready"].split(", ")
 
         # A forged command changes nothing; a signed one locks the lane, between two scans.
         watch.publish(f"{venue.prefix}/command/lane-d",

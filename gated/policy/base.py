@@ -83,3 +83,12 @@ class Backend(ABC):
     def describe(self) -> str:
         """One phrase for the start-up banner."""
         return self.name
+
+    # `gated ready` compares these two: None from either means the counts cannot be compared.
+    async def ticket_count(self) -> int | None:
+        """How many tickets the API says there are (what complete offline data holds); None: no such count."""
+        return None
+
+    def offline_count(self, store: Store) -> int | None:
+        """How many tickets the offline data here holds, comparable with `ticket_count`; None: not comparable."""
+        return None

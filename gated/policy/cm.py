@@ -444,6 +444,22 @@ class CMBackend(HttpBackend):
                  self.service_uuid, "scan direct" if self.strategy == "direct" else "scan locally",
                  extra={"GATED_EVENT": "backend_ready", "GATED_BACKEND": self.name})
 
+    async def ticket_count(self) -> int | None:
+        """The scan service's `count_total_available`, as CM.com lists the user's services."""
+        await self._ready()
+        response = await self._call("GET", lambda: f"users/{self.user_uuid}/services", timeout=SLOW,
+                                    limit=LIST_PAGE_LIMIT)
+        body = await json_answer(response)
+        services = body.get("services") if isinstance(body, dict) else None
+        for s in services if response.status_code == 200 and isinstance(services, list) else ():
+            count = s.get("count_total_available") if isinstance(s, dict) else None
+            if s.get("uuid") == self.service_uuid and isinstance(count, int) and 0 <= count < 2**62:
+                return count
+        return None
+
+    def offline_count(self, store: Store) -> int | None:
+        return store.ticket_count(self.name)
+
     def _service_key(self) -> str:
         return f"{self.who}|{self.want_uuid}|{self.want_name}"
 

@@ -61,6 +61,9 @@ class Decider:
         self.clock = clock
         self.emergency = False
         self.on_reconnect: list[Callable[[], None]] = []
+        # Called with (seconds, answered) after each online call, e.g. gated.metrics' histogram.
+        # Runs on the scan path: it must return at once.
+        self.on_call: Callable[[float, bool], None] = lambda seconds, answered: None
         self.breaker = Breaker(config.backend.breaker_failures, config.backend.breaker_window)
         self.apply(config)
         self._clock_ok = True
@@ -130,12 +133,14 @@ class Decider:
             decision = await asyncio.wait_for(self.backend.validate(scan, scan_mode), budget)
         except (Unreachable, TimeoutError) as e:
             why = str(e) if isinstance(e, Unreachable) else f"no answer within {self.timeout:g}s"
+            self.on_call(time.monotonic() - started, False)
             if self.breaker.record(False, time.monotonic() - started, time.monotonic()):
                 log.warning("ticket API unreachable (%s); deciding offline until it answers", why,
                             extra={"GATED_EVENT": "backend_down", "GATED_BACKEND": self.backend.name})
                 self._start_probe()
             return None, why, not getattr(e, "unsent", False)
         elapsed = time.monotonic() - started
+        self.on_call(elapsed, True)
         if self.breaker.record(True, elapsed, time.monotonic()):
             log.warning("ticket API slow (%.0f ms for a %g s deadline); deciding offline until it is quick",
                         elapsed * 1000, self.timeout,

@@ -169,6 +169,13 @@ class PretixBackend(HttpBackend):
         if response.status_code != 200:
             raise Unreachable(f"event detail answered HTTP {response.status_code}")
 
+    async def ticket_count(self) -> int | None:
+        """The check-in list's `position_count`. This version keeps no positions offline (signed secrets
+        are checked by signature), so offline_count stays None and `gated ready` says "not checked"."""
+        body = await self._get_json(f"{self.event_path}/checkinlists/{self.list_id}/", "check-in list")
+        count = body.get("position_count") if isinstance(body, dict) else None
+        return count if isinstance(count, int) and 0 <= count < 2**62 else None
+
     async def lookup(self, token: str) -> list[str] | None:
         response = await self._call("GET", f"{self.org_path}/checkinrpc/search/",
                                     params={"list": self.list_id, "search": token}, timeout=SLOW_CALL_SECONDS,

@@ -151,6 +151,13 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
                                    (name,)).fetchone()
         return (json.loads(row[0]), row[1]) if row else None
 
+    def data_updated(self) -> dict[str, float]:
+        """When each offline data row was last refreshed: name -> wall time (gated ready, metrics)."""
+        try:
+            return dict(self.db.conn.execute("SELECT name, updated FROM offline_data").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
 
 def keep_owner(store_path: str | os.PathLike[str]) -> None:
     """Give files a root-run command created in the state folder back to the folder's owner.

@@ -1,0 +1,302 @@
+"""`gated ready`: each doors-open condition fails with its own message, and a lane meeting them all passes.
+
+Real parts: a real store, the local backend's ticket list, the CM.com simulator over HTTP for the
+ticket count, a real Mosquitto for the broker, a pty for the serial reader, `gated outputs test`
+on gpiozero's MockFactory for the outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import textwrap
+import time
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from gated import config as configmod
+from gated import ready, wiring
+from gated.daemon import build
+from gated.simulators.cm import CMSimulator
+from gated.store import Store
+from tests.test_doctor import machine, pty_port, record  # noqa: F401 - fixtures
+from tests.test_mqtt import Broker, free_port, need_broker
+
+LANE = """
+[lane]
+name = "north-3"
+serial = "TEST-0003"
+
+[reader.qr]
+type = "serial"
+port = "{port}"
+
+[gpio]
+pin_factory = "mock"
+
+[relay]
+pin = 17
+
+[led.green]
+pin = 27
+"""
+
+
+@pytest.fixture
+def system(machine):  # noqa: F811
+    machine.chronyc = None
+    return machine
+
+
+@pytest.fixture
+def lane(write_config, tickets_csv, pty_port):  # noqa: F811
+    """A local lane whose list is loaded and whose outputs were tested this boot; returns a maker of its path."""
+
+    def make(extra: str = "", *, load: bool = True, test_outputs: bool = True, port: str | None = None) -> str:
+        csv = tickets_csv("token,name\nT-1,Ada\nT-2,Bob\n")
+        path = str(write_config(LANE.format(port=port or pty_port) + textwrap.dedent(f"""
+            [backend]
+            type = "local"
+            [backend.local]
+            tickets = "{csv}"
+        """) + textwrap.dedent(extra), base=""))
+        config = configmod.load(path)
+        if load:
+            asyncio.run(_load(config))
+        if test_outputs:
+            assert wiring.run(config, yes=True, pin_factory=MockFactory(), seconds=0.001, say=lambda _: None) == 0
+        return path
+
+    return make
+
+
+async def _load(config) -> None:
+    parts = await build(config)
+    try:
+        await parts.backend.sync(parts.store)
+    finally:
+        await parts.close()
+
+
+def run(path: str, system, capsys) -> tuple[int, dict[str, dict]]:
+    code = ready.main(path, as_json=True, system=system)
+    out = json.loads(capsys.readouterr().out)
+    assert all(set(r) == {"check", "ok", "detail"} for r in out)
+    return code, {r["check"]: r for r in out}
+
+
+def failed(checks: dict[str, dict]) -> list[str]:
+    return [name for name, r in checks.items() if not r["ok"]]
+
+
+def test_a_lane_that_meets_every_condition_is_ready(lane, system, capsys):
+    path = lane()
+    assert ready.main(path, system=system) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gated ready: lane north-3 is READY"), out
+    code, checks = run(path, system, capsys)
+    assert code == 0 and failed(checks) == []
+    assert {"offline data", "ticket count", "last sync", "clock", "clock sync", "uploads", "reader qr", "outputs",
+            "store"} <= set(checks)
+    assert "2 tickets" in checks["offline data"]["detail"]
+    assert checks["ticket count"]["detail"].startswith("not checked")
+
+
+def test_no_offline_data_fails_with_the_next_step(lane, system, capsys):
+    code, checks = run(lane(load=False), system, capsys)
+    assert code == 1 and failed(checks) == ["offline data"]
+    assert "no tickets loaded" in checks["offline data"]["detail"] and "start gated" in checks["offline data"]["detail"]
+
+
+def test_clock_not_synchronised_or_never_set_fails(lane, system, capsys):
+    path = lane()
+    (system.run / "systemd/timesync/synchronized").unlink()
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["clock sync"]
+    assert "not synchronised" in checks["clock sync"]["detail"]
+    system.clock = lambda: 1_600_000_000.0  # 2020
+    code, checks = run(path, system, capsys)
+    assert "clock" in failed(checks) and "before 2024" in checks["clock"]["detail"]
+
+
+def test_chrony_answers_when_timedatectl_does_not(lane, system, capsys, tmp_path):
+    path = lane()
+    (system.run / "systemd/timesync/synchronized").unlink()
+    (system.run / "systemd/timesync").rmdir()
+    chronyc = tmp_path / "chronyc"
+    chronyc.write_text("#!/bin/sh\necho 'Reference ID    : 7F7F0101 ()'\necho 'Leap status     : Not synchronised'\n")
+    chronyc.chmod(0o755)
+    system.chronyc = str(chronyc)
+    code, checks = run(path, system, capsys)
+    assert failed(checks) == ["clock sync"] and "not synchronised" in checks["clock sync"]["detail"]
+    chronyc.write_text("#!/bin/sh\necho 'Leap status     : Normal'\n")
+    code, checks = run(path, system, capsys)
+    assert code == 0, checks
+
+
+def test_an_upload_waiting_more_than_ten_minutes_fails(lane, system, capsys):
+    path = lane()
+    store_path = configmod.load(path).store.path
+    record(store_path, time.time() - 300, queued=True)
+    code, checks = run(path, system, capsys)
+    assert code == 0 and "1 waiting" in checks["uploads"]["detail"]
+    record(store_path, time.time() - 660, queued=True)
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["uploads"]
+    assert "2 waiting, the oldest 11 min old" in checks["uploads"]["detail"]
+    assert "gated queue" in checks["uploads"]["detail"]
+
+
+def test_a_missing_reader_fails_naming_it(lane, system, capsys, tmp_path):
+    code, checks = run(lane(port=str(tmp_path / "ttyNOPE")), system, capsys)
+    assert code == 1 and failed(checks) == ["reader qr"]
+    assert "not found" in checks["reader qr"]["detail"] and "plug it in" in checks["reader qr"]["detail"]
+
+
+def test_outputs_not_tested_or_tested_before_this_boot_fail(lane, system, capsys):
+    path = lane(test_outputs=False)
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["outputs"]
+    assert "never tested" in checks["outputs"]["detail"] and "gated outputs test" in checks["outputs"]["detail"]
+    store = Store(configmod.load(path).store.path)
+    store.set(ready.OUTPUTS_TESTED, ready.outputs_tested("an-earlier-boot", time.time() - 86400))
+    store.close()
+    code, checks = run(path, system, capsys)
+    assert failed(checks) == ["outputs"] and "before this boot" in checks["outputs"]["detail"]
+
+
+def test_an_outputs_test_stopped_half_way_is_not_recorded(lane, system, capsys):
+    path = lane(test_outputs=False)
+    answers = iter(["", "q"])
+    wiring.run(configmod.load(path), ask=lambda _: next(answers), say=lambda _: None, pin_factory=MockFactory(),
+               seconds=0.001)
+    code, checks = run(path, system, capsys)
+    assert failed(checks) == ["outputs"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to stand in for the service user")
+def test_a_store_the_service_user_cannot_write_fails(lane, system, capsys):
+    path = lane()
+    system.user = "nobody"
+    os.chmod(configmod.load(path).store.path, 0o644)
+    code, checks = run(path, system, capsys)
+    assert "store" in failed(checks) and "user nobody may not read and write it" in checks["store"]["detail"]
+
+
+def test_an_immutable_store_fails(lane, system, capsys):
+    path = lane()
+    store_path = configmod.load(path).store.path
+    if subprocess.run(["chattr", "+i", store_path], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here")
+    try:
+        code, checks = run(path, system, capsys)
+    finally:
+        subprocess.run(["chattr", "-i", store_path], check=True)
+    assert code == 1 and "store" in failed(checks) and "immutable" in checks["store"]["detail"]
+
+
+def test_a_lane_that_never_ran_is_not_ready(lane, system, capsys):
+    code, checks = run(lane(load=False, test_outputs=False), system, capsys)
+    assert code == 1 and failed(checks) == ["store"] and "never run" in checks["store"]["detail"]
+
+
+def test_a_bad_config_exits_2(write_config, system, capsys):
+    path = write_config('[lane]\nname = "x"\n[metrics]\nlisten = "9464"\n', base="")
+    assert ready.main(str(path), system=system) == 2
+    assert '[metrics] listen = "9464": must be "host:port"' in capsys.readouterr().err
+
+
+# --- the broker --------------------------------------------------------------------------------
+
+
+MQTT = """
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+hmac_key_file = "{key}"
+"""
+
+
+def test_the_mqtt_broker_must_be_reachable(lane, system, capsys, tmp_path):
+    need_broker()
+    key = tmp_path / "venue.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o600)
+    (tmp_path / "broker-dir").mkdir()
+    broker = Broker(tmp_path / "broker-dir", free_port()).start()
+    try:
+        path = lane(MQTT.format(port=broker.port, key=key))
+        code, checks = run(path, system, capsys)
+        assert code == 0 and checks["mqtt broker"]["detail"] == "reachable"
+    finally:
+        broker.stop()
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["mqtt broker"]
+    assert f"127.0.0.1:{broker.port} not reachable" in checks["mqtt broker"]["detail"]
+
+
+# --- a ticket count from the API (CM.com) ------------------------------------------------------
+
+
+@pytest.fixture
+def cm_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
+    sim = CMSimulator(username="scanner", password="letmein").start()
+    sim.service = sim.add_service("Main Entrance")
+    for i in range(5):
+        sim.add_barcode(sim.service, f"CM-{i}")
+    password = tmp_path / "cm-password"
+    password.write_text("letmein\n")
+    password.chmod(0o600)
+    path = str(write_config(LANE.format(port=pty_port) + textwrap.dedent(f"""
+        [backend]
+        type = "cm"
+        url = "{sim.api_url}"
+        sync_interval_seconds = 300
+        [backend.cm]
+        username = "scanner"
+        password_file = "{password}"
+        service_name = "Main Entrance"
+    """), base=""))
+    config = configmod.load(path)
+
+    async def sync() -> None:
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+
+    asyncio.run(sync())
+    wiring.run(config, yes=True, pin_factory=MockFactory(), seconds=0.001, say=lambda _: None)
+    yield sim, path
+    sim.stop()
+
+
+def test_the_offline_count_must_match_the_apis_count(cm_lane, system, capsys):
+    sim, path = cm_lane
+    code, checks = run(path, system, capsys)
+    assert code == 0, checks
+    assert checks["ticket count"]["detail"] == "5 tickets, as the API says"
+    sim.add_barcode(sim.service, "CM-NEW")  # sold after the last sync
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["ticket count"]
+    assert "5 tickets here, the API says 6: the offline data is incomplete" in checks["ticket count"]["detail"]
+
+
+def test_a_sync_older_than_twice_the_interval_fails(cm_lane, system, capsys):
+    _, path = cm_lane
+    later = time.time() + 601
+    system.clock = lambda: later
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["last sync"]
+    assert "more than twice [backend] sync_interval_seconds (300 s)" in checks["last sync"]["detail"]
+
+
+def test_a_dead_api_leaves_the_count_unconfirmed(cm_lane, system, capsys):
+    sim, path = cm_lane
+    sim.stop()
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["ticket count"]
+    assert "not compared" in checks["ticket count"]["detail"]
