@@ -704,6 +704,15 @@ class Store:
         finally:
             conn.close()
 
+    # --- occupancy ---
+    def occupancy_counts(self, since: float) -> tuple[int, int]:
+        """(entries, exits): people through this lane since `since` (gated.occupancy). An admit counts
+        unless its passage sensor said nobody passed (passed = 0); scans_wall keeps it one range scan."""
+        row = self.db.conn.execute(
+            "SELECT coalesce(sum(scan_mode = 'entry'), 0), coalesce(sum(scan_mode = 'exit'), 0) FROM scans "
+            "WHERE wall >= ? AND verdict = 'admit' AND coalesce(passed, 1) = 1", (since,)).fetchone()
+        return row[0], row[1]
+
 
 _TICKET_COLUMNS = ("token", "ticket_key", "name", "valid_from", "valid_until", "status", "max_entries",
                    "event_id", "data")
