@@ -529,6 +529,11 @@ class LaneLink:
         self._wake.set()
         if self._worker is not None:
             self._worker.join(timeout + 1)
+        if self.occupancy is not None and self._remember is not None:  # what the next start recalls
+            try:
+                self._remember(self.occupancy.remembered())
+            except StoreError as e:
+                log.warning("other lanes' counts not kept in the store: %s", e, extra={"GATED_EVENT": "store_error"})
         acked = sum(i.is_published() for i in self._inflight)
         self.sent += acked
         left = len(self._out) + len(self._inflight) - acked
