@@ -243,8 +243,8 @@ class Daemon:
         if self.link is not None:
             log.info("lanes: %s", self.link.describe())
         if p.occupancy is not None:
-            log.info("occupancy: %s; this lane counts %ss; starts again at %s", p.occupancy.describe(),
-                     c.lane.scan_mode, p.occupancy.reset_at)
+            log.info("occupancy: %s; this lane counts %s; starts again at %s", p.occupancy.describe(),
+                     "entries" if c.lane.scan_mode == "entry" else "exits", p.occupancy.reset_at)
         log.info("policy: %s; offline fallback %s; queue: %d", self._policy_text(), c.offline.fallback,
                  stats.pending)
         self.notifier.ready(self._status(stats.pending))
@@ -499,6 +499,8 @@ class Daemon:
             changed.append("readers")
         p.decider.apply(new)
         p.gate.apply(new)
+        if occ is not None:  # which way this lane's passages count, and whether capacity stops it
+            occ.scan_mode = new.lane.scan_mode
         self.config = new
         log.info("configuration reloaded from %s (%s)", new.path, ", ".join(changed) or "settings only",
                  extra={"GATED_EVENT": "config_reloaded"})
