@@ -168,6 +168,24 @@ def _check_metrics(section: Section) -> list[str]:
     return []
 
 
+# [occupancy]: people inside across the venue's lanes and a capacity stop (gated.occupancy).
+OCCUPANCY = {
+    "capacity": Key("int", default=0, minimum=0, maximum=10_000_000,
+                    help="people the venue may hold; at it, entry scans are denied `full`; 0: no limit"),
+    "reset_at": Key("str", default="05:00", help='local time of day ("HH:MM") when the counts start again from 0'),
+}
+
+
+def _check_occupancy(section: Section) -> list[str]:
+    from gated.occupancy import parse_reset_at
+
+    try:
+        parse_reset_at(section.get("reset_at", "05:00"))
+    except ValueError as e:
+        return [f"[occupancy] reset_at = {fmt(section.get('reset_at'))}: {e}."]
+    return []
+
+
 WALLET_APPLE = {
     "pass_type_ids": Key("strlist", default=[], help="Apple pass type identifiers asked for, in this order"),
     "private_key_files": Key("pathlist", default=[], help="VAS reader private keys (P-256, PEM or DER)"),
@@ -182,8 +200,9 @@ WALLET_GOOGLE = {
 WALLET = {"apple": WALLET_APPLE, "google": WALLET_GOOGLE}
 
 FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
-         "store": STORE, "log": LOG, "mqtt": MQTT, "metrics": METRICS}
-OPTIONAL = ("buzzer", "mqtt", "metrics")
+         "store": STORE, "log": LOG, "mqtt": MQTT, "metrics": METRICS,
+         "occupancy": OCCUPANCY}
+OPTIONAL = ("buzzer", "mqtt", "metrics", "occupancy")
 SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input", "wallet"])
 
 
@@ -207,13 +226,15 @@ class Config:
     wallet_google: Section | None = None
     mqtt: Section | None = None  # [mqtt]: lane-to-lane sharing and fleet status (gated.mqtt)
     metrics: Section | None = None  # [metrics]: Prometheus textfile and/or HTTP (gated.metrics)
+    occupancy: Section | None = None  # [occupancy]: people inside, capacity (gated.occupancy)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def sections(self) -> list[Section]:
         out = [self.lane, self.backend, self.backend_options, *self.readers.values(), self.gpio,
                self.relay, *self.leds.values()]
         out += [s for s in (self.buzzer, self.passage, self.emergency) if s is not None]
-        out += [s for s in (self.wallet_apple, self.wallet_google, self.mqtt, self.metrics) if s is not None]
+        out += [s for s in (self.wallet_apple, self.wallet_google, self.mqtt, self.metrics, self.occupancy)
+                if s is not None]
         return out + [self.offline, self.store, self.log]
 
 
@@ -351,12 +372,15 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
     metrics = fixed("metrics") if "metrics" in raw else None
     if metrics is not None:
         problems += _check_metrics(metrics)
+    occupancy = fixed("occupancy") if "occupancy" in raw else None
+    if occupancy is not None:
+        problems += _check_occupancy(occupancy)
     config = Config(
         path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
         gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
         emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"),
         wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), mqtt=mqtt, metrics=metrics,
-        raw=raw,
+        occupancy=occupancy, raw=raw,
     )
     _cross_check(config, problems)
     if problems:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from gpiozero import Device
 from gpiozero.exc import GPIOZeroError, PinFactoryFallback
 
-from gated import __version__, mqtt
+from gated import __version__, mqtt, occupancy
 from gated import config as configmod
 from gated.config import Config
 from gated.drivers import build_reader
@@ -63,6 +63,7 @@ class Parts:
     decider: Decider
     outputs: Outputs
     gate: Gate
+    occupancy: occupancy.Occupancy | None = None  # [occupancy]: people inside, the capacity stop
 
     async def close(self) -> None:
         await self.gate.drain()
@@ -130,7 +131,13 @@ async def build(config: Config, *, simulate: bool = False) -> Parts:
         raise
     gate = Gate(config, decider, store, outputs)
     backend.quiet = gate.quiet
-    return Parts(store, backend, decider, outputs, gate)
+    try:
+        occ = occupancy.attach(config, store, gate, linked=config.mqtt is not None)
+    except StoreError:
+        outputs.close()
+        store.close()
+        raise
+    return Parts(store, backend, decider, outputs, gate, occ)
 
 
 def _outputs(config: Config, simulate: bool, decider: Decider) -> Outputs:
@@ -179,10 +186,12 @@ class Daemon:
         self.link: mqtt.LaneLink | None = None
         self._last_pending = 0
         self._maintenance_failing = False  # housekeeping's store upkeep: one line per edge
-        # Occupancy for the metrics: () -> (people inside the venue, capacity; 0 for none), read off
-        # the scan path every [metrics] interval_seconds. Set by gated.occupancy when it is wired in.
-        self.occupancy: Callable[[], tuple[int, int]] | None = None
         self.exporter = None  # gated.metrics.Exporter with [metrics]
+
+    def _occupancy(self) -> tuple[int, int]:
+        """(people inside the venue as this lane knows it, capacity; 0 for none), for the metrics."""
+        occ = self.parts.occupancy
+        return (occ.venue_total(), occ.capacity) if occ is not None else (0, 0)
 
     async def run(self) -> int:
         c = self.config
@@ -211,7 +220,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:  # after the outputs, before the readers: the first scan's admission is shared
             self.link = mqtt.attach(c, p.store, p.gate, on_mode=lambda mode: loop.call_soon_threadsafe(
-                self.queue.put_nowait, _SetMode(mode)))
+                self.queue.put_nowait, _SetMode(mode)), occupancy=p.occupancy)
         except ConfigError as e:  # a secret file found wrong only when it is read
             log.error("cannot start:\n%s", Lines(configmod.report(e)), extra={"GATED_EVENT": "start_failed"})
             await p.close()
@@ -232,7 +241,7 @@ class Daemon:
 
             try:
                 self.exporter = metrics.attach(c.metrics, p.gate, metrics.Lane(
-                    self.syncer.store, lambda: self.parts.decider, self._readers_up, self.occupancy))
+                    self.syncer.store, lambda: self.parts.decider, self._readers_up, self._occupancy))
             except OSError as e:
                 log.error("cannot start: [metrics] listen = %s: %s", c.metrics.listen, e.strerror or e,
                           extra={"GATED_EVENT": "start_failed"})
@@ -256,6 +265,9 @@ class Daemon:
         log.info("outputs: %s", p.outputs.describe())
         if self.link is not None:
             log.info("lanes: %s", self.link.describe())
+        if p.occupancy is not None:
+            log.info("occupancy: %s; this lane counts %s; starts again at %s", p.occupancy.describe(),
+                     "entries" if c.lane.scan_mode == "entry" else "exits", p.occupancy.reset_at)
         log.info("policy: %s; offline fallback %s; queue: %d", self._policy_text(), c.offline.fallback,
                  stats.pending)
         self.notifier.ready(self._status(stats.pending))
@@ -296,7 +308,8 @@ class Daemon:
     def _status(self, queued: int) -> str:
         last = f", last {self.parts.gate.last_scan}" if self.parts.gate.last_scan else ""
         store = ", STORE READ-ONLY: scans not recorded" if self.parts.store.read_only else ""
-        return f"{self._state()}{store}, {queued} queued{last}"
+        inside = f", {self.parts.occupancy.describe()}" if self.parts.occupancy is not None else ""
+        return f"{self._state()}{store}, {queued} queued{last}{inside}"
 
     def _not_recording(self) -> str:
         if self.parts.gate.on_error == "admit":
@@ -487,6 +500,14 @@ class Daemon:
         if new.mqtt != old.mqtt:
             log.warning("[mqtt] changed; it takes effect at the next restart")
             new.mqtt = old.mqtt
+        occ = p.occupancy
+        if new.occupancy != old.occupancy:
+            if occ is not None and new.occupancy is not None and new.occupancy.reset_at == occ.reset_at:
+                occ.capacity = new.occupancy.capacity  # a safety officer's new limit applies at once
+                changed.append("capacity")
+            else:
+                log.warning("[occupancy] changed; it takes effect at the next restart")
+                new.occupancy = old.occupancy
         if new.backend != old.backend or new.backend_options != old.backend_options:
             backend = build_backend(new)
             try:
@@ -525,6 +546,8 @@ class Daemon:
             changed.append("readers")
         p.decider.apply(new)
         p.gate.apply(new)
+        if occ is not None:  # which way this lane's passages count, and whether capacity stops it
+            occ.scan_mode = new.lane.scan_mode
         self.config = new
         log.info("configuration reloaded from %s (%s)", new.path, ", ".join(changed) or "settings only",
                  extra={"GATED_EVENT": "config_reloaded"})

@@ -446,6 +446,8 @@ async def _store_and_backend(config: Config, system: System, now: float, progres
         if backend.name == "tibillet":  # TiBillet: the downloaded ticket statuses beside the signature keys
             facts.checks.append(_tibillet_statuses(config, await store.call(backend.statuses, now)))
         facts.checks.append(_queue(await store.call(Store.queue_stats), now))
+        if config.occupancy is not None:
+            facts.checks.append(await _occupancy(config, store, now))
     except StoreError as e:
         facts.checks.append(Check("store", FAIL, str(e), "check the file and its folder's permissions"))
     finally:
@@ -610,6 +612,24 @@ def _queue(stats, now: float) -> Check:
         return Check("queue", WARN, ", ".join(parts),
                      "uploads are not getting through: see the backend line; gated queue shows the errors")
     return Check("queue", OK, ", ".join(parts) if stats.pending else "empty")
+
+
+async def _occupancy(config: Config, store, now: float) -> Check:
+    """People inside as this lane's store knows them: its own counts and the other lanes' last heard."""
+    from gated.occupancy import REMEMBER_KEY, Occupancy
+    from gated.store import Store
+
+    s = config.occupancy
+    occ = Occupancy(config.lane.name, config.lane.scan_mode, s.capacity, s.reset_at, clock=lambda: now)
+    occ.load(*await store.call(Store.occupancy_counts, occ.period))
+    occ.recall(await store.call(Store.get, REMEMBER_KEY))
+    own, lanes = occ.own(), len(occ.lane_counts())
+    detail = (f"{occ.describe()} (venue, {lanes} lane{'s' if lanes != 1 else ''} as last heard); this lane "
+              f"{own.entries} in, {own.exits} out since {s.reset_at}")
+    if s.capacity and occ.venue_total() >= s.capacity:
+        return Check("occupancy", WARN, detail + ": full, entries are denied `full`",
+                     "an exit makes room; raise [occupancy] capacity only with the safety officer's word")
+    return Check("occupancy", OK, detail)
 
 
 # --- the whole screen ----------------------------------------------------------------------

@@ -45,8 +45,8 @@ class Lane:
     store: StoreThread  # a store thread off the scan path (the syncer's)
     decider: Callable[[], Decider]
     readers: Callable[[], dict[str, bool]]  # configured reader name -> present (connected or running)
-    # Occupancy, from gated.occupancy once it exists: (people inside the venue as this lane knows
-    # it, capacity with 0 for none). None: the two gauges are not exported.
+    # Occupancy from gated.occupancy: (people inside the venue as this lane knows it, capacity with
+    # 0 for none). None: the two gauges are not exported.
     occupancy: Callable[[], tuple[int, int]] | None = None
 
 

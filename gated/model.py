@@ -54,6 +54,7 @@ class Reason(StrEnum):
     NOT_APPROVED = "not_approved"  # the order still awaits the organiser's approval (pretix `unapproved`)
     NOT_CHECKED_IN = "not_checked_in"
     LOCKED = "locked"
+    FULL = "full"  # the venue is at [occupancy] capacity: an entry waits for someone to leave
     OFFLINE_NO_DATA = "offline_no_data"
     STALE_DATA = "stale_data"
     CLOCK_UNTRUSTED = "clock_untrusted"

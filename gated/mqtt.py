@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from gated import __version__
 from gated.errors import ConfigError, GatedError, StoreError
+from gated.occupancy import HEARTBEAT_SECONDS, REMEMBER_KEY, Counts, Occupancy, valid_counts
 from gated.schema import Key, Section, fmt
 from gated.secrets import read_secret
 
@@ -149,6 +150,9 @@ class Topics:
         self.availability = f"{prefix}/availability/{lane}"  # retained "online" / "offline" (last will)
         self.command = f"{prefix}/command/{lane}"  # this lane only
         self.command_all = f"{prefix}/command"  # every lane of the venue
+        self.occupancy_base = f"{prefix}/occupancy/"
+        self.occupancy = self.occupancy_base + lane  # retained: this lane's counts (gated.occupancy)
+        self.occupancies = self.occupancy_base + "+"
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -224,6 +228,33 @@ def admission_row(body: dict[str, Any], sender: str) -> tuple[str, str, str, flo
     if not _valid_wall_ms(wall_ms):
         raise BadMessage("no valid time")
     return nonce, key, direction, wall_ms / 1000, lane
+
+
+def occupancy_body(*, lane: str, direction: str, counts: Counts, wall: float) -> dict[str, Any]:
+    return {"v": VERSION, "type": "occupancy", "lane": lane, "direction": direction, "period": counts.period,
+            "entries": counts.entries, "exits": counts.exits, "wall_ms": int(wall * 1000)}
+
+
+def occupancy_row(body: dict[str, Any], sender: str, now: float) -> tuple[str, Counts, str]:
+    """(lane, counts, direction) from a verified occupancy body; BadMessage for any value out of type or range.
+
+    A period more than a day ahead of this lane's clock is refused: it would win every merge for that
+    lane until the day came (Counts.join), freezing its counts.
+    """
+    lane, direction = body.get("lane"), body.get("direction")
+    if body.get("type") != "occupancy":
+        raise BadMessage(f"a {shown(body.get('type'))} message on an occupancy topic")
+    if not isinstance(lane, str) or len(lane) > 128 or topic_level(lane) != sender:
+        raise BadMessage("its lane does not match the topic it came on")
+    if direction not in ("entry", "exit"):
+        raise BadMessage("no valid direction")
+    try:
+        counts = valid_counts(body.get("period"), body.get("entries"), body.get("exits"))
+    except ValueError as e:
+        raise BadMessage(str(e)) from None
+    if counts.period > now + 86400:
+        raise BadMessage("a period that starts more than a day from now")
+    return lane, counts, direction
 
 
 def _valid_wall_ms(value: Any) -> bool:
@@ -359,11 +390,14 @@ class LaneLink:
         on_mode: called (on paho's thread) with "free", "locked" or "normal" for a valid command.
         ledger: the commands obeyed, in the store (see attach); default: in memory only.
         clock: wall time, for a command's freshness.
+        occupancy: this lane's people counts, shared on `<prefix>/occupancy/<lane>` (retained), and the
+            other lanes' heard into it; remember(text) keeps the other lanes' counts in the store.
     """
 
     def __init__(self, section: Section, *, lane: str, serial: str, backend_type: str,
                  record: Callable[[list[tuple]], int], on_mode: Callable[[str], None] | None = None,
-                 ledger: CommandLedger | None = None, clock: Callable[[], float] = time.time):
+                 ledger: CommandLedger | None = None, clock: Callable[[], float] = time.time,
+                 occupancy: Occupancy | None = None, remember: Callable[[str], None] | None = None):
         self.settings = section
         self.key = read_venue_key(section.hmac_key_file)
         self.password = read_secret(section.password_file, "[mqtt] password_file") if section.password_file else None
@@ -404,10 +438,19 @@ class LaneLink:
         self._bad_commands = _Throttle()
         self._client: Any = None
         self._worker: threading.Thread | None = None
+        self.occupancy = occupancy
+        self._remember = remember
+        self._occ_dirty = True
+        self._occ_sent = 0.0
+        self._occ_remembered = ("", 0.0)  # (text, monotonic time) last written to the store
+        self._bad_occupancy = _Throttle()
+        if occupancy is not None:
+            occupancy.on_change.append(self._occupancy_changed)
 
     def describe(self) -> str:
         what = [w for w, on in (("admissions", self.settings.share_admissions), ("status", self.settings.status),
-                                ("commands", self.settings.commands)) if on]
+                                ("commands", self.settings.commands), ("occupancy", self.occupancy is not None))
+                if on]
         return (f"mqtt{'s' if self.tls else ''}://{self.host}:{self.port} as {self.client_id}, "
                 f"topics {self.prefix}/…, sharing {', '.join(what) or 'nothing'}")
 
@@ -486,6 +529,11 @@ class LaneLink:
         self._wake.set()
         if self._worker is not None:
             self._worker.join(timeout + 1)
+        if self.occupancy is not None and self._remember is not None:  # what the next start recalls
+            try:
+                self._remember(self.occupancy.remembered())
+            except StoreError as e:
+                log.warning("other lanes' counts not kept in the store: %s", e, extra={"GATED_EVENT": "store_error"})
         acked = sum(i.is_published() for i in self._inflight)
         self.sent += acked
         left = len(self._out) + len(self._inflight) - acked
@@ -521,6 +569,8 @@ class LaneLink:
             subs.append((self.topics.admissions, SubscribeOptions(qos=1, noLocal=True)))
         if self.settings.commands:
             subs += [(self.topics.command, SubscribeOptions(qos=1)), (self.topics.command_all, SubscribeOptions(qos=1))]
+        if self.occupancy is not None:  # the retained counts of every lane come first, then each change
+            subs.append((self.topics.occupancies, SubscribeOptions(qos=1, noLocal=True)))
         if subs:
             client.subscribe(subs)
         else:
@@ -532,8 +582,10 @@ class LaneLink:
         with self._lock:
             self.connected = True
             self._generation += 1
-            self._status_dirty = True
+            self._status_dirty = self._occ_dirty = True
             queued = len(self._out)
+        if self.occupancy is not None:
+            self.occupancy.link(True)
         before, self._state = self._state, "up"
         if before == "down":
             log.info("MQTT broker %s:%d reachable again after %.0f s; sharing %d queued admissions",
@@ -562,6 +614,8 @@ class LaneLink:
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         with self._lock:
             self.connected = False
+        if self.occupancy is not None:
+            self.occupancy.link(False)
         self.ready.clear()
         if not self._stopping.is_set():
             self._went_down("connection lost" if str(reason) == "Unspecified error" else str(reason))
@@ -569,6 +623,8 @@ class LaneLink:
     def _went_down(self, why: str) -> None:
         with self._lock:
             self.connected = False
+        if self.occupancy is not None:
+            self.occupancy.link(False)
         self.ready.clear()
         if self._state != "down":
             self._state, self._down_since = "down", time.monotonic()
@@ -585,6 +641,8 @@ class LaneLink:
                     return  # acknowledged by the worker once recorded
             elif topic in (self.topics.command, self.topics.command_all):
                 self._command(msg, topic)
+            elif topic.startswith(self.topics.occupancy_base) and self.occupancy is not None:
+                self._take_occupancy(msg, topic)
         except Exception as e:  # a fault of ours, not the message's: the shown line keeps the traceback
             self._bad.warn("MQTT message not handled: %s", shown(repr(e), 200), event="mqtt_bad_message",
                            exc_info=True)
@@ -600,6 +658,23 @@ class LaneLink:
             self._inbox.append((self._generation, msg.mid, msg.qos, row))
         self._wake.set()
         return True
+
+    def _take_occupancy(self, msg: Any, topic: str) -> None:
+        try:
+            lane, counts, direction = occupancy_row(self.key.open(msg.payload),
+                                                    topic[len(self.topics.occupancy_base):], self._clock())
+        except BadMessage as e:
+            self._bad_occupancy.warn("ignored an MQTT message on %s: %s", shown(topic, 200), e,
+                                     event="mqtt_bad_message")
+            return
+        # A retained copy is what the lane said last, perhaps long ago: it counts, but does not show
+        # that the lane is still there (Occupancy.degraded).
+        self.occupancy.heard(lane, counts, direction, live=not msg.retain)
+
+    def _occupancy_changed(self) -> None:
+        self._occ_dirty = True
+        self._status_dirty = True
+        self._wake.set()
 
     def _command(self, msg: Any, topic: str) -> None:
         now = self._clock()
@@ -629,8 +704,13 @@ class LaneLink:
         device_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.client_id)
         device = {"identifiers": [device_id], "name": f"gated {self.lane}", "manufacturer": "gated",
                   "model": "ticket gate lane", "sw_version": __version__}
-        sensors = (("api", "Ticket API", {}), ("mode", "Mode", {}), ("last_scan", "Last scan", {}),
-                   ("queue", "Upload queue", {"unit_of_measurement": "scans", "state_class": "measurement"}))
+        sensors = [("api", "Ticket API", {}), ("mode", "Mode", {}), ("last_scan", "Last scan", {}),
+                   ("queue", "Upload queue", {"unit_of_measurement": "scans", "state_class": "measurement"})]
+        if self.occupancy is not None:  # the venue's total as this lane knows it, and the lane's own count
+            people = {"unit_of_measurement": "people", "state_class": "measurement"}
+            own = "entries" if self.occupancy.scan_mode == "entry" else "exits"
+            sensors += [("inside", "People inside (venue)", people),
+                        (own, f"{own.capitalize()} since {self.occupancy.reset_at}", people)]
         prefix = self.settings.homeassistant_prefix
         for field, name, extra in sensors:
             config = {"name": name, "unique_id": f"{device_id}_{field}", "state_topic": self.topics.status,
@@ -652,6 +732,7 @@ class LaneLink:
             try:
                 self._record_inbox()
                 self._publish_queue()
+                self._publish_occupancy()
                 self._publish_status()
                 self._report_drops()
             except Exception:
@@ -700,10 +781,35 @@ class LaneLink:
             # Handed to paho, a message survives a disconnect: paho sends it again after reconnecting.
             self._inflight.append(self._client.publish(self.topics.admission, self.key.sign(body), qos=1))
 
+    def _publish_occupancy(self) -> None:
+        """This lane's counts, retained, on every change and every HEARTBEAT_SECONDS (the other lanes
+        tell from the heartbeat that it is still heard); the other lanes' counts kept in the store."""
+        occ = self.occupancy
+        if occ is None:
+            return
+        now = time.monotonic()
+        if self.connected and (self._occ_dirty or now - self._occ_sent >= HEARTBEAT_SECONDS):
+            self._occ_dirty, self._occ_sent = False, now
+            body = occupancy_body(lane=self.lane, direction=occ.scan_mode, counts=occ.own(), wall=time.time())
+            self._client.publish(self.topics.occupancy, self.key.sign(body), qos=1, retain=True)
+        text, written = self._occ_remembered
+        if self._remember is not None and now - written >= 10:  # a restart with the broker away starts from these
+            new = occ.remembered()
+            if new != text:
+                try:
+                    self._remember(new)
+                except StoreError as e:
+                    self._bad.warn("other lanes' counts not kept in the store: %s", e, event="store_error")
+            self._occ_remembered = (new, now)
+
     def _status_payload(self, state: str) -> bytes:
         with self._lock:
             fields = dict(self._status)
             queued = len(self._out)
+        if self.occupancy is not None:
+            own = self.occupancy.own()
+            fields |= {"inside": self.occupancy.venue_total(), "capacity": self.occupancy.capacity,
+                       "entries": own.entries, "exits": own.exits}
         body = {**fields, "v": VERSION, "type": "status", "lane": self.lane, "state": state, "version": __version__,
                 "shared_queue": queued, "shared_in": self.received, "shared_dropped": self.dropped,
                 "wall_ms": int(time.time() * 1000)}
@@ -728,8 +834,8 @@ class LaneLink:
             self._dropped_reported, self._drop_warned = dropped, time.monotonic()
 
 
-def attach(config: Config, store: StoreThread, gate: Gate,
-           on_mode: Callable[[str], None] | None = None) -> LaneLink | None:
+def attach(config: Config, store: StoreThread, gate: Gate, on_mode: Callable[[str], None] | None = None,
+           occupancy: Occupancy | None = None) -> LaneLink | None:
     """Build and start the lane link for `config`, wired to the gate and the scan path's store; None without [mqtt].
 
     Raises ConfigError when a secret file is wrong. Remote admissions, and the commands obeyed, are
@@ -743,7 +849,8 @@ def attach(config: Config, store: StoreThread, gate: Gate,
     ledger = CommandLedger(get=lambda key: store.call_sync(Store.get, key),
                            put=lambda key, value: store.call_sync(Store.set, key, value))
     link = LaneLink(config.mqtt, lane=config.lane.name, serial=config.lane.serial, backend_type=config.backend.type,
-                    record=lambda rows: store.call_sync(Store.record_shared, rows), on_mode=on_mode, ledger=ledger)
+                    record=lambda rows: store.call_sync(Store.record_shared, rows), on_mode=on_mode, ledger=ledger,
+                    occupancy=occupancy, remember=lambda text: store.call_sync(Store.set, REMEMBER_KEY, text))
     if config.mqtt.share_admissions:
         store.call_sync(Store.share_identities, link.key.ticket)
         gate.on_decided.append(lambda scan, decision: link.admitted(scan, decision, gate.scan_mode))

@@ -35,6 +35,9 @@ class Gate:
         # Called with (scan, decision) once the scan is recorded and acted on, e.g. to share the
         # admission with other lanes (gated.mqtt). Must return at once: it runs on the scan path.
         self.on_decided: list[Callable[[Scan, Decision], None]] = []
+        # Called with the scan once the admitted person went through: at once without a passage
+        # sensor, on its confirmation with one (gated.occupancy counts people inside).
+        self.on_passed: list[Callable[[Scan], None]] = []
         self.tasks: set[asyncio.Task] = set()
         # Scans read and not yet acted on: uploads wait for a gap (gated.quiet).
         self.quiet = Quiet()
@@ -111,6 +114,8 @@ class Gate:
             hold = self.outputs.release()
             if hold is not None:
                 self._spawn(self._after_passage(scan, hold))
+            elif recorded:
+                self._passed(scan)
         self.outputs.signal(decision.admitted)
         committed.acted = True
         acted_ms = self.last_act_ms = (time.monotonic() - scan.received) * 1000
@@ -180,6 +185,8 @@ class Gate:
         except StoreError as e:
             log.error("passage of %s not recorded: %s", redact(scan.token), e,
                       extra={"GATED_EVENT": "store_error"})
+        if passed:
+            self._passed(scan)
         if not passed:
             try:
                 row = await self.store.call(Store.scan, scan.nonce)
@@ -189,6 +196,13 @@ class Gate:
                             extra={"GATED_EVENT": "annul_failed"})
             log.info("%s nobody passed for %s within the passage timeout; check-in marked not_passed",
                      self.lane, redact(scan.token), extra={"GATED_EVENT": "not_passed", "GATED_NONCE": scan.nonce})
+
+    def _passed(self, scan: Scan) -> None:
+        for callback in self.on_passed:
+            try:
+                callback(scan)
+            except Exception:  # a hook's bug must not stop the gate
+                log.exception("after-passage hook failed", extra={"GATED_EVENT": "hook_failed"})
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -242,9 +256,10 @@ class _Commit:
     def __call__(self, store: Store, decision: Decision) -> None:
         gate, scan = self.gate, self.scan
         decided_ms = (time.monotonic() - scan.received) * 1000
-        # Only a real token goes to the API: not a malformed one, nor the trace the last guard keeps.
+        # Only a real token goes to the API: not a malformed one, nor the trace the last guard keeps;
+        # nor a `full` deny, which is no check-in and must not become one at the API.
         self.queued = gate.decider.backend.online and decision.source is Source.OFFLINE \
-            and decision.reason is not Reason.MALFORMED and self.clean
+            and decision.reason not in (Reason.MALFORMED, Reason.FULL) and self.clean
         started = time.monotonic()
         try:
             store.record(scan, decision, lane=gate.lane, scan_mode=gate.scan_mode, latency_ms=decided_ms,

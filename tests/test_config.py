@@ -82,7 +82,7 @@ def test_no_reader_is_a_problem(tmp_path):
 def test_unknown_section_suggests_the_nearest(tmp_path):
     assert problems(tmp_path, MINIMAL + "[realy]\npin = 3\n") == [
         '[realy]: unknown section. Did you mean "relay"? Sections: backend, buzzer, gpio, input, lane, led, '
-        "log, metrics, mqtt, offline, reader, relay, store, wallet."
+        "log, metrics, mqtt, occupancy, offline, reader, relay, store, wallet."
     ]
 
 
@@ -246,3 +246,23 @@ def test_check_and_run_refuse_a_nan_or_huge_duration_with_exit_2_and_no_tracebac
         assert r.returncode == 2, (command, r.stderr)
         assert f"{line.split(chr(10))[0]} {key} = " in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "gated.db").exists()  # nothing was started
+
+
+def test_occupancy_keys_are_checked_with_the_rule_and_the_value_found(tmp_path):
+    assert problems(tmp_path, MINIMAL + '[occupancy]\ncapacity = -1\nreset_at = "5am"\ncapcity = 3\n') == [
+        "[occupancy] capacity = -1: must be at least 0 and at most 10000000.",
+        '[occupancy] capcity: unknown key. Did you mean "capacity"? Allowed: capacity, reset_at.',
+        '[occupancy] reset_at = "5am": must be a local time of day as "HH:MM", e.g. "05:00".',
+    ]
+    assert problems(tmp_path, MINIMAL + '[occupancy]\ncapacity = 1.5\nreset_at = "24:00"\n') == [
+        "[occupancy] capacity = 1.5: must be a whole number.",
+        '[occupancy] reset_at = "24:00": must be a local time of day as "HH:MM", e.g. "05:00".',
+    ]
+    assert problems(tmp_path, MINIMAL + "[occupancy]\ncapacity = nan\nreset_at = 5\n") == [
+        "[occupancy] capacity = nan: must be a whole number.",
+        "[occupancy] reset_at = 5: must be a text in quotes.",
+    ]
+    path = tmp_path / "ok.toml"
+    path.write_text(MINIMAL + "[occupancy]\ncapacity = 500\n")
+    c = configmod.load(str(path))
+    assert (c.occupancy.capacity, c.occupancy.reset_at) == (500, "05:00")

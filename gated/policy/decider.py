@@ -11,6 +11,13 @@ Failure cases, and why each ends where it does:
   untrusted; `deny` fails secure; `admit` keeps the queue moving). Each is logged on its edge.
 - Anti-passback applies to every offline entry: a ticket already admitted as often as it may
   enter is denied `already_used`, whichever lane or source admitted it before.
+- The venue at `[occupancy] capacity` (`full()`, an in-memory read): an entry is decided offline
+  only, never asked online, because every backend's online validation is already the check-in
+  (Entry, CM.com, TiBillet and pretix redeem as they answer) and a `full` deny must not use up the
+  ticket. A ticket the offline rules would admit, or cannot judge (no or stale data, untrusted
+  clock), is denied `full`; one they refuse keeps its reason (already used, canceled...), which
+  tells the visitor more than "come back later". Free and emergency passage are not limited:
+  both are the operator's override.
 
 The deadline is per visitor: `[backend] timeout_seconds` counts from the moment the scan was read
 (`Scan.received`), so time spent in the queue behind earlier scans comes out of the online budget.
@@ -51,6 +58,8 @@ log = logging.getLogger(__name__)
 EARLIEST_TRUSTED = 1704067200.0  # 2024-01-01T00:00:00Z: a clock before this never synced
 # Share of the deadline beyond which an answer counts as slow, and the least budget worth asking with.
 SLOW_SHARE = 0.75
+# Offline denies that say nothing about the ticket itself: at capacity they read `full` instead.
+UNJUDGED = frozenset({Reason.OFFLINE_NO_DATA, Reason.STALE_DATA, Reason.CLOCK_UNTRUSTED, Reason.STORE_REPLACED})
 
 
 class Decider:
@@ -64,6 +73,8 @@ class Decider:
         # Called with (seconds, answered) after each online call, e.g. gated.metrics' histogram.
         # Runs on the scan path: it must return at once.
         self.on_call: Callable[[float, bool], None] = lambda seconds, answered: None
+        # Why an entry must wait ("" when there is room): gated.occupancy sets it with [occupancy].
+        self.full: Callable[[], str] = lambda: ""
         self.breaker = Breaker(config.backend.breaker_failures, config.backend.breaker_window)
         self.apply(config)
         self._clock_ok = True
@@ -100,7 +111,10 @@ class Decider:
             return deny(scan.refused, backend=self.backend.name, detail=scan.refused_detail)
         why = "offline-first" if self.backend.online else ""
         unanswered = False
-        if not self.offline_first:
+        full = self.full() if scan_mode is ScanMode.ENTRY else ""
+        if full:
+            why = "" if self.offline_first else "venue full: not asked online, which would check the ticket in"
+        elif not self.offline_first:
             budget = self.timeout - (time.monotonic() - scan.received)
             if not self.breaker.allows():
                 why = "API unreachable (breaker open)"
@@ -111,11 +125,14 @@ class Decider:
                 decision, why, unanswered = await self._online(scan, scan_mode, budget)
                 if decision is not None:
                     return decision
-        return await self.store.call(self._offline_then, scan, scan_mode, why, unanswered, commit)
+        return await self.store.call(self._offline_then, scan, scan_mode, why, unanswered, commit, full)
 
     def _offline_then(self, store: Store, scan: Scan, scan_mode: ScanMode, why: str, unanswered: bool,
-                      commit: Callable[[Store, Decision], None] | None) -> Decision:
+                      commit: Callable[[Store, Decision], None] | None, full: str = "") -> Decision:
         decision = self._offline(store, scan, scan_mode, why)
+        if full and (decision.admitted or decision.reason in UNJUDGED):
+            decision = deny(Reason.FULL, backend=decision.backend, message=decision.message,
+                            event_id=decision.event_id, detail=full)
         if unanswered:
             decision = replace(decision, online_unanswered=True)
         if commit is not None:

@@ -130,6 +130,14 @@ class Admissions:
                              "VALUES (?, ?, ?, ?, ?)", rows)
             return conn.total_changes - before
 
+    def occupancy_counts(self, since: float) -> tuple[int, int]:
+        """(entries, exits): people through this lane since `since` (gated.occupancy). An admit counts
+        unless its passage sensor said nobody passed (passed = 0); scans_wall keeps it one range scan."""
+        row = self.db.conn.execute(
+            "SELECT coalesce(sum(scan_mode = 'entry'), 0), coalesce(sum(scan_mode = 'exit'), 0) FROM scans "
+            "WHERE wall >= ? AND verdict = 'admit' AND coalesce(passed, 1) = 1", (since,)).fetchone()
+        return row[0], row[1]
+
 
 class UploadQueue:
     """Store's upload queue: scan rows by upload state. Uses the Store's `db` and `_write`."""
