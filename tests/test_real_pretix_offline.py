@@ -89,7 +89,7 @@ def _scenarios(srv, now: datetime) -> list[tuple[str, dict, dict, list]]:
     gold = srv.variations["VIP/Gold"]
     tz_midnight = now.astimezone(__import__("zoneinfo").ZoneInfo(srv.timezone)).replace(
         hour=0, minute=0, second=0, microsecond=0)
-    since_midnight = int((now - tz_midnight).total_seconds() // 60)
+    since_midnight = max(int((now - tz_midnight).total_seconds() // 60), 10)  # just after midnight: "today" is short
     return [
         ("d_plain", {}, {"a": {}, "b": {"random": True}, "c": {"random": True, "history": [(200, "entry")]},
                          "x": {"unknown": True}},

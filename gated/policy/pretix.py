@@ -448,7 +448,9 @@ class PretixBackend(HttpBackend):
         checkins = _merge_checkins(t.checkins, _lane_admissions(store, scan.token))
         if entry and lst.get("rules"):
             zone = ZoneInfo(value.get("timezone") or "UTC")
-            dates = {k: _moment(v) for k, v in (value.get("dates") or {}).items()}
+            # A date of a series has its own times, which are not downloaded: a rule on them then
+            # fails to evaluate (a denial), rather than compare against the series' own dates.
+            dates = {} if t.subevent else {k: _moment(v) for k, v in (value.get("dates") or {}).items()}
             result = evaluate(lst["rules"], Facts(
                 now=datetime.fromtimestamp(now, UTC), timezone=zone, product=t.item, variation=t.variation,
                 gate=value.get("gate"), list_id=self.list_id,
