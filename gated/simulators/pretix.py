@@ -1,14 +1,30 @@
 """A pretix server on 127.0.0.1 for tests and benches: the device API gated uses, and the legacy pretixdroid API.
 
-`PretixSim` serves device initialisation, `checkinrpc/redeem|annul|search`, the event (with
-`valid_keys`), check-in lists, and revoked/blocked secrets, with pretix's auth (`Device <token>`,
-401/403), pagination (`next` links, `X-Page-Generated`), nonce idempotency (the same nonce answers
-the first result again and stores nothing new), 201 for a check-in and 400/404 with `reason` for a
-refusal, as observed on current pretix. Signed secrets are made the way pretix's
-Sig1TicketSecretGenerator makes them. `PretixdroidSim` serves `/pretixdroid/api/...` as its spec
-says: `?key=`, form field `secret`, HTTP 200 with `status`/`reason`, 403 and 404 for bad key/event.
-"""
+`PretixSim` serves device initialisation and `device/info`, `checkinrpc/redeem|annul|search`, the
+event (with `valid_keys`, time zone and dates), check-in lists, the list's positions, orders (with
+`modified_since`), and revoked/blocked secrets, with pretix's auth (`Device <token>`, 401/403),
+pagination (`next` links, `X-Page-Generated`), nonce idempotency (the same nonce answers the first
+result again and stores nothing new), 201 for a check-in and 400/404 with `reason` for a refusal.
+Signed secrets are made the way pretix's Sig1TicketSecretGenerator makes them. `PretixdroidSim`
+serves `/pretixdroid/api/...` as its spec says: `?key=`, form field `secret`, HTTP 200 with
+`status`/`reason`, 403 and 404 for bad key/event.
 
+Where the real pretix (2026.8.0, run by tests/realpretix.py) differs from its documents, this
+simulator follows the real server:
+- redeem checks in `perform_checkin`'s order: canceled, blocked, not approved, validity (entries),
+  product, date, unpaid, rules (entries), already redeemed; `force` passes all of them;
+- a canceled order answers `unpaid` unless the scanner sends `canceled_supported`; canceling an
+  order of signed tickets gives its tickets new secrets and revokes the old ones (`revoked`);
+- a pending order passes on an `include_pending` list only with `ignore_unpaid: true`, or when the
+  order is `valid_if_pending`;
+- `checkinlists/{id}/positions/` carries `order__status`, `order__valid_if_pending`,
+  `order__require_approval`, `blocked`, validity and the list's check-ins, leaves out canceled orders
+  unless `ignore_status=true` and other products' tickets always, and ignores `modified_since`;
+  `orders/` honours `modified_since`, and a check-in or annulment changes its order;
+- a device of the `pretixscan` security profile gets 403 "Request denied by device security
+  profile." on a single list's detail and on `orderpositions/`;
+- `validFromUnixTime` / `validUntilUnixTime` are written as 0 on tickets without a window.
+"""
 from __future__ import annotations
 
 import base64
@@ -37,6 +53,7 @@ class _QuickStop(Simulator):
 
 SERVER_TZ = timezone(timedelta(hours=1))  # a datetime sent without offset is read in the server's zone
 ANNUL_WINDOW = timedelta(minutes=15)
+DENIED_BY_PROFILE = {"detail": "Request denied by device security profile."}
 
 
 # --- pretix_sig1, as pretix makes it ---------------------------------------------------------
@@ -93,6 +110,13 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _signed(secret: str) -> bool:
+    try:
+        return base64.b64decode(secret[::-1], validate=True)[:1] == b"\x01"
+    except ValueError:
+        return False
+
+
 def _parse(text: str) -> datetime:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=SERVER_TZ)
@@ -112,10 +136,13 @@ class Position:
     subevent: int | None = None
     order_status: str = "p"  # n pending, p paid, e expired, c canceled
     require_approval: bool = False
+    valid_if_pending: bool = False
     blocked: bool = False
     valid_from: datetime | None = None
     valid_until: datetime | None = None
     require_attention: bool = False
+    canceled: bool = False  # this ticket alone canceled (the order stays)
+    modified: datetime = field(default_factory=lambda: datetime.now(UTC))  # the order's last_modified
 
 
 @dataclass
@@ -141,6 +168,7 @@ class Device:
     token: str | None = None
     initialized: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    gate: int | None = None
 
 
 class PretixSim(_QuickStop):
@@ -161,6 +189,8 @@ class PretixSim(_QuickStop):
         self.checkins: list[Checkin] = []
         self.answers: dict[str, Response] = {}  # nonce -> first answer
         self.public_url: str | None = None  # the host pretix names in `next` links (behind a proxy)
+        self.timezone = "Europe/Berlin"
+        self.date_from = "2026-06-01T17:00:00Z"
         self._ids = itertools.count(1)
 
     # --- test helpers ---------------------------------------------------------------------
@@ -200,11 +230,29 @@ class PretixSim(_QuickStop):
             self.positions[pos.secret] = pos
             self.revoked.append({"id": next(self._ids), "secret": secret, "created": datetime.now(UTC),
                                  "_position": pos.id})
+            pos.modified = datetime.now(UTC)
         return pos.secret
+
+    def cancel(self, secret: str) -> str:
+        """Cancel the ticket's order. A signed ticket then gets a new secret and the old one is revoked,
+        as in real pretix; returns the secret pretix knows the ticket by now."""
+        with self.lock:
+            self.positions[secret].order_status = "c"
+            self.positions[secret].modified = datetime.now(UTC)
+        return self.revoke(secret) if _signed(secret) else secret
+
+    def change(self, secret: str, **fields: Any) -> None:
+        """Change a ticket or its order in the back office (status, approval, validity...)."""
+        with self.lock:
+            pos = self.positions[secret]
+            for k, v in fields.items():
+                setattr(pos, k, v)
+            pos.modified = datetime.now(UTC)
 
     def block(self, secret: str, blocked: bool = True) -> None:
         with self.lock:
             self.positions[secret].blocked = blocked
+            self.positions[secret].modified = datetime.now(UTC)
             self.blocked = [b for b in self.blocked if b["secret"] != secret]
             self.blocked.append({"id": next(self._ids), "secret": secret, "blocked": blocked,
                                  "updated": datetime.now(UTC)})
@@ -237,14 +285,23 @@ class PretixSim(_QuickStop):
         return Response(200, {"count": len(items), "next": nxt, "previous": None, "results": chunk},
                         headers or {})
 
-    def _position_json(self, pos: Position, list_id: int) -> dict[str, Any]:
-        return {"id": pos.id, "order": pos.order, "positionid": 1, "item": pos.item, "variation": pos.variation,
-                "attendee_name": pos.attendee_name, "secret": pos.secret, "subevent": pos.subevent,
-                "valid_from": _iso(pos.valid_from) if pos.valid_from else None,
-                "valid_until": _iso(pos.valid_until) if pos.valid_until else None,
-                "require_attention": pos.require_attention, "order__status": pos.order_status,
-                "checkins": [{"list": c.list, "type": c.type, "datetime": _iso(c.datetime), "device": c.device}
-                             for c in self.checkins if c.position == pos.id and c.successful and c.list == list_id]}
+    def _position_json(self, pos: Position, list_id: int | None) -> dict[str, Any]:
+        """A ticket as pretix shows it; with `list_id`, the check-in list's view (`order__*` fields, its
+        check-ins only), else the order's (`canceled`, every list's check-ins)."""
+        out = {"id": pos.id, "order": pos.order, "positionid": 1, "item": pos.item, "variation": pos.variation,
+               "attendee_name": pos.attendee_name, "secret": pos.secret, "subevent": pos.subevent,
+               "valid_from": _iso(pos.valid_from) if pos.valid_from else None,
+               "valid_until": _iso(pos.valid_until) if pos.valid_until else None,
+               "blocked": ["admin"] if pos.blocked else None,
+               "checkins": [{"list": c.list, "type": c.type, "datetime": _iso(c.datetime), "device": c.device,
+                             "device_id": c.device, "gate": None, "auto_checked_in": False}
+                            for c in self.checkins if c.position == pos.id and c.successful
+                            and (list_id is None or c.list == list_id)]}
+        if list_id is None:
+            return out | {"canceled": pos.canceled}
+        return out | {"require_attention": pos.require_attention, "order__status": pos.order_status,
+                      "order__valid_if_pending": pos.valid_if_pending,
+                      "order__require_approval": pos.require_approval}
 
     # --- device initialisation ------------------------------------------------------------
 
@@ -270,6 +327,18 @@ class PretixSim(_QuickStop):
                               "unique_serial": f"SIM{device.device_id:013d}", "api_token": device.token,
                               "name": device.name, "gate": None})
 
+    @route("GET", r"/api/v1/device/info")
+    def device_info(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        gate = {"id": device.gate, "name": f"Gate {device.gate}", "identifier": f"g{device.gate}"} \
+            if device.gate else None
+        return Response(200, {"device": {"organizer": self.organizer, "device_id": device.device_id,
+                                         "unique_serial": f"SIM{device.device_id:013d}", "name": device.name,
+                                         "security_profile": "pretixscan", "gate": gate},
+                              "server": {"version": {"pretix": "2026.8.0"}}, "medium_key_sets": []})
+
     # --- event data -------------------------------------------------------------------------
 
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/")
@@ -278,7 +347,8 @@ class PretixSim(_QuickStop):
         if isinstance(device, Response):
             return device
         return Response(200, {"name": {"en": "Demo Conference"}, "slug": self.event, "live": True,
-                              "testmode": False, "currency": "EUR", "date_from": "2026-06-01T17:00:00Z",
+                              "testmode": False, "currency": "EUR", "date_from": self.date_from,
+                              "date_to": None, "date_admission": None, "timezone": self.timezone,
                               "has_subevents": False, "valid_keys": {"pretix_sig1": list(self.valid_keys)}})
 
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/")
@@ -292,8 +362,45 @@ class PretixSim(_QuickStop):
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/")
     def checkinlist_detail(self, req: Request) -> Response:
         device = self._auth(req)  # observed: a device token gets 403 on a single list
-        return device if isinstance(device, Response) else Response(403, {
-            "detail": "You do not have permission to perform this action."})
+        return device if isinstance(device, Response) else Response(403, DENIED_BY_PROFILE)
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/orderpositions/")
+    def orderpositions(self, req: Request) -> Response:
+        device = self._auth(req)  # not in the pretixscan profile's allow list
+        return device if isinstance(device, Response) else Response(403, DENIED_BY_PROFILE)
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/positions/")
+    def checkinlist_positions(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        lst = self.lists.get(int(req.params["id"]))
+        if lst is None:
+            return Response(404, {"detail": "Not found."})
+        statuses = ("n", "p", "e", "c") if req.query.get("ignore_status", ["false"])[0] == "true" else \
+            ("n", "p") if lst["include_pending"] else ("p",)
+        with self.lock:  # `modified_since` is not one of this resource's filters: pretix ignores it
+            items = [self._position_json(p, lst["id"]) for p in self.positions.values()
+                     if not p.canceled
+                     and (p.order_status in statuses or (p.order_status, p.valid_if_pending) == ("n", True))
+                     and (lst["all_products"] or p.item in lst["limit_products"])
+                     and (not lst["subevent"] or p.subevent == lst["subevent"])]
+        return self._page(req, items)
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/orders/")
+    def orders(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        generated = datetime.now(UTC)
+        since = req.query.get("modified_since", [None])[0]
+        with self.lock:
+            chosen = sorted((p for p in self.positions.values() if not since or p.modified >= _parse(since)),
+                            key=lambda p: p.id)
+            items = [{"code": p.order, "status": p.order_status, "require_approval": p.require_approval,
+                      "valid_if_pending": p.valid_if_pending, "last_modified": _iso(p.modified),
+                      "positions": [self._position_json(p, None)]} for p in chosen]
+        return self._page(req, items, {"X-Page-Generated": _iso(generated)})
 
     def _stamped(self, req: Request, rows: list[dict[str, Any]], stamp: str) -> Response:
         device = self._auth(req)
@@ -378,26 +485,31 @@ class PretixSim(_QuickStop):
             return refuse("invalid", 404)
         if revoked is not None and not force:
             return refuse("revoked")
-        if pos.order_status in ("c", "e"):
-            return refuse("canceled")
-        if pos.order_status == "n" and not (lst["include_pending"] and body.get("ignore_unpaid")):
-            return refuse("unpaid")
-        if pos.require_approval:
-            return refuse("unapproved")
-        if not lst["all_products"] and pos.item not in lst["limit_products"]:
-            return refuse("product")
-        if kind == "entry" and not force:
-            if pos.blocked:
-                return refuse("blocked")
-            if (pos.valid_from and moment < pos.valid_from) or (pos.valid_until and moment > pos.valid_until):
-                return refuse("invalid_time")
-            if lst["rules"]:
-                return refuse("rules", explanation="Minimum age 18")
-            done = [c for c in self.checkins if c.position == pos.id and c.list == list_id and c.successful]
-            entered = any(c.type == "entry" for c in done)
-            exited_last = bool(done) and done[-1].type == "exit"
-            if entered and not lst["allow_multiple_entries"] and not (lst["allow_entry_after_exit"] and exited_last):
+        entry = kind == "entry"
+        # pretix's perform_checkin, in its order; `force` lets every one of them pass.
+        checks = [
+            (pos.order_status in ("c", "e"), "canceled" if body.get("canceled_supported") else "unpaid"),
+            (pos.blocked, "blocked"),
+            (pos.order_status == "n" and pos.require_approval, "unapproved"),
+            (entry and bool(pos.valid_from and moment < pos.valid_from), "invalid_time"),
+            (entry and bool(pos.valid_until and moment > pos.valid_until), "invalid_time"),
+            (not lst["all_products"] and pos.item not in lst["limit_products"], "product"),
+            (bool(lst["subevent"]) and pos.subevent != lst["subevent"], "product"),
+            (pos.order_status != "p" and not pos.valid_if_pending
+             and not (body.get("ignore_unpaid") and lst["include_pending"] and pos.order_status == "n"), "unpaid"),
+            (entry and bool(lst["rules"]), "rules"),
+        ]
+        failed = next((code for bad, code in checks if bad), None)
+        if failed and not force:
+            return refuse(failed, explanation="Minimum age 18" if failed == "rules" else None)
+        if entry and not force:
+            done = sorted((c for c in self.checkins if c.position == pos.id and c.list == list_id and c.successful),
+                          key=lambda c: c.datetime)
+            allowed = (lst["allow_multiple_entries"] or all(c.type == "exit" for c in done)
+                       or (lst["allow_entry_after_exit"] and done[-1].type == "exit"))
+            if not allowed:
                 return refuse("already_redeemed")
+        pos.modified = datetime.now(UTC)
         self.checkins.append(Checkin(next(self._ids), body.get("nonce"), pos.id, list_id, kind, moment,
                                      device.device_id, True, None, force, secret))
         return Response(201, {"status": "ok", "require_attention": pos.require_attention, "checkin_texts": [],
@@ -430,6 +542,9 @@ class PretixSim(_QuickStop):
             if moment - ck.datetime > ANNUL_WINDOW:
                 return Response(400, {"detail": "Check-in is too old to be annulled."})
             ck.successful, ck.error_reason = False, "annulled"
+            for pos in self.positions.values():
+                if pos.id == ck.position:
+                    pos.modified = datetime.now(UTC)
             ck.error_explanation = body.get("error_explanation")
         return Response(200, {"status": "ok"})
 

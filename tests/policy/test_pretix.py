@@ -149,7 +149,7 @@ def test_online_redeem_sends_the_list_direction_source_and_the_scans_nonce(sim, 
     assert sim.requests[-1].path == "/api/v1/organizers/demo/checkinrpc/redeem/"
     assert body | {"secret": "…"} == {"secret": "…", "source_type": "barcode", "lists": [1], "type": "entry",
                                       "force": False, "ignore_unpaid": False, "nonce": parts_nonce[0],
-                                      "questions_supported": False}
+                                      "questions_supported": False, "canceled_supported": True}
     assert len(sim.successful(secret)) == 1
 
 
@@ -160,17 +160,17 @@ def test_exit_scan_is_sent_as_type_exit(sim, paired):
     assert d.admitted and sim.requests[-1].json()["type"] == "exit"
 
 
-def _position(sim, case):
+def _position(sim, case, signed=True):
     now = datetime.now(UTC)
     if case == "revoked":
-        old = sim.add_position()
+        old = sim.add_position(signed=signed)
         sim.revoke(old)
         return old
     kw = {"unpaid": {"order_status": "n"}, "canceled": {"order_status": "c"}, "blocked": {"blocked": True},
           "early": {"valid_from": now + timedelta(days=1)}, "late": {"valid_until": now - timedelta(days=1)},
-          "unapproved": {"require_approval": True}, "product": {"item": 99}}[case]
+          "unapproved": {"order_status": "n", "require_approval": True}, "product": {"item": 99}}[case]
     item = kw.pop("item", 1)
-    return sim.add_position(item, **kw)
+    return sim.add_position(item, signed=signed, **kw)
 
 
 @pytest.mark.parametrize("case,reason,code", [
@@ -309,22 +309,134 @@ def test_revocations_are_fetched_as_deltas_across_pages_and_unblocking_takes_eff
     assert all(r.headers["host"].startswith("127.0.0.1") for r in requests)
 
 
-def test_no_signing_keys_means_the_offline_fallback_decides(sim, paired):
-    sim.valid_keys.clear()  # an event with random secrets
+def test_random_secrets_are_decided_offline_from_the_downloaded_tickets(sim, paired):
+    sim.valid_keys.clear()  # an event with random secrets: no signature to check offline
     config = paired(fallback="deny")
-    secret = sim.add_position(signed=False)
+    secret = sim.add_position(signed=False, attendee_name="Grace Hopper")
 
     async def run():
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
             sim.fail_status = 503
-            return await parts.gate.handle(Scan(token=secret, reader="front"))
+            return [await parts.gate.handle(Scan(token=t, reader="front"))
+                    for t in (secret, secret, "az9u4mymhqktrbupmwkvv6xmgds5dk3x")]
         finally:
             await parts.close()
 
-    d = asyncio.run(run())
-    assert d.reason is Reason.OFFLINE_NO_DATA and not d.admitted
+    first, again, unknown = asyncio.run(run())
+    assert (first.verdict, first.reason, first.source, first.message) == (
+        Verdict.ADMIT, Reason.OK, Source.OFFLINE, "Grace Hopper")
+    assert (again.reason, again.backend_code) == (Reason.ALREADY_USED, "already_redeemed")
+    assert (unknown.reason, unknown.backend_code) == (Reason.UNKNOWN, "invalid")
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "random"])
+@pytest.mark.parametrize("case,reason,code", [
+    ("unpaid", Reason.NOT_PAID, "unpaid"), ("canceled", Reason.CANCELED, "canceled"),
+    ("blocked", Reason.BLOCKED, "blocked"), ("early", Reason.NOT_YET_VALID, "invalid_time"),
+    ("late", Reason.EXPIRED, "invalid_time"), ("unapproved", Reason.NOT_APPROVED, "unapproved"),
+    ("product", Reason.PRODUCT_NOT_ALLOWED, "product"), ("revoked", Reason.REVOKED, "revoked"),
+])
+def test_every_refusal_is_decided_offline_with_pretixs_reason_and_code(sim, paired, case, reason, code, signed):
+    sim.lists[1].update(all_products=False, limit_products=[1])
+    config = paired()
+    (d,) = _offline(config, _position(sim, case, signed))
+    assert (d.verdict, d.reason, d.backend_code, d.source) == (Verdict.DENY, reason, code, Source.OFFLINE)
+
+
+def test_pending_orders_on_an_include_pending_list_are_unpaid_offline_as_online_unless_valid_if_pending(sim, paired):
+    sim.lists[1]["include_pending"] = True
+    config = paired()
+    pending, valid = sim.add_position(order_status="n"), sim.add_position(order_status="n", valid_if_pending=True)
+    online = asyncio.run(_scan(config, pending, valid))
+    offline = _offline(config, sim.add_position(order_status="n"),
+                       sim.add_position(order_status="n", valid_if_pending=True))
+    assert [d.reason for d in online] == [d.reason for d in offline] == [Reason.NOT_PAID, Reason.OK]
+
+
+def test_exit_scans_offline_skip_validity_and_entry_limits_but_not_the_order_state(sim, paired):
+    config = paired()
+    now = datetime.now(UTC)
+    late, canceled = sim.add_position(valid_until=now - timedelta(hours=1)), sim.add_position(order_status="c")
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.EXIT,
+                                           time.time(), True) for t in (late, late, canceled)]
+        finally:
+            await parts.close()
+
+    assert [d.reason for d in asyncio.run(run())] == [Reason.OK, Reason.OK, Reason.CANCELED]
+
+
+def test_rules_and_entry_after_exit_count_the_servers_check_ins_with_the_lanes_own(sim, paired):
+    sim.lists[1].update(allow_entry_after_exit=True, rules={"<": [{"var": "entries_number"}, 2]})
+    config = paired()
+    secret = sim.add_position(signed=False)
+    sim.checkins.append(_server_checkin(sim, secret, "entry", minutes_ago=30))  # another scanner let them in
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            sim.fail_status = 503
+            out = [await parts.gate.handle(Scan(token=secret, reader="front"))]  # inside already: used
+            parts.gate.scan_mode = ScanMode.EXIT
+            out.append(await parts.gate.handle(Scan(token=secret, reader="front")))
+            parts.gate.scan_mode = ScanMode.ENTRY
+            out.append(await parts.gate.handle(Scan(token=secret, reader="front")))  # 2nd entry: rules allow
+            parts.gate.scan_mode = ScanMode.EXIT
+            out.append(await parts.gate.handle(Scan(token=secret, reader="front")))
+            parts.gate.scan_mode = ScanMode.ENTRY
+            out.append(await parts.gate.handle(Scan(token=secret, reader="front")))  # a 3rd: the rules say no
+            return out
+        finally:
+            await parts.close()
+
+    decisions = asyncio.run(run())
+    assert [(d.reason, d.backend_code) for d in decisions] == [
+        (Reason.ALREADY_USED, "already_redeemed"), (Reason.OK, "ok"), (Reason.OK, "ok"), (Reason.OK, "ok"),
+        (Reason.RULES, "rules")]
+    assert decisions[-1].message.endswith("Maximum number of entries exceeded")
+
+
+def test_deltas_download_only_changed_orders_and_take_effect(sim, paired):
+    sim.page_size = 2
+    config = paired()
+    secrets = [sim.add_position(signed=False) for _ in range(5)]
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            before = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
+                                             time.time(), True) for t in secrets[:2]]
+            sim.change(secrets[0], order_status="c")
+            sim.checkins.append(_server_checkin(sim, secrets[1], "entry", minutes_ago=1))
+            sim.positions[secrets[1]].modified = datetime.now(UTC)
+            mark = len(sim.requests)
+            await parts.backend.sync(parts.store)
+            after = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
+                                            time.time(), True) for t in secrets[:3]]
+            return before, after, sim.requests[mark:]
+        finally:
+            await parts.close()
+
+    before, after, requests = asyncio.run(run())
+    assert [d.reason for d in before] == [Reason.OK, Reason.OK]
+    assert [d.reason for d in after] == [Reason.CANCELED, Reason.ALREADY_USED, Reason.OK]
+    (orders,) = [r for r in requests if r.path.endswith("/orders/")]  # two changed orders: one page
+    assert orders.query["modified_since"]
+
+
+def _server_checkin(sim, secret, kind, minutes_ago):
+    from gated.simulators.pretix import Checkin
+    pos = sim.positions[secret]
+    return Checkin(id=len(sim.checkins) + 1000, nonce=None, position=pos.id, list=1, type=kind,
+                   datetime=datetime.now(UTC) - timedelta(minutes=minutes_ago), device=999)
 
 
 def test_a_check_in_list_that_does_not_exist_is_named_when_syncing(sim, paired):
@@ -347,7 +459,7 @@ def test_a_check_in_list_that_does_not_exist_is_named_when_syncing(sim, paired):
 def test_offline_check_ins_are_replayed_with_their_time_nonce_and_force_exactly_once(sim, paired):
     config = paired()
     secret = sim.add_position()
-    other = sim.add_position(1, order_status="c")  # canceled meanwhile: pretix refuses even with force
+    other = sim.add_position(1)
 
     async def run():
         parts = await build(config)
@@ -357,6 +469,7 @@ def test_offline_check_ins_are_replayed_with_their_time_nonce_and_force_exactly_
             scans = [Scan(token=secret, reader="front", wall=time.time() - 600),
                      Scan(token=other, reader="front"), Scan(token="not-signed-at-all", reader="front")]
             decisions = [await parts.gate.handle(s) for s in scans]
+            del sim.positions[other]  # deleted in pretix meanwhile: refused even with force
             sim.fail_status = None
             uploader = Uploader(parts.backend, parts.store)
             sent = await uploader.drain()

@@ -1,0 +1,346 @@
+"""gated's offline decisions against a real pretix 2026.8.0 (tests/realpretix.py), scan for scan.
+
+The differential test: for check-in lists with each setting and kind of rule, the same scans are
+decided twice, on two copies of the same tickets with the same history. One copy by gated offline
+(synced first, then with the server unreachable, its clock at each scan's time), the other by
+pretix online (redeem with that `datetime`, the same device). The verdicts and pretix's reason codes
+must agree scan for scan. After recovery, gated's offline check-ins must reach pretix once each,
+with their scan time. The other end-to-end cases: anti-passback across this lane's and the server's
+check-ins, annulment when nobody passes, upload without duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gated.daemon import build
+from gated.model import Reason, Scan, ScanMode, Source, Verdict
+from gated.store import Store
+from gated.upload import Uploader
+
+
+@pytest.fixture
+def lane(real_pretix, load_config, tmp_path):
+    """Configs of one lane (device of gate north): `lane(list_name, name)` reaches pretix, and with
+    `dead=True` the same lane and store find nothing listening (the server is unreachable)."""
+    token = tmp_path / "device.token"
+    token.write_text(real_pretix.device_token("north") + "\n")
+    token.chmod(0o600)
+
+    def make(list_name: str, name: str = "lane", dead: bool = False, extra: str = ""):
+        url = "http://127.0.0.1:9" if dead else real_pretix.url  # discard port: connection refused
+        config = load_config(f"""
+            [backend]
+            type = "pretix"
+            url = "{url}"
+            timeout_seconds = 10.0
+            [backend.pretix]
+            organizer = "{real_pretix.organizer}"
+            event = "{real_pretix.event}"
+            checkin_list = {real_pretix.lists[list_name]}
+            token_file = "{token}"
+            [offline]
+            fallback = "deny"
+            [store]
+            path = "{tmp_path / (name + '.db')}"
+            {extra}
+        """, name=f"{name}{'-dead' if dead else ''}.toml")
+        config.lane["debounce_seconds"] = 0.0
+        return config
+    return make
+
+
+def _order(srv, spec: dict, name: str = "Ada Lovelace") -> tuple[str, int]:
+    """(secret, position id) of a new one-ticket order as `spec` says (see _scenarios)."""
+    item, _, variation = spec.get("product", "Ticket").partition("/")
+    now = datetime.now(UTC)
+    pos = {"item": srv.items[item], "attendee_name": name, "price": "10.00"}
+    if variation:
+        pos["variation"] = srv.variations[f"{item}/{variation}"]
+    for key in ("valid_from", "valid_until"):
+        if key in spec:
+            pos[key] = (now + timedelta(minutes=spec[key])).isoformat()
+    if spec.get("random"):
+        pos["secret"] = "gated" + secrets.token_hex(14)  # pretix's default kind of secret, not signed
+    status = spec.get("status", "p")
+    body = {"email": "ada@example.org", "locale": "en", "sales_channel": "web", "send_email": False,
+            "status": "p" if status == "p" else "n", "require_approval": status == "approval",
+            "payment_provider": "manual", "positions": [pos]}
+    order = srv.api("POST", srv.ev("orders/"), json=body).json()
+    if status in ("c", "e"):
+        verb = "mark_canceled" if status == "c" else "mark_expired"
+        srv.api("POST", srv.ev(f"orders/{order['code']}/{verb}/"), json={"send_email": False} if status == "c" else {})
+    p = order["positions"][0]
+    return p["secret"], p["id"]
+
+
+def _scenarios(srv, now: datetime) -> list[tuple[str, dict, dict, list]]:
+    """(list, its settings, tickets {key: spec}, scans [(key, minutes before now, entry|exit)]).
+
+    A ticket's spec may hold `history`: check-ins made on the server by another scanner before the
+    lane syncs, as [(minutes before now, entry|exit)].
+    """
+    ticket, vip = srv.items["Ticket"], srv.items["VIP"]
+    gold = srv.variations["VIP/Gold"]
+    tz_midnight = now.astimezone(__import__("zoneinfo").ZoneInfo(srv.timezone)).replace(
+        hour=0, minute=0, second=0, microsecond=0)
+    since_midnight = max(int((now - tz_midnight).total_seconds() // 60), 10)  # just after midnight: "today" is short
+    return [
+        ("d_plain", {}, {"a": {}, "b": {"random": True}, "c": {"random": True, "history": [(200, "entry")]},
+                         "x": {"unknown": True}},
+         [("a", 180, "entry"), ("a", 170, "entry"), ("a", 160, "exit"), ("a", 150, "entry"),
+          ("b", 180, "entry"), ("b", 170, "entry"), ("c", 150, "entry"), ("x", 140, "entry")]),
+        ("d_after_exit", {"allow_entry_after_exit": True},
+         {"a": {"random": True}, "b": {"history": [(300, "entry"), (250, "exit")]}},
+         [("a", 180, "entry"), ("a", 170, "entry"), ("a", 160, "exit"), ("a", 150, "entry"), ("a", 140, "entry"),
+          ("b", 180, "entry"), ("b", 170, "entry")]),
+        ("d_multiple", {"allow_multiple_entries": True}, {"a": {"random": True, "history": [(300, "entry")]}},
+         [("a", 180, "entry"), ("a", 170, "entry"), ("a", 160, "exit"), ("a", 150, "entry")]),
+        ("d_order_state", {}, {
+            "pending": {"status": "n", "random": True}, "canceled": {"status": "c"},
+            "canceled_random": {"status": "c", "random": True}, "expired": {"status": "e", "random": True},
+            "approval": {"status": "approval", "random": True}, "paid": {"random": True}},
+         [(k, 100, kind) for k in ("pending", "canceled", "canceled_random", "expired", "approval", "paid")
+          for kind in ("entry", "exit")]),
+        ("d_pending", {"include_pending": True}, {"pending": {"status": "n", "random": True}, "paid": {}},
+         [("pending", 100, "entry"), ("paid", 100, "entry")]),
+        ("d_validity", {}, {
+            "early": {"valid_from": -60, "random": True}, "late": {"valid_until": -120, "random": True},
+            "window": {"valid_from": -200, "valid_until": -100}},
+         [("early", 90, "entry"), ("early", 30, "entry"), ("late", 150, "entry"), ("late", 90, "entry"),
+          ("late", 80, "exit"), ("window", 250, "entry"), ("window", 150, "entry"), ("window", 50, "exit")]),
+        ("d_products", {"all_products": False, "limit_products": [vip]},
+         {"ticket": {"random": True}, "vip": {"product": "VIP/Silver", "random": True}, "signed": {}},
+         [("ticket", 100, "entry"), ("ticket", 90, "exit"), ("vip", 100, "entry"), ("signed", 100, "entry")]),
+        ("d_rules_product", {"rules": {"or": [{"==": [{"var": "variation"}, gold]}, {"inList": [
+            {"var": "product"}, {"objectList": [{"lookup": ["product", str(ticket), "Ticket"]}]}]}]}},
+         {"gold": {"product": "VIP/Gold", "random": True}, "silver": {"product": "VIP/Silver", "random": True},
+          "ticket": {}},
+         [("gold", 100, "entry"), ("silver", 100, "entry"), ("silver", 90, "exit"), ("ticket", 100, "entry")]),
+        ("d_rules_entries", {"allow_multiple_entries": True, "rules": {"<": [{"var": "entries_number"}, 3]}},
+         {"a": {"random": True, "history": [(400, "entry")]}, "b": {}},
+         [("a", 180, "entry"), ("a", 170, "exit"), ("a", 160, "entry"), ("b", 180, "entry"), ("b", 170, "entry"),
+          ("b", 160, "entry"), ("b", 150, "entry")]),
+        ("d_rules_today", {"allow_multiple_entries": True, "rules": {"<": [{"var": "entries_today"}, 2]}},
+         {"a": {"random": True, "history": [(since_midnight + 60, "entry")]}},
+         [("a", min(since_midnight - 1, 100), "entry"), ("a", min(since_midnight - 2, 90), "entry"),
+          ("a", min(since_midnight - 3, 80), "entry")]),
+        ("d_rules_last_entry", {"allow_multiple_entries": True, "rules": {"or": [
+            {"==": [{"var": "minutes_since_last_entry"}, -1]}, {">": [{"var": "minutes_since_last_entry"}, 30]}]}},
+         {"a": {"random": True, "history": [(200, "entry")]}},
+         [("a", 180, "entry"), ("a", 160, "entry"), ("a", 140, "entry"), ("a", 100, "entry")]),
+        ("d_rules_gate_time", {"allow_multiple_entries": True, "rules": {"and": [
+            {"==": [{"var": "gate"}, srv.gate_id("north")]},
+            {"isAfter": [{"var": "now"}, {"buildTime": ["date_admission"]}, 10]}]}},
+         {"a": {"random": True}},
+         [("a", 200, "entry"), ("a", 185, "entry"), ("a", 175, "entry"), ("a", 100, "entry")]),
+        ("d_rules_south_only", {"rules": {"==": [{"var": "gate"}, srv.gate_id("south")]}}, {"a": {}},
+         [("a", 100, "entry"), ("a", 90, "exit")]),
+        ("d_rules_entry_status", {"allow_multiple_entries": True,
+                                  "rules": {"==": [{"var": "entry_status"}, "absent"]}},
+         {"a": {"random": True, "history": [(300, "entry")]}},
+         [("a", 180, "entry"), ("a", 170, "exit"), ("a", 160, "entry"), ("a", 150, "entry")]),
+    ]
+
+
+def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once_after_recovery(real_pretix, lane):
+    srv = real_pretix
+    device = srv.device_token("north")
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    scans = lists = disagreements = 0
+    report, admitted_offline = [], 0
+    for list_name, settings, tickets, plan in _scenarios(srv, now):
+        lists += 1
+        plan = sorted(plan, key=lambda scan: -scan[1])  # one lane, one clock: scans in time order
+        srv.add_list(list_name, **({"all_products": True, "limit_products": []} | settings))
+        copies: dict[str, dict[str, tuple[str, int]]] = {"gated": {}, "pretix": {}}
+        for side in copies:
+            for key, spec in tickets.items():
+                if spec.get("unknown"):
+                    copies[side][key] = ("gatedunknown" + secrets.token_hex(10), 0)
+                    continue
+                copies[side][key] = _order(srv, spec)
+                for minutes, kind in spec.get("history", ()):
+                    srv.checkin(copies[side][key][0], list_name, when=now - timedelta(minutes=minutes), type=kind)
+        mine = asyncio.run(_gated_offline(lane, list_name, [(copies["gated"][k][0], now - timedelta(minutes=m), kind)
+                                                            for k, m, kind in plan]))
+        for (key, minutes, kind), (decision, _) in zip(plan, mine, strict=True):
+            answer = srv.redeem(copies["pretix"][key][0], list_name, when=now - timedelta(minutes=minutes), type=kind,
+                                device=device)
+            theirs = "ok" if answer.get("status") == "ok" else answer.get("reason")
+            scans += 1
+            admitted_offline += decision.admitted
+            if decision.source is not Source.OFFLINE or theirs != decision.backend_code:
+                disagreements += 1
+                report.append(f"{list_name} {key} -{minutes}min {kind}: pretix {theirs!r} "
+                              f"({answer.get('reason_explanation')}), gated {decision.backend_code!r} "
+                              f"{decision.reason} {decision.source} {decision.message!r}")
+        # Recovery: the lane's offline check-ins reach pretix once each, with the scan's time.
+        asyncio.run(_upload(lane(list_name, list_name)))
+        for key, spec in tickets.items():
+            if spec.get("unknown"):
+                continue
+            on_server = [c for c in srv.checkins(copies["gated"][key][1]) if c["list"] == srv.lists[list_name]]
+            mine_here = sorted((round(s.wall, 3), str(m)) for (d, s), (k, _, m) in zip(mine, plan, strict=True)
+                               if k == key and d.admitted)
+            history = len(spec.get("history", ()))
+            uploaded = sorted((round(_parse(c["datetime"]), 3), c["type"]) for c in on_server)
+            if len(on_server) != history + len(mine_here) or not set(mine_here) <= set(uploaded):
+                report.append(f"{list_name} {key}: pretix holds {uploaded}, expected history {history} "
+                              f"+ the lane's {mine_here}")
+    print(f"\noffline differential: {scans} scans on {lists} check-in lists, {disagreements} disagreements, "
+          f"{admitted_offline} offline check-ins uploaded once each")
+    assert report == [], "\n".join(report)
+    assert scans >= 70 and 20 <= admitted_offline <= scans - 20
+
+
+def _parse(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def _gated_offline(lane, list_name: str, plan: list[tuple[str, datetime, str]]):
+    """Sync with the server up, then decide each scan with it unreachable, the clock at the scan's time."""
+    parts = await build(lane(list_name, list_name))
+    try:
+        await parts.backend.sync(parts.store)
+    finally:
+        await parts.close()
+    parts = await build(lane(list_name, list_name, dead=True))
+    out = []
+    try:
+        for secret, when, kind in plan:
+            parts.gate.scan_mode = ScanMode(kind)
+            parts.decider.clock = lambda when=when: when.timestamp()
+            scan = Scan(token=secret, reader="front", wall=when.timestamp())
+            out.append((await parts.gate.handle(scan), scan))
+        await parts.gate.drain()
+        return out
+    finally:
+        await parts.close()
+
+
+async def _upload(config) -> int:
+    parts = await build(config)
+    try:
+        uploader = Uploader(parts.backend, parts.store)
+        sent = await uploader.drain()
+        again = await uploader.drain()
+        stats = await parts.store.call(Store.queue_stats)
+        assert (again, stats.pending, stats.parked) == (0, 0, 0)
+        return sent
+    finally:
+        await parts.close()
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_pretix, lane):
+    srv = real_pretix
+    # pretix's defaults (entry after exit allowed), and at most two entries by the list's rules.
+    srv.add_list("e2e_apb", rules={"<": [{"var": "entries_number"}, 2]})
+    inside, fresh = _order(srv, {"random": True}), _order(srv, {"random": True})
+    srv.checkin(inside[0], "e2e_apb")  # let in by another scanner, before the lane synced
+
+    async def run():
+        parts = await build(lane("e2e_apb", "apb"))
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+        parts = await build(lane("e2e_apb", "apb", dead=True))
+        try:
+            return [await parts.gate.handle(Scan(token=t, reader="front")) for t in (inside[0], fresh[0], fresh[0])]
+        finally:
+            await parts.close()
+
+    server_side, first, second = asyncio.run(run())
+    assert (server_side.reason, first.reason, second.reason) == (Reason.ALREADY_USED, Reason.OK, Reason.ALREADY_USED)
+    assert all(d.source is Source.OFFLINE for d in (server_side, first, second))
+    # After the upload and a new sync the lane's own check-in is in the download too: counted once, not
+    # twice, so after an exit the ticket may enter a second time, and a third entry is refused by the rules.
+    asyncio.run(_upload(lane("e2e_apb", "apb")))
+
+    async def exit_and_enter():
+        parts = await build(lane("e2e_apb", "apb"))
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+        parts = await build(lane("e2e_apb", "apb", dead=True))
+        try:
+            parts.gate.scan_mode = ScanMode.EXIT
+            out = [await parts.gate.handle(Scan(token=fresh[0], reader="front"))]
+            parts.gate.scan_mode = ScanMode.ENTRY
+            return out + [await parts.gate.handle(Scan(token=fresh[0], reader="front")) for _ in range(2)]
+        finally:
+            await parts.close()
+
+    leave, back, third = asyncio.run(exit_and_enter())
+    assert (leave.reason, back.reason, third.reason, third.backend_code) == (
+        Reason.OK, Reason.OK, Reason.RULES, "rules")
+    assert third.message.endswith("Maximum number of entries exceeded")
+    assert [c["type"] for c in srv.checkins(fresh[1])] == ["entry"]  # the first upload, once
+
+
+def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, lane):
+    srv = real_pretix
+    srv.add_list("e2e_annul")
+    secret, pid = _order(srv, {"random": True})
+    config = lane("e2e_annul", "annul", extra="[input.passage]\npin = 24\ntimeout_seconds = 0.05\n")
+
+    async def run():
+        parts = await build(config)
+        try:
+            first = await parts.gate.handle(Scan(token=secret, reader="front"))
+            await parts.gate.drain()  # the passage timeout runs out: nobody went through
+            return first, srv.checkins(pid), await parts.gate.handle(Scan(token=secret, reader="front"))
+        finally:
+            await parts.gate.drain()
+            await parts.close()
+
+    first, after_annul, again = asyncio.run(run())
+    assert (first.verdict, first.source) == (Verdict.ADMIT, Source.ONLINE)
+    assert after_annul == []  # pretix no longer counts it
+    assert (again.verdict, again.source) == (Verdict.ADMIT, Source.ONLINE)  # so the ticket may enter again
+
+
+def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_pretix, lane):
+    srv = real_pretix
+    srv.add_list("e2e_upload")
+    secret, pid = _order(srv, {"random": True})
+    when = time.time() - 900
+
+    async def offline_scan():
+        parts = await build(lane("e2e_upload", "up"))
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+        parts = await build(lane("e2e_upload", "up", dead=True))
+        try:
+            parts.decider.clock = lambda: when
+            return await parts.gate.handle(Scan(token=secret, reader="front", wall=when))
+        finally:
+            await parts.close()
+
+    d = asyncio.run(offline_scan())
+    assert (d.verdict, d.source) == (Verdict.ADMIT, Source.OFFLINE)
+    assert asyncio.run(_upload(lane("e2e_upload", "up"))) == 1
+
+    async def replay():  # an answer lost on the way back: the same scan is sent again
+        parts = await build(lane("e2e_upload", "up"))
+        try:
+            rows = await parts.store.call(lambda s: list(s.db.query("SELECT * FROM scans")))
+            return await parts.backend.upload(rows)
+        finally:
+            await parts.close()
+
+    assert len(asyncio.run(replay()).sent) == 1
+    (ck,) = srv.checkins(pid)
+    assert abs(_parse(ck["datetime"]) - when) < 0.002 and ck["gate"] == srv.gate_id("north")
