@@ -385,3 +385,22 @@ def test_a_store_on_storage_that_cannot_be_written_opens_read_only_when_allowed(
             store.close()
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+def test_stores_opened_and_closed_leave_no_descriptor_behind(tmp_path):
+    """A lane that switches its store read-only and back, or a command run beside the daemon, opens
+    and closes stores for days: every close gives back what the open took, flag descriptors too."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def cycle(i: int) -> None:
+        store = Store(tmp_path / f"gated-{i % 3}.db")
+        store.check_writable()
+        store.set("k", str(i))
+        store.close()
+
+    cycle(0)
+    before = open_fds()
+    for i in range(1, 60):
+        cycle(i)
+    assert open_fds() == before

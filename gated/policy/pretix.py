@@ -45,7 +45,7 @@ from gated.policy.signatures import load_sig1_keys, verify_sig1
 from gated.schema import Key
 from gated.store import Store, StoreThread
 from gated.timeparse import iso, parse_time
-from gated.tokens import redact, token_hash
+from gated.tokens import redact
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ class PretixBackend(HttpBackend):
         # ticket in, as pretixSCAN asks its operator), so a pending order is unpaid on every list.
         if t.order != "p" and not t.pending_ok:
             return no(Reason.NOT_PAID, "unpaid", "order not paid")
-        checkins = _merge_checkins(t.checkins, _lane_admissions(store, scan.token))
+        checkins = _merge_checkins(t.checkins, store.admission_times(scan.token))
         if entry and lst.get("rules"):
             zone = ZoneInfo(value.get("timezone") or "UTC")
             # A date of a series has its own times, which are not downloaded: a rule on them then
@@ -563,19 +563,6 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
         raise ValueError("no product")
     return {"token": secret, "ticket_key": secret, "name": text(p.get("attendee_name"), "attendee_name"),
             "status": GONE if gone else order["status"], "data": data}
-
-
-# --- store query: belongs in gated/store.py as `Store.admissions(ticket_key)` once its split into a
-# package has landed (kept here meanwhile so the two changes do not collide). Same keys as
-# `Store.inside`: this lane's admissions by SHA-256, other lanes' shared ones by their HMAC.
-def _lane_admissions(store: Store, ticket_key: str) -> list[tuple[float, str]]:
-    """(time, entry|exit) of every admission of a ticket recorded at this venue's lanes, oldest first."""
-    local = token_hash(ticket_key)
-    shared_hash = getattr(store, "_shared_hash", None)
-    shared = shared_hash(ticket_key) if shared_hash is not None else local
-    return sorted(store.db.conn.execute("SELECT wall, direction FROM admissions WHERE key_hash IN (?, ?)",
-                                        (local, shared)).fetchall())
-# --- end of store query
 
 
 def _merge_checkins(server: Sequence[tuple[float, str]],

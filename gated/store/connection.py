@@ -22,7 +22,14 @@ from gated.store.damaged import CORRUPT_CODES, Replacement, StoreCorrupt
 from gated.store.journal import Admissions, ScanJournal, UploadQueue
 from gated.store.lists import ListFile, TicketLists, lists_dir
 from gated.store.migrations import migrations
-from gated.store.readonly import WritableCheck, connect_read_only, must_stay_open, unwritable
+from gated.store.readonly import (
+    WritableCheck,
+    connect_read_only,
+    must_stay_open,
+    store_closed,
+    store_opened,
+    unwritable,
+)
 from gated.store.wal import WalUpkeep
 
 
@@ -42,6 +49,7 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
             self._open_read_only()
             self._shared_hash: Callable[[str], str] | None = None
             self._shm_fd: int | None = None
+            store_opened(self.path)
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +79,7 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
         # in which other lanes' admissions arrive. None: only this lane's admissions count.
         self._shared_hash: Callable[[str], str] | None = None
         self._shm_fd: int | None = None  # the WAL index, for check_writable()
+        store_opened(self.path)
 
     def _open_read_only(self) -> None:
         """Open with SQLite's `mode=ro`: it reads the WAL too, through a WAL index it never writes.
@@ -115,6 +124,7 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
         if skip_checkpoint and must_stay_open(self.db.conn):
             return
         self.db.close()
+        store_closed(self.path)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

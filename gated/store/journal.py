@@ -109,13 +109,21 @@ class Admissions:
         This lane's admissions are keyed by SHA-256 of the identity, other lanes' by the venue-keyed
         HMAC they were shared as (one key cannot be turned into the other): both are counted.
         """
-        local = token_hash(ticket_key)
-        shared = self._shared_hash(ticket_key) if self._shared_hash is not None else local
         rows = self.db.conn.execute(
             "SELECT direction, count(*) FROM admissions WHERE key_hash IN (?, ?) GROUP BY direction",
-            (local, shared)).fetchall()
+            self._identity_keys(ticket_key)).fetchall()
         counts = dict(rows)
         return counts.get("entry", 0), counts.get("exit", 0)
+
+    def admission_times(self, ticket_key: str) -> list[tuple[float, str]]:
+        """(time, entry|exit) of every admission of a ticket at this venue's lanes, oldest first (keyed as in
+        inside()): what a backend's own offline rules count, e.g. pretix's entries_today."""
+        return sorted(self.db.conn.execute("SELECT wall, direction FROM admissions WHERE key_hash IN (?, ?)",
+                                           self._identity_keys(ticket_key)).fetchall())
+
+    def _identity_keys(self, ticket_key: str) -> tuple[str, str]:
+        local = token_hash(ticket_key)
+        return local, self._shared_hash(ticket_key) if self._shared_hash is not None else local
 
     def share_identities(self, shared_hash: Callable[[str], str] | None) -> None:
         """Count admissions shared by other lanes, keyed by `shared_hash(ticket identity)`, in inside()."""

@@ -13,6 +13,7 @@ import sqlite3
 import struct
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
@@ -76,14 +77,38 @@ def _file_immutable(path: Path) -> bool:
     with _FLAG_FDS_LOCK:
         held = _FLAG_FDS.get(str(path))
         if held is None or held[1:] != (st.st_dev, st.st_ino):
-            # A file made anew (the WAL index after every connection closed): the old descriptor stays
-            # open for the reason above; one per such change.
+            # A file made anew (the WAL index after every connection closed). The old descriptor may be
+            # closed only once its file is gone: then no connection can hold a lock on it.
+            if held is not None and os.fstat(held[0]).st_nlink == 0:
+                os.close(held[0])
             held = (os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), st.st_dev, st.st_ino)
             _FLAG_FDS[str(path)] = held
         return _immutable(held[0])
 
 
+def store_opened(store_path: str | os.PathLike[str]) -> None:
+    """Count a Store of this process on `store_path` (see store_closed)."""
+    with _FLAG_FDS_LOCK:
+        _OPEN_STORES[str(Path(store_path))] += 1
+
+
+def store_closed(store_path: str | os.PathLike[str]) -> None:
+    """The connection of a Store on `store_path` is closed: when it was this process's last one, its
+    flag descriptors go too, since no lock of ours is left on those files to drop."""
+    key = str(Path(store_path))
+    with _FLAG_FDS_LOCK:
+        _OPEN_STORES[key] -= 1
+        if _OPEN_STORES[key] > 0:
+            return
+        del _OPEN_STORES[key]
+        for name in (key, f"{key}-wal", f"{key}-shm"):
+            held = _FLAG_FDS.pop(name, None)
+            if held is not None:
+                os.close(held[0])
+
+
 _FLAG_FDS: dict[str, tuple[int, int, int]] = {}  # path -> (descriptor, device, inode), see _file_immutable
+_OPEN_STORES: Counter[str] = Counter()  # store path -> Stores of this process with an open connection
 _FLAG_FDS_LOCK = threading.Lock()
 
 
