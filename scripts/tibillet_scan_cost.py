@@ -7,7 +7,7 @@ valid ticket only, `ticket/`. This times, through gated's own backend and HTTP c
 - `ticket/` alone, for an already scanned ticket (the server does the same lookups, without the save);
 - gated's whole online decision for that ticket (`validate`: the check answers, nothing is scanned).
 
-Usage (the real server running, see ../shared/peers/tibillet-lespass/README.md; changes nothing):
+Usage (the real server running, see the TiBillet peer scripts, peers/tibillet-lespass/, kept outside this repository; changes nothing):
 
     .venv/bin/python scripts/tibillet_scan_cost.py /tmp/lespass-out/out.json [N]
 """

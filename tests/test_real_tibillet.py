@@ -1,7 +1,7 @@
 """gated's TiBillet backend against the real TiBillet server (Lespass), run by hand.
 
 CI cannot run it: Lespass's source is not available there. On a machine with a copy of
-TiBillet/Lespass (see ../shared/peers/tibillet-lespass/README.md):
+TiBillet/Lespass (see the TiBillet peer scripts, peers/tibillet-lespass/, kept outside this repository):
 
     LESPASS_GIT_DIR=... peers/tibillet-lespass/setup.sh /tmp/lespass-out/out.json   # fresh state
     peers/tibillet-lespass/start.sh 8780 /tmp/lespass.pid

@@ -1,7 +1,8 @@
 """A TiBillet scan API on 127.0.0.1 for tests and benches, answering as the real server does.
 
-It follows TiBillet/Lespass 1.8.28 (`BaseBillet/views_scan.py`, observed in
-`../shared/peers/tibillet-lespass/observed/transcript.md`), not the API documents. Where they differ:
+It follows TiBillet/Lespass 1.8.28 (`BaseBillet/views_scan.py`, as observed in the TiBillet
+peer's `observed/transcript.md`, kept outside this repository), not the API documents. Where
+they differ:
 
 - Paths live under `/scan/` with a trailing slash; the French document's `/api/scan/` and any
   other path answer 404 with an HTML page, and a path without its trailing slash answers 301.
