@@ -10,13 +10,13 @@ import importlib
 import os
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gated import mqtt_schema
 from gated.errors import ConfigError
-from gated.mqtt import MQTT
-from gated.mqtt import check as check_mqtt
 from gated.schema import Key, Section, check_table, did_you_mean, fmt
 
 DEFAULT_PATH = "/etc/gated/gated.toml"
@@ -153,9 +153,26 @@ WALLET_GOOGLE = {
 }
 WALLET = {"apple": WALLET_APPLE, "google": WALLET_GOOGLE}
 
-FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
-         "store": STORE, "log": LOG, "mqtt": MQTT}
+# The sections that appear once, each a field of Config of the same name, checked in this order.
+# One whose schema needs code of its own (a parser, rules across keys) keeps it in a small module
+# that imports nothing of gated but gated.schema, as gated.mqtt_schema does: config never imports
+# the modules that use the config.
+FIXED = {
+    "lane": LANE,
+    "buzzer": BUZZER,
+    "mqtt": mqtt_schema.SCHEMA,
+    "gpio": GPIO,
+    "relay": RELAY,
+    "offline": OFFLINE,
+    "store": STORE,
+    "log": LOG,
+}
+# Fixed sections a file may leave out; their Config field is then None.
 OPTIONAL = ("buzzer", "mqtt")
+# Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
+CHECKS: dict[str, Callable[[Section], list[str]]] = {
+    "mqtt": mqtt_schema.check,
+}
 SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input", "wallet"])
 
 
@@ -229,21 +246,55 @@ def load(path: str | None = None) -> Config:
 
 
 def from_dict(raw: dict[str, Any], path: str) -> Config:
+    """Check a parsed file section by section, then across sections; raise ConfigError listing every problem."""
     base = Path(path).resolve().parent
-    problems: list[str] = []
+    problems = _unknown_sections(raw)
+    lane = _lane(raw, base, problems)
+    backend, options = _backend(raw, base, problems)
+    readers = _readers(raw, base, problems)
+    leds = _leds(raw, base, problems)
+    passage, emergency = _inputs(raw, base, problems)
+    wallets = _wallets(raw, base, problems)
+    fixed = _fixed(raw, base, problems)
+    config = Config(
+        path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers, leds=leds,
+        passage=passage, emergency=emergency, wallet_apple=wallets.get("apple"),
+        wallet_google=wallets.get("google"), raw=raw, **fixed,
+    )
+    _cross_check(config, problems)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
 
-    for name in raw:
-        if name not in SECTIONS:
-            problems.append(f"[{name}]: unknown section.{did_you_mean(name, SECTIONS)} "
-                            f"Sections: {', '.join(SECTIONS)}.")
 
-    def fixed(name: str) -> Section:
-        return check_table(f"[{name}]", raw.get(name, {}), FIXED[name], base, problems)
+def _unknown_sections(raw: dict[str, Any]) -> list[str]:
+    return [f"[{name}]: unknown section.{did_you_mean(name, SECTIONS)} Sections: {', '.join(SECTIONS)}."
+            for name in raw if name not in SECTIONS]
 
-    lane = fixed("lane")
+
+def _lane(raw: dict[str, Any], base: Path, problems: list[str]) -> Section:
+    lane = _section("lane", raw, base, problems)
     if not lane.get("serial"):  # absent also when the value given was refused (a problem is listed)
         lane["serial"] = _machine_serial()
+    return lane
 
+
+def _fixed(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section | None]:
+    """The FIXED sections after [lane], by name; an OPTIONAL one the file leaves out is None."""
+    return {name: _section(name, raw, base, problems) if name in raw or name not in OPTIONAL else None
+            for name in FIXED if name != "lane"}
+
+
+def _section(name: str, raw: dict[str, Any], base: Path, problems: list[str]) -> Section:
+    """One FIXED section: its keys, then its CHECKS rules across keys."""
+    section = check_table(f"[{name}]", raw.get(name, {}), FIXED[name], base, problems)
+    if name in CHECKS:
+        problems += CHECKS[name](section)
+    return section
+
+
+def _backend(raw: dict[str, Any], base: Path, problems: list[str]) -> tuple[Section, Section]:
+    """[backend] and the [backend.TYPE] table of its type; a table for another type is a problem."""
     backend_raw = raw.get("backend", {})
     backend_raw = backend_raw if isinstance(backend_raw, dict) else {}
     sub = {k for k, v in backend_raw.items() if isinstance(v, dict)}
@@ -265,7 +316,11 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
     elif btype in BACKEND_TYPES:
         problems.append(f"[backend] type = {fmt(btype)}: this version of gated has no {btype} backend yet; "
                         f"available: {', '.join(sorted(AVAILABLE_BACKENDS))}.")
+    return backend, options
 
+
+def _readers(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section]:
+    """Each [reader.NAME] against the common keys and its type's own (the type module's SCHEMA and check)."""
     readers: dict[str, Section] = {}
     for name, table in _named(raw, "reader", problems).items():
         where = f"[reader.{name}]"
@@ -284,7 +339,10 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
             problems += module.check(readers[name])
     if not readers:
         problems.append('[reader.NAME]: no reader configured; add one, e.g. [reader.front] with type = "hid".')
+    return readers
 
+
+def _leds(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section]:
     leds: dict[str, Section] = {}
     for name, table in _named(raw, "led", problems).items():
         led = check_table(f"[led.{name}]", table, LED, base, problems)
@@ -295,7 +353,11 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
                                 'and [led.red] have a default).')
             led["shows"] = default or "admit"
         leds[name] = led
+    return leds
 
+
+def _inputs(raw: dict[str, Any], base: Path, problems: list[str]) -> tuple[Section | None, Section | None]:
+    """[input.passage] and [input.emergency], each None when absent."""
     inputs = _named(raw, "input", problems)
     passage = emergency = None
     for name in inputs:
@@ -306,29 +368,18 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
         passage = check_table("[input.passage]", inputs["passage"], PASSAGE, base, problems)
     if "emergency" in inputs:
         emergency = check_table("[input.emergency]", inputs["emergency"], INPUT, base, problems)
+    return passage, emergency
 
-    wallet = {}
+
+def _wallets(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section]:
+    wallets = {}
     for name, table in _named(raw, "wallet", problems).items():
         if name in WALLET:
-            wallet[name] = check_table(f"[wallet.{name}]", table, WALLET[name], base, problems)
+            wallets[name] = check_table(f"[wallet.{name}]", table, WALLET[name], base, problems)
         else:
             problems.append(f"[wallet.{name}]: unknown wallet.{did_you_mean(name, list(WALLET))} "
                             "Wallets: apple, google.")
-
-    buzzer = fixed("buzzer") if "buzzer" in raw else None
-    mqtt = fixed("mqtt") if "mqtt" in raw else None
-    if mqtt is not None:
-        problems += check_mqtt(mqtt)
-    config = Config(
-        path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
-        gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
-        emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"),
-        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), mqtt=mqtt, raw=raw,
-    )
-    _cross_check(config, problems)
-    if problems:
-        raise ConfigError(str(path), problems)
-    return config
+    return wallets
 
 
 def _named(raw: dict[str, Any], section: str, problems: list[str]) -> dict[str, Any]:
