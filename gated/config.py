@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gated import mqtt_schema
+from gated import device, mqtt_schema
 from gated.errors import ConfigError
 from gated.schema import Key, Section, check_table, did_you_mean, fmt
 
@@ -35,27 +35,6 @@ AVAILABLE_BACKENDS = {
 }
 AVAILABLE_READERS = {"stdin": "gated.drivers.stdin", "nfc": "gated.drivers.nfc_wallet", "hid": "gated.drivers.hid",
                      "serial": "gated.drivers.serial_qr"}
-
-
-def _machine_serial() -> str:
-    """The Pi's own serial number (as the Pi Foundation's tools read it), else the machine id."""
-    for path in ("/sys/firmware/devicetree/base/serial-number", "/proc/device-tree/serial-number"):
-        try:
-            value = Path(path).read_bytes().strip(b"\x00\n ").decode()
-            if value:
-                return value
-        except OSError:
-            pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("Serial") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        return Path("/etc/machine-id").read_text().strip()[:16]
-    except OSError:
-        return socket.gethostname()
 
 
 LANE = {
@@ -275,7 +254,7 @@ def _unknown_sections(raw: dict[str, Any]) -> list[str]:
 def _lane(raw: dict[str, Any], base: Path, problems: list[str]) -> Section:
     lane = _section("lane", raw, base, problems)
     if not lane.get("serial"):  # absent also when the value given was refused (a problem is listed)
-        lane["serial"] = _machine_serial()
+        lane["serial"] = device.machine_serial()
     return lane
 
 
