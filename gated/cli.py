@@ -1,4 +1,4 @@
-"""The `gated` command: run, check, scan, queue, lookup. Exit codes are a contract (DESIGN.md)."""
+"""The `gated` command: run, check, scan, queue, lookup. Exit codes are a contract (docs/design.md)."""
 
 from __future__ import annotations
 

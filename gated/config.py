@@ -1,6 +1,6 @@
 """Load the installer's TOML file, check every key, and report every problem at once.
 
-The section and key names are a contract (DESIGN.md): installers' files, docs and outside checks
+The section and key names are a contract (docs/design.md): installers' files, docs and outside checks
 rely on them. Defaults live in the schemas below, next to the rule each value must follow.
 """
 

@@ -108,8 +108,8 @@ REPLACED_UNTIL = ("the first successful sync with the ticket API, or, with the l
 async def build(config: Config, *, simulate: bool = False) -> Parts:
     """Store -> backend -> decider -> outputs -> gate. Raises StoreError or DriverError."""
     # A scan's store thread, its commit done, waits for the interpreter lock while the event loop
-    # runs Python (an upload batch's JSON and gzip, a sync page): at most the switch interval.
-    # 1 ms instead of Python's 5: scans during an upload of 100,000 p99 5.3-5.5 -> 3.7-4.7 ms.
+    # runs Python (an upload batch's JSON and gzip, a sync page): at most the switch interval,
+    # so 1 ms instead of Python's 5 (figures in benchmarks/README.md).
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     store = open_store(config.store.path)
     try:

@@ -269,7 +269,7 @@ class _Throttle:
 
 def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
     # Small messages, each answered: without TCP_NODELAY a publish right after an ack waits for the
-    # peer's delayed ACK (40 ms on Linux), which was most of the lane-to-lane delay.
+    # peer's delayed ACK (40 ms on Linux).
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (a test double, a proxy): keep Nagle
