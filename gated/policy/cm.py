@@ -66,6 +66,8 @@ SCHEMA = {
 }
 
 # The API's scan status codes and messages, verbatim from the spec; {x} parts are filled in.
+# gated/simulators/cm.py keeps its own copy on purpose: the simulator stands for CM.com, so a wrong
+# edit here must show up as a difference in the tests, not be shared by both sides.
 MESSAGES = {
     40: "DENY - Ticket barcode unknown: not accepted at this check-in point",
     45: "DENY - Ticket is not allowed: this ticket type can not be scanned",
