@@ -9,6 +9,10 @@ to the admissions table through the scan path's own store, where the Decider's a
 Catch-up after a disconnect uses a persistent MQTT v5 session (clean_start false, a session expiry):
 the broker keeps this lane's subscription and queues what it missed, and the lane acknowledges each
 message only once it is committed to SQLite. docs/mqtt.md explains why not retained summaries.
+
+Long because the link's three threads (event loop, paho's network thread, the worker) share one
+queue and one session, and their hand-offs are easiest to check in one file; the [mqtt] keys and
+their rules are apart, in gated/mqtt_schema.py.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ The list is downloaded in full (X-PAGINATION-LIMIT/PAGE) and then as deltas (X-C
 integer start time of the previous sync). Each stored barcode keeps the server's `count_checked_in`
 and the time its page was fetched; a decision adds the local check-ins that the server had not
 counted at that time (made later, or still waiting for upload), so a delta never erases them.
+
+Long because the session, the online check-in, the list sync and the upload all run on one login
+and one service's list; the pure rules (statuses, rows, service choice) sit apart at the top.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ offline per event, at most 100 a request, as a raw gzip JSON array authorised by
 
 Every request carries a fresh `PAC-Request-Id` (UUID v4), logged at DEBUG with its outcome and in
 every fault line, so Entry's support can find the request.
+
+Long because validation, offline data and upload share one session and one request path (fresh
+request id, renewal on 401); the pure payload parsing is apart, in gated/policy/entry_data.py.
 """
 
 from __future__ import annotations
