@@ -12,7 +12,7 @@ message only once it is committed to SQLite. docs/mqtt.md explains why not retai
 
 Long because the link's three threads (event loop, paho's network thread, the worker) share one
 queue and one session, and their hand-offs are easiest to check in one file; the [mqtt] keys and
-their rules are apart, in gated/mqtt_schema.py.
+their rules are apart, in gated/config.py.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gated import __version__
+from gated.config import parse_mqtt_url
 from gated.errors import ConfigError, GatedError, StoreError
-from gated.mqtt_schema import parse_url
 from gated.schema import Section
 from gated.secrets import read_secret
 from gated.store import Store
@@ -74,7 +74,7 @@ def shown(value: Any, limit: int = 60) -> str:
     return cut + "…" if len(text) > limit else cut
 
 
-# --- topics (the [mqtt] keys and their rules: gated.mqtt_schema) -----------------------------
+# --- topics (the [mqtt] keys and their rules: gated.config) ----------------------------------
 
 def topic_level(text: str) -> str:
     """A name usable as one MQTT topic level (no separator or wildcard characters)."""
@@ -310,7 +310,7 @@ class LaneLink:
         self.settings = section
         self.key = read_venue_key(section.hmac_key_file)
         self.password = read_secret(section.password_file, "[mqtt] password_file") if section.password_file else None
-        self.tls, self.host, self.port = parse_url(section.url)
+        self.tls, self.host, self.port = parse_mqtt_url(section.url)
         self.lane = lane
         self.level = topic_level(lane)
         self.prefix = section.topic_prefix or f"gated/{topic_level(backend_type)}"
@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    tls, host, port = parse_url(s.url)
+    tls, host, port = parse_mqtt_url(s.url)
     topics = Topics(s.topic_prefix or f"gated/{topic_level(config.backend.type)}", topic_level(args.lane))
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"gated-cmd-{uuid.uuid4().hex[:12]}",
                          protocol=mqtt.MQTTv5)
