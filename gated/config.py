@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from gated import device
 from gated.errors import ConfigError
-from gated.mqtt import MQTT
-from gated.mqtt import check as check_mqtt
 from gated.schema import Key, Section, check_table, did_you_mean, fmt
 
 DEFAULT_PATH = "/etc/gated/gated.toml"
@@ -35,27 +37,6 @@ AVAILABLE_BACKENDS = {
 }
 AVAILABLE_READERS = {"stdin": "gated.drivers.stdin", "nfc": "gated.drivers.nfc_wallet", "hid": "gated.drivers.hid",
                      "serial": "gated.drivers.serial_qr"}
-
-
-def _machine_serial() -> str:
-    """The Pi's own serial number (as the Pi Foundation's tools read it), else the machine id."""
-    for path in ("/sys/firmware/devicetree/base/serial-number", "/proc/device-tree/serial-number"):
-        try:
-            value = Path(path).read_bytes().strip(b"\x00\n ").decode()
-            if value:
-                return value
-        except OSError:
-            pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("Serial") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        return Path("/etc/machine-id").read_text().strip()[:16]
-    except OSError:
-        return socket.gethostname()
 
 
 LANE = {
@@ -186,6 +167,69 @@ def _check_occupancy(section: Section) -> list[str]:
     return []
 
 
+# [mqtt]: lane-to-lane sharing and fleet status (gated.mqtt imports parse_mqtt_url from here).
+MQTT = {
+    "url": Key("str", help='the broker, e.g. "mqtt://broker.local:1883" or "mqtts://broker.example.com:8883"'),
+    "username": Key("str", default="", help="the lane's broker account (one per lane, for the broker's ACL)"),
+    "password_file": Key("secret", default="", help="file holding the broker password (chmod 600)"),
+    "ca_file": Key("path", default="", help="CA bundle (PEM) for an mqtts:// broker; default: the system's"),
+    "topic_prefix": Key("str", default="", help='default "gated/<backend type>"; one prefix per venue'),
+    "hmac_key_file": Key("secret", help="the venue's shared key file (the same on every lane, chmod 600)"),
+    "share_admissions": Key("bool", default=True, help="publish admissions and record the other lanes'"),
+    "status": Key("bool", default=True, help="publish retained lane status and an offline last will"),
+    "commands": Key("bool", default=False, help="obey signed mode commands (free, locked, normal)"),
+    "homeassistant_discovery": Key("bool", default=False, help="announce the lane's sensors to Home Assistant"),
+    "homeassistant_prefix": Key("str", default="homeassistant", help="Home Assistant's discovery prefix"),
+    "session_expiry_seconds": Key("float", default=7 * 86400.0, above=0, maximum=0xFFFFFFFF,
+                                  help="how long the broker keeps queuing for a lane that is away"),
+    "keepalive_seconds": Key("int", default=30, minimum=5, maximum=3600,
+                             help="a lane silent for 1.5 times this is announced offline"),
+    "queue_size": Key("int", default=10000, minimum=1, maximum=1_000_000,
+                      help="admissions kept in memory while the broker is away; the oldest are dropped"),
+}
+
+
+def parse_mqtt_url(url: str) -> tuple[bool, str, int]:
+    """`mqtt://host:port` or `mqtts://host:port` -> (tls, host, port); ValueError says what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError('must start with "mqtt://" or "mqtts://", e.g. "mqtt://broker.local:1883"')
+    if parts.username or parts.password:
+        raise ValueError("must not hold credentials; use username and password_file")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError('must be only the scheme, host and port, e.g. "mqtt://broker.local:1883"')
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError("names no host")
+    tls = parts.scheme == "mqtts"
+    return tls, parts.hostname, port or (8883 if tls else 1883)
+
+
+def _check_mqtt(section: Section) -> list[str]:
+    """Rules across the [mqtt] keys, in the config's words."""
+    problems = []
+    url = section.get("url")
+    if url is not None:
+        try:
+            tls, _, _ = parse_mqtt_url(url)
+        except ValueError as e:
+            problems.append(f"[mqtt] url = {fmt(url)}: {e}.")
+        else:
+            if section.get("ca_file") and not tls:
+                problems.append(f'[mqtt] ca_file: only used with "mqtts://"; url is {fmt(url)}.')
+    prefix = section.get("topic_prefix", "")
+    if prefix and (re.search(r"[+#\x00]", prefix) or prefix.startswith("/") or prefix.endswith("/")
+                   or "//" in prefix):
+        problems.append(f"[mqtt] topic_prefix = {fmt(prefix)}: must be topic levels separated by \"/\", "
+                        'without "+", "#" or a leading or trailing "/", e.g. "gated/stadium-north".')
+    if section.get("password_file") and not section.get("username"):
+        problems.append("[mqtt] password_file: set username too; the broker checks the pair.")
+    return problems
+
+
 WALLET_APPLE = {
     "pass_type_ids": Key("strlist", default=[], help="Apple pass type identifiers asked for, in this order"),
     "private_key_files": Key("pathlist", default=[], help="VAS reader private keys (P-256, PEM or DER)"),
@@ -199,10 +243,30 @@ WALLET_GOOGLE = {
 }
 WALLET = {"apple": WALLET_APPLE, "google": WALLET_GOOGLE}
 
-FIXED = {"lane": LANE, "gpio": GPIO, "relay": RELAY, "buzzer": BUZZER, "offline": OFFLINE,
-         "store": STORE, "log": LOG, "mqtt": MQTT, "metrics": METRICS,
-         "occupancy": OCCUPANCY}
+# The sections that appear once, each a field of Config of the same name, checked in this order.
+# Their schemas, rules and parsers live in this file, and the module that uses a section imports
+# what it needs from here (gated.mqtt: parse_mqtt_url), never the other way: config imports no
+# module that reads the config.
+FIXED = {
+    "lane": LANE,
+    "buzzer": BUZZER,
+    "mqtt": MQTT,
+    "metrics": METRICS,
+    "occupancy": OCCUPANCY,
+    "gpio": GPIO,
+    "relay": RELAY,
+    "offline": OFFLINE,
+    "store": STORE,
+    "log": LOG,
+}
+# Fixed sections a file may leave out; their Config field is then None.
 OPTIONAL = ("buzzer", "mqtt", "metrics", "occupancy")
+# Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
+CHECKS: dict[str, Callable[[Section], list[str]]] = {
+    "mqtt": _check_mqtt,
+    "metrics": _check_metrics,
+    "occupancy": _check_occupancy,
+}
 SECTIONS = sorted([*FIXED, "backend", "reader", "led", "input", "wallet"])
 
 
@@ -279,21 +343,55 @@ def load(path: str | None = None) -> Config:
 
 
 def from_dict(raw: dict[str, Any], path: str) -> Config:
+    """Check a parsed file section by section, then across sections; raise ConfigError listing every problem."""
     base = Path(path).resolve().parent
-    problems: list[str] = []
+    problems = _unknown_sections(raw)
+    lane = _lane(raw, base, problems)
+    backend, options = _backend(raw, base, problems)
+    readers = _readers(raw, base, problems)
+    leds = _leds(raw, base, problems)
+    passage, emergency = _inputs(raw, base, problems)
+    wallets = _wallets(raw, base, problems)
+    fixed = _fixed(raw, base, problems)
+    config = Config(
+        path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers, leds=leds,
+        passage=passage, emergency=emergency, wallet_apple=wallets.get("apple"),
+        wallet_google=wallets.get("google"), raw=raw, **fixed,
+    )
+    _cross_check(config, problems)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
 
-    for name in raw:
-        if name not in SECTIONS:
-            problems.append(f"[{name}]: unknown section.{did_you_mean(name, SECTIONS)} "
-                            f"Sections: {', '.join(SECTIONS)}.")
 
-    def fixed(name: str) -> Section:
-        return check_table(f"[{name}]", raw.get(name, {}), FIXED[name], base, problems)
+def _unknown_sections(raw: dict[str, Any]) -> list[str]:
+    return [f"[{name}]: unknown section.{did_you_mean(name, SECTIONS)} Sections: {', '.join(SECTIONS)}."
+            for name in raw if name not in SECTIONS]
 
-    lane = fixed("lane")
+
+def _lane(raw: dict[str, Any], base: Path, problems: list[str]) -> Section:
+    lane = _section("lane", raw, base, problems)
     if not lane.get("serial"):  # absent also when the value given was refused (a problem is listed)
-        lane["serial"] = _machine_serial()
+        lane["serial"] = device.machine_serial()
+    return lane
 
+
+def _fixed(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section | None]:
+    """The FIXED sections after [lane], by name; an OPTIONAL one the file leaves out is None."""
+    return {name: _section(name, raw, base, problems) if name in raw or name not in OPTIONAL else None
+            for name in FIXED if name != "lane"}
+
+
+def _section(name: str, raw: dict[str, Any], base: Path, problems: list[str]) -> Section:
+    """One FIXED section: its keys, then its CHECKS rules across keys."""
+    section = check_table(f"[{name}]", raw.get(name, {}), FIXED[name], base, problems)
+    if name in CHECKS:
+        problems += CHECKS[name](section)
+    return section
+
+
+def _backend(raw: dict[str, Any], base: Path, problems: list[str]) -> tuple[Section, Section]:
+    """[backend] and the [backend.TYPE] table of its type; a table for another type is a problem."""
     backend_raw = raw.get("backend", {})
     backend_raw = backend_raw if isinstance(backend_raw, dict) else {}
     sub = {k for k, v in backend_raw.items() if isinstance(v, dict)}
@@ -315,7 +413,11 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
     elif btype in BACKEND_TYPES:
         problems.append(f"[backend] type = {fmt(btype)}: this version of gated has no {btype} backend yet; "
                         f"available: {', '.join(sorted(AVAILABLE_BACKENDS))}.")
+    return backend, options
 
+
+def _readers(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section]:
+    """Each [reader.NAME] against the common keys and its type's own (the type module's SCHEMA and check)."""
     readers: dict[str, Section] = {}
     for name, table in _named(raw, "reader", problems).items():
         where = f"[reader.{name}]"
@@ -334,7 +436,10 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
             problems += module.check(readers[name])
     if not readers:
         problems.append('[reader.NAME]: no reader configured; add one, e.g. [reader.front] with type = "hid".')
+    return readers
 
+
+def _leds(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section]:
     leds: dict[str, Section] = {}
     for name, table in _named(raw, "led", problems).items():
         led = check_table(f"[led.{name}]", table, LED, base, problems)
@@ -345,7 +450,11 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
                                 'and [led.red] have a default).')
             led["shows"] = default or "admit"
         leds[name] = led
+    return leds
 
+
+def _inputs(raw: dict[str, Any], base: Path, problems: list[str]) -> tuple[Section | None, Section | None]:
+    """[input.passage] and [input.emergency], each None when absent."""
     inputs = _named(raw, "input", problems)
     passage = emergency = None
     for name in inputs:
@@ -356,36 +465,18 @@ def from_dict(raw: dict[str, Any], path: str) -> Config:
         passage = check_table("[input.passage]", inputs["passage"], PASSAGE, base, problems)
     if "emergency" in inputs:
         emergency = check_table("[input.emergency]", inputs["emergency"], INPUT, base, problems)
+    return passage, emergency
 
-    wallet = {}
+
+def _wallets(raw: dict[str, Any], base: Path, problems: list[str]) -> dict[str, Section]:
+    wallets = {}
     for name, table in _named(raw, "wallet", problems).items():
         if name in WALLET:
-            wallet[name] = check_table(f"[wallet.{name}]", table, WALLET[name], base, problems)
+            wallets[name] = check_table(f"[wallet.{name}]", table, WALLET[name], base, problems)
         else:
             problems.append(f"[wallet.{name}]: unknown wallet.{did_you_mean(name, list(WALLET))} "
                             "Wallets: apple, google.")
-
-    buzzer = fixed("buzzer") if "buzzer" in raw else None
-    mqtt = fixed("mqtt") if "mqtt" in raw else None
-    if mqtt is not None:
-        problems += check_mqtt(mqtt)
-    metrics = fixed("metrics") if "metrics" in raw else None
-    if metrics is not None:
-        problems += _check_metrics(metrics)
-    occupancy = fixed("occupancy") if "occupancy" in raw else None
-    if occupancy is not None:
-        problems += _check_occupancy(occupancy)
-    config = Config(
-        path=str(path), lane=lane, backend=backend, backend_options=options, readers=readers,
-        gpio=fixed("gpio"), relay=fixed("relay"), leds=leds, buzzer=buzzer, passage=passage,
-        emergency=emergency, offline=fixed("offline"), store=fixed("store"), log=fixed("log"),
-        wallet_apple=wallet.get("apple"), wallet_google=wallet.get("google"), mqtt=mqtt, metrics=metrics,
-        occupancy=occupancy, raw=raw,
-    )
-    _cross_check(config, problems)
-    if problems:
-        raise ConfigError(str(path), problems)
-    return config
+    return wallets
 
 
 def _named(raw: dict[str, Any], section: str, problems: list[str]) -> dict[str, Any]:

@@ -110,8 +110,8 @@ REPLACED_UNTIL = ("the first successful sync with the ticket API, or, with the l
 async def build(config: Config, *, simulate: bool = False) -> Parts:
     """Store -> backend -> decider -> outputs -> gate. Raises StoreError or DriverError."""
     # A scan's store thread, its commit done, waits for the interpreter lock while the event loop
-    # runs Python (an upload batch's JSON and gzip, a sync page): at most the switch interval.
-    # 1 ms instead of Python's 5: scans during an upload of 100,000 p99 5.3-5.5 -> 3.7-4.7 ms.
+    # runs Python (an upload batch's JSON and gzip, a sync page): at most the switch interval,
+    # so 1 ms instead of Python's 5 (figures in benchmarks/README.md).
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     store = open_store(config.store.path)
     try:
@@ -194,8 +194,34 @@ class Daemon:
         return (occ.venue_total(), occ.capacity) if occ is not None else (0, 0)
 
     async def run(self) -> int:
-        c = self.config
+        """Start in dependency order, decide scans until SIGTERM or SIGINT, stop in reverse; the exit code."""
         started = time.monotonic()
+        code = await self._build()
+        if code is not None:
+            return code
+        await self._load_local_list()
+        code = await self._link_lanes()
+        if code is not None:
+            return code
+        tasks = self._background()
+        code = self._start_metrics(tasks)
+        if code is not None:
+            await self.parts.close()
+            return code
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(_keep_running(name, run), name=name) for name, run in tasks]
+        self._handle_signals()
+        self._start_readers(self.config.readers, self.config)
+        await self._announce_ready(started)
+        await self._decision_loop()
+        await self._stop(background)
+        return 0
+
+    # --- start and stop, in the order run() takes them ------------------------------------
+
+    async def _build(self) -> int | None:
+        """Store, backend, decider, outputs and gate (`build`); an exit code when they cannot start."""
+        c = self.config
         log.info("gated %s starting: config %s, lane %s (%s, %s mode)", __version__, c.path, c.lane.name,
                  c.lane.scan_mode, c.lane.mode)
         try:
@@ -206,25 +232,39 @@ class Daemon:
         except (StoreError, DriverError) as e:
             log.error("cannot start: %s", e, extra={"GATED_EVENT": "start_failed"})
             return 1
+        if self.parts.store.read_only:
+            log.error("store %s cannot be written (%s): %s", c.store.path, self.parts.store.read_only,
+                      self._not_recording(), extra={"GATED_EVENT": "store_read_only"})
+        return None
+
+    async def _load_local_list(self) -> None:
+        """A backend without an API decides from its local list only: load it before the readers start."""
         p = self.parts
-        if p.store.read_only:
-            log.error("store %s cannot be written (%s): %s", c.store.path, p.store.read_only, self._not_recording(),
-                      extra={"GATED_EVENT": "store_read_only"})
         if not p.backend.online:
-            # A local list is the only authority and reading it takes milliseconds: load it before
-            # the readers start, or the first codes after a fresh install are denied "unknown".
+            # Reading it takes milliseconds; without it the first codes after a fresh install are denied "unknown".
             try:
                 await p.backend.sync(p.store)
             except GatedError as e:
                 log.warning("offline data not refreshed: %s", e, extra={"GATED_EVENT": "sync_failed"})
+
+    async def _link_lanes(self) -> int | None:
+        """The MQTT lane link, after the outputs and before the readers, so the first admission is shared."""
         loop = asyncio.get_running_loop()
-        try:  # after the outputs, before the readers: the first scan's admission is shared
-            self.link = mqtt.attach(c, p.store, p.gate, on_mode=lambda mode: loop.call_soon_threadsafe(
-                self.queue.put_nowait, _SetMode(mode)), occupancy=p.occupancy)
+        try:
+            self.link = mqtt.attach(self.config, self.parts.store, self.parts.gate,
+                                    on_mode=lambda mode: loop.call_soon_threadsafe(self.queue.put_nowait,
+                                                                                   _SetMode(mode)),
+                                    occupancy=self.parts.occupancy)
         except ConfigError as e:  # a secret file found wrong only when it is read
             log.error("cannot start:\n%s", Lines(configmod.report(e)), extra={"GATED_EVENT": "start_failed"})
-            await p.close()
+            await self.parts.close()
             return 2
+        return None
+
+    def _background(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        """The uploader, the syncer, housekeeping (and the readiness share with MQTT status): each run
+        as a task restarted if it fails (`_keep_running`)."""
+        p, c = self.parts, self.config
         self.uploader = Uploader(p.backend, p.store)
         self.uploader.can_upload = lambda: p.decider.breaker.allows()
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync", read_only_ok=True),
@@ -236,28 +276,40 @@ class Daemon:
         p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
         p.decider.on_reconnect += [self.uploader.wake, self.syncer.wake]
         tasks = [("uploader", self.uploader.run), ("syncer", self.syncer.run), ("housekeeping", self._housekeeping)]
-        if c.metrics is not None:
-            from gated import metrics
-
-            try:
-                self.exporter = metrics.attach(c.metrics, p.gate, metrics.Lane(
-                    self.syncer.store, lambda: self.parts.decider, self._readers_up, self._occupancy))
-            except OSError as e:
-                log.error("cannot start: [metrics] listen = %s: %s", c.metrics.listen, e.strerror or e,
-                          extra={"GATED_EVENT": "start_failed"})
-                await p.close()
-                return 1
-            if self.exporter is not None:
-                tasks.append(("metrics", self.exporter.run))
-                log.info("metrics: %s", self.exporter.describe())
         if self.link is not None and c.mqtt.status:
             tasks.append(("ready", self._share_ready))
-        background = [loop.create_task(_keep_running(name, run), name=name) for name, run in tasks]
+        return tasks
+
+    def _start_metrics(self, tasks: list[tuple[str, Callable[[], Awaitable[None]]]]) -> int | None:
+        """The Prometheus exporter with [metrics], as one more background task; an exit code when its
+        address cannot be bound."""
+        c, p = self.config, self.parts
+        if c.metrics is None:
+            return None
+        from gated import metrics
+
+        try:
+            self.exporter = metrics.attach(c.metrics, p.gate, metrics.Lane(
+                self.syncer.store, lambda: self.parts.decider, self._readers_up, self._occupancy))
+        except OSError as e:
+            log.error("cannot start: [metrics] listen = %s: %s", c.metrics.listen, e.strerror or e,
+                      extra={"GATED_EVENT": "start_failed"})
+            return 1
+        if self.exporter is not None:
+            tasks.append(("metrics", self.exporter.run))
+            log.info("metrics: %s", self.exporter.describe())
+        return None
+
+    def _handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop; SIGHUP reloads the config between two scans."""
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.queue.put_nowait(_RELOAD))
-        self._start_readers(c.readers, c)
 
+    async def _announce_ready(self, started: float) -> None:
+        """The start-up banner, then READY=1 and the first status."""
+        p, c = self.parts, self.config
         stats = await p.store.call(Store.queue_stats)
         if stats.pending:  # scans queued before a restart go out now, not after the uploader's idle minute
             self.uploader.wake()
@@ -274,9 +326,11 @@ class Daemon:
         self._share_status(stats.pending)
         log.info("ready in %.0f ms", (time.monotonic() - started) * 1000, extra={"GATED_EVENT": "ready"})
 
-        await self._decision_loop()
-
-        log.info("stopping: readers first, then outputs to their safe state (%s)", c.relay.safe_state)
+    async def _stop(self, background: list[asyncio.Task]) -> None:
+        """Readers first (the scans already read are still decided), the lane link, background tasks,
+        then the parts (outputs to their safe state, the store closed last)."""
+        p = self.parts
+        log.info("stopping: readers first, then outputs to their safe state (%s)", self.config.relay.safe_state)
         self.notifier.stopping()
         for _, task in self.readers.values():
             task.cancel()
@@ -296,7 +350,8 @@ class Daemon:
         await p.close()
         self.syncer.store.close()
         log.info("stopped")
-        return 0
+
+    # --- status and the decision loop -----------------------------------------------------
 
     def _policy_text(self) -> str:
         p = self.parts

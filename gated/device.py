@@ -8,6 +8,7 @@ sends no packet), so callers refresh it off the scan path and reuse the result.
 
 from __future__ import annotations
 
+import platform
 import socket
 import struct
 from dataclasses import dataclass
@@ -31,6 +32,35 @@ class DeviceInfo:
     local_ip: str | None = None
     mac_address: str | None = None
     network_signal: str | None = None  # Wi-Fi signal level, e.g. "-52 dBm"
+
+
+def file_text(path: str | Path) -> str:
+    """A small text file of the system (/sys, /proc, /etc), stripped of whitespace and the NUL that
+    device-tree strings end with; "" when it cannot be read. Bytes that are not UTF-8 are replaced."""
+    try:
+        return Path(path).read_bytes().decode("utf-8", "replace").strip("\x00 \t\r\n")
+    except OSError:
+        return ""
+
+
+def hardware() -> tuple[str, str]:
+    """(maker, model) of this machine: the device tree's model on a Pi or another board, else DMI."""
+    model = file_text("/sys/firmware/devicetree/base/model") or file_text("/proc/device-tree/model")
+    if model:
+        return ("Raspberry Pi" if model.startswith("Raspberry Pi") else model.split()[0]), model
+    vendor, product = file_text("/sys/class/dmi/id/sys_vendor"), file_text("/sys/class/dmi/id/product_name")
+    return vendor or "unknown", product or platform.machine() or "unknown"
+
+
+def machine_serial() -> str:
+    """The Pi's own serial number (as the Pi Foundation's tools read it), else the machine id, else the host name."""
+    for path in ("/sys/firmware/devicetree/base/serial-number", "/proc/device-tree/serial-number"):
+        if value := file_text(path):
+            return value
+    for line in file_text("/proc/cpuinfo").splitlines():
+        if line.startswith("Serial") and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return file_text("/etc/machine-id")[:16] or socket.gethostname()
 
 
 def software_version() -> str:
@@ -85,10 +115,10 @@ def network_type(interface: str, sys_net: str | Path = "/sys/class/net") -> str 
     base = Path(sys_net) / interface
     if (base / "wireless").exists() or (base / "phy80211").exists():
         return WIFI
-    uevent = _read(base / "uevent") or ""
+    uevent = file_text(base / "uevent")
     devtype = next((line.split("=", 1)[1] for line in uevent.splitlines() if line.startswith("DEVTYPE=")), "")
     try:
-        kind = int(_read(base / "type") or "")
+        kind = int(file_text(base / "type"))
     except ValueError:
         kind = None
     # ppp0 is left out on purpose: it is a cellular modem as often as DSL (PPPoE).
@@ -140,7 +170,7 @@ def read(*, sys_net: str | Path = "/sys/class/net", proc_net: str | Path = "/pro
         return info
     interface, gateway = route
     kind = network_type(interface, sys_net)
-    mac = (_read(Path(sys_net) / interface / "address") or "").strip() or None
+    mac = file_text(Path(sys_net) / interface / "address") or None
     if mac == "00:00:00:00:00:00":
         mac = None
     return DeviceInfo(
@@ -153,9 +183,3 @@ def read(*, sys_net: str | Path = "/sys/class/net", proc_net: str | Path = "/pro
         network_signal=wifi_signal(interface, Path(proc_net) / "wireless") if kind == WIFI else None,
     )
 
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None

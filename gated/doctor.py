@@ -3,6 +3,9 @@
 It looks without touching: no relay moves, no scan is recorded, the offline data is not synced.
 Exit 0 when no line says FAIL, 1 otherwise. Every path it reads hangs off `System`, so the tests
 (and a technician inspecting a copied SD card) can point it at another tree.
+
+Long because it is one screen of independent checks, each a short function, read top to bottom in
+the order the screen shows them; split up, the list an installer sees would be scattered.
 """
 
 from __future__ import annotations

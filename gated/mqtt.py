@@ -9,6 +9,10 @@ to the admissions table through the scan path's own store, where the Decider's a
 Catch-up after a disconnect uses a persistent MQTT v5 session (clean_start false, a session expiry):
 the broker keeps this lane's subscription and queues what it missed, and the lane acknowledges each
 message only once it is committed to SQLite. docs/mqtt.md explains why not retained summaries.
+
+Long because the link's three threads (event loop, paho's network thread, the worker) share one
+queue and one session, and their hand-offs are easiest to check in one file; the [mqtt] keys and
+their rules are apart, in gated/config.py.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from gated import __version__
+from gated.config import parse_mqtt_url
 from gated.errors import ConfigError, GatedError, StoreError
 from gated.occupancy import HEARTBEAT_SECONDS, REMEMBER_KEY, Counts, Occupancy, valid_counts
-from gated.schema import Key, Section, fmt
+from gated.schema import Section
 from gated.secrets import read_secret
+from gated.store import Store
 
 if TYPE_CHECKING:
     from gated.config import Config
@@ -40,27 +45,6 @@ if TYPE_CHECKING:
     from gated.store import StoreThread
 
 log = logging.getLogger(__name__)
-
-SCHEMA = {
-    "url": Key("str", help='the broker, e.g. "mqtt://broker.local:1883" or "mqtts://broker.example.com:8883"'),
-    "username": Key("str", default="", help="the lane's broker account (one per lane, for the broker's ACL)"),
-    "password_file": Key("secret", default="", help="file holding the broker password (chmod 600)"),
-    "ca_file": Key("path", default="", help="CA bundle (PEM) for an mqtts:// broker; default: the system's"),
-    "topic_prefix": Key("str", default="", help='default "gated/<backend type>"; one prefix per venue'),
-    "hmac_key_file": Key("secret", help="the venue's shared key file (the same on every lane, chmod 600)"),
-    "share_admissions": Key("bool", default=True, help="publish admissions and record the other lanes'"),
-    "status": Key("bool", default=True, help="publish retained lane status and an offline last will"),
-    "commands": Key("bool", default=False, help="obey signed mode commands (free, locked, normal)"),
-    "homeassistant_discovery": Key("bool", default=False, help="announce the lane's sensors to Home Assistant"),
-    "homeassistant_prefix": Key("str", default="homeassistant", help="Home Assistant's discovery prefix"),
-    "session_expiry_seconds": Key("float", default=7 * 86400.0, above=0, maximum=0xFFFFFFFF,
-                                  help="how long the broker keeps queuing for a lane that is away"),
-    "keepalive_seconds": Key("int", default=30, minimum=5, maximum=3600,
-                             help="a lane silent for 1.5 times this is announced offline"),
-    "queue_size": Key("int", default=10000, minimum=1, maximum=1_000_000,
-                      help="admissions kept in memory while the broker is away; the oldest are dropped"),
-}
-MQTT = SCHEMA  # the [mqtt] table, as gated.config registers it
 
 VERSION = 1
 MODES = ("normal", "free", "locked")
@@ -91,48 +75,7 @@ def shown(value: Any, limit: int = 60) -> str:
     return cut + "…" if len(text) > limit else cut
 
 
-# --- configuration ---------------------------------------------------------------------------
-
-def parse_url(url: str) -> tuple[bool, str, int]:
-    """`mqtt://host:port` or `mqtts://host:port` -> (tls, host, port); ValueError says what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError('must start with "mqtt://" or "mqtts://", e.g. "mqtt://broker.local:1883"')
-    if parts.username or parts.password:
-        raise ValueError("must not hold credentials; use username and password_file")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError('must be only the scheme, host and port, e.g. "mqtt://broker.local:1883"')
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("has a port that is not a number from 1 to 65535") from None
-    if not parts.hostname:
-        raise ValueError("names no host")
-    tls = parts.scheme == "mqtts"
-    return tls, parts.hostname, port or (8883 if tls else 1883)
-
-
-def check(section: Section) -> list[str]:
-    """Rules across the [mqtt] keys, in the config's words."""
-    problems = []
-    url = section.get("url")
-    if url is not None:
-        try:
-            tls, _, _ = parse_url(url)
-        except ValueError as e:
-            problems.append(f"[mqtt] url = {fmt(url)}: {e}.")
-        else:
-            if section.get("ca_file") and not tls:
-                problems.append(f'[mqtt] ca_file: only used with "mqtts://"; url is {fmt(url)}.')
-    prefix = section.get("topic_prefix", "")
-    if prefix and (re.search(r"[+#\x00]", prefix) or prefix.startswith("/") or prefix.endswith("/")
-                   or "//" in prefix):
-        problems.append(f"[mqtt] topic_prefix = {fmt(prefix)}: must be topic levels separated by \"/\", "
-                        'without "+", "#" or a leading or trailing "/", e.g. "gated/stadium-north".')
-    if section.get("password_file") and not section.get("username"):
-        problems.append("[mqtt] password_file: set username too; the broker checks the pair.")
-    return problems
-
+# --- topics (the [mqtt] keys and their rules: gated.config) ----------------------------------
 
 def topic_level(text: str) -> str:
     """A name usable as one MQTT topic level (no separator or wildcard characters)."""
@@ -361,7 +304,7 @@ class _Throttle:
 
 def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
     # Small messages, each answered: without TCP_NODELAY a publish right after an ack waits for the
-    # peer's delayed ACK (40 ms on Linux), which was most of the lane-to-lane delay.
+    # peer's delayed ACK (40 ms on Linux).
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (a test double, a proxy): keep Nagle
@@ -401,7 +344,7 @@ class LaneLink:
         self.settings = section
         self.key = read_venue_key(section.hmac_key_file)
         self.password = read_secret(section.password_file, "[mqtt] password_file") if section.password_file else None
-        self.tls, self.host, self.port = parse_url(section.url)
+        self.tls, self.host, self.port = parse_mqtt_url(section.url)
         self.lane = lane
         self.level = topic_level(lane)
         self.prefix = section.topic_prefix or f"gated/{topic_level(backend_type)}"
@@ -844,8 +787,6 @@ def attach(config: Config, store: StoreThread, gate: Gate, on_mode: Callable[[st
     """
     if config.mqtt is None:
         return None
-    from gated.store import Store  # not at import time: gated.config imports this module for SCHEMA
-
     ledger = CommandLedger(get=lambda key: store.call_sync(Store.get, key),
                            put=lambda key, value: store.call_sync(Store.set, key, value))
     link = LaneLink(config.mqtt, lane=config.lane.name, serial=config.lane.serial, backend_type=config.backend.type,
@@ -885,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    tls, host, port = parse_url(s.url)
+    tls, host, port = parse_mqtt_url(s.url)
     topics = Topics(s.topic_prefix or f"gated/{topic_level(config.backend.type)}", topic_level(args.lane))
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"gated-cmd-{uuid.uuid4().hex[:12]}",
                          protocol=mqtt.MQTTv5)

@@ -3,9 +3,8 @@
 The event loop runs one thing at a time, and the store thread takes its calls in order: an upload
 batch built (JSON, gzip) or marked sent while a scan is being decided delays that scan by as much.
 A person passes every two seconds and a scan takes two milliseconds, so the gaps are almost all of
-the time; waiting for one costs an upload little and keeps the visitor's scan first. Measured on
-the CI VM, a scan every 20 ms during an upload of 100,000: p99 6.0-10.4 ms without the wait,
-2.4-4.7 ms with it (benchmarks/README.md).
+the time; waiting for one costs an upload little and keeps the visitor's scan first (the figures
+are in benchmarks/README.md, "Why the code is as it is").
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A reload parses and writes hundreds of pages. On the daemon's own syncer thread that work holds
 the interpreter lock in long stretches (each page's `json.loads` is one uninterruptible call), and
 every scan, which hops between the event loop and the store thread several times, waits behind
-it: scans during a CM.com reload of 100,000 barcodes took p99 12-14 ms instead of 2 ms. A child
-process has its own interpreter lock, and the kernel, not Python, shares the CPU between the two.
+it (figures in benchmarks/README.md). A child process has its own interpreter lock, and the
+kernel, not Python, shares the CPU between the two.
 
 The child is `python -m gated.reload`. It reads its job (the checked config, the backend's session,
 the store's path) pickled on stdin, builds the same backend class, and runs the backend's
@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 # The reload yields the CPU to the daemon (and to anything else the Pi runs) when both want it:
 # SCHED_IDLE, so a scan's threads take the CPU from it the moment they wake (at nice 10 they could
-# wait for its time slice: scans slower than 5 ms during a reload 2.2-3.3 % -> 0.8 % on the CI VM),
-# else nice 10. Lowering a child of the same user needs no privilege, but the unit's system call filter
-# must allow sched_setscheduler and setpriority (see systemd/gated.service).
+# wait for its time slice), else nice 10. Lowering a child of the same user needs no privilege,
+# but the unit's system call filter must allow sched_setscheduler and setpriority (see
+# systemd/gated.service).
 NICENESS = 10
 ERRORS: dict[str, type[GatedError]] = {c.__name__: c for c in (Unreachable, BackendRejected, StoreError)}
 _HEADER = struct.Struct("!I")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gated.device import file_text
 from gated.drivers.base import Reader
 from gated.drivers.keymap import LAYOUTS, TERMINATORS, Code, KeyDecoder
 from gated.model import InputKind, Scan
@@ -83,13 +84,6 @@ class InputCandidate:
         return f"{self.vendor}:{self.product}"
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def _is_keyboard(key_bitmap: str) -> bool:
     """Whether the device has the keys a scanner types: digits and Enter.
 
@@ -120,13 +114,13 @@ def list_devices(dev_root: str = "/dev/input", sys_root: str = "/sys/class/input
     entries = sorted(Path(sys_root).glob("event*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
     for entry in entries:
         info = entry / "device"
-        if not _is_keyboard(_read(info / "capabilities" / "key")):
+        if not _is_keyboard(file_text(info / "capabilities" / "key")):
             continue
         path = Path(dev_root, entry.name)
         resolved = str(path.resolve())
         out.append(InputCandidate(
-            path=str(path), name=_read(info / "name"), vendor=_read(info / "id" / "vendor").lower(),
-            product=_read(info / "id" / "product").lower(), phys=_read(info / "phys"),
+            path=str(path), name=file_text(info / "name"), vendor=file_text(info / "id" / "vendor").lower(),
+            product=file_text(info / "id" / "product").lower(), phys=file_text(info / "phys"),
             links=tuple(links.get(resolved, ())), access=os.access(path, os.R_OK | os.W_OK)))
     return out
 

@@ -8,6 +8,8 @@ failed (`Unreachable`, decide offline), it is not a verdict.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from typing import Any
 
@@ -61,3 +63,16 @@ def mapping(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Unreachable(f"{what} is a {type(value).__name__}, not an object")
     return value
+
+
+def jwt_claims(token: Any) -> dict[str, Any] | None:
+    """The claims of a JWT, unverified (each API checks its own tokens; gated only reads them);
+    None when `token` is not a JWT whose payload is a JSON object. Callers say what that means."""
+    if not isinstance(token, str):
+        return None
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError, RecursionError):  # bad base64 and bad UTF-8 are ValueErrors too
+        return None
+    return claims if isinstance(claims, dict) else None

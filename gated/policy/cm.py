@@ -9,13 +9,14 @@ The list is downloaded in full (X-PAGINATION-LIMIT/PAGE) and then as deltas (X-C
 integer start time of the previous sync). Each stored barcode keeps the server's `count_checked_in`
 and the time its page was fetched; a decision adds the local check-ins that the server had not
 counted at that time (made later, or still waiting for upload), so a delta never erases them.
+
+Long because the session, the online check-in, the list sync and the upload all run on one login
+and one service's list; the pure rules (statuses, rows, service choice) sit apart at the top.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import gc
 import hashlib
@@ -26,18 +27,27 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gated import reload
+from gated import device, reload
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, Verdict
-from gated.policy.answer import INT64_MAX, INT64_MIN, cut, integer, text
+from gated.policy.answer import INT64_MAX, INT64_MIN, cut, integer, jwt_claims, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, json_answer, json_body, make_client, parse_json, request
+from gated.policy.http import (
+    LIST_PAGE_LIMIT,
+    HttpBackend,
+    api_message,
+    error_text,
+    json_answer,
+    json_body,
+    make_client,
+    parse_json,
+    request,
+)
 from gated.schema import Key
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
@@ -59,6 +69,8 @@ SCHEMA = {
 }
 
 # The API's scan status codes and messages, verbatim from the spec; {x} parts are filled in.
+# gated/simulators/cm.py keeps its own copy on purpose: the simulator stands for CM.com, so a wrong
+# edit here must show up as a difference in the tests, not be shared by both sides.
 MESSAGES = {
     40: "DENY - Ticket barcode unknown: not accepted at this check-in point",
     45: "DENY - Ticket is not allowed: this ticket type can not be scanned",
@@ -92,18 +104,6 @@ JWT_KEY, SERVICE_KEY, SYNC_KEY = "cm:jwt", "cm:service", "cm:sync"
 
 # --- pure helpers ---------------------------------------------------------------------------
 
-def jwt_claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT (not verified: the API verifies its own tokens; we only read the user)."""
-    try:
-        part = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError):
-        raise Unreachable("login answered with a token that is not a JWT") from None
-    if not isinstance(claims, dict):
-        raise Unreachable("login answered with a JWT without claims")
-    return claims
-
-
 def scan_user(claims: dict[str, Any]) -> str | None:
     """The scan user's uuid: `sub`, or `user.uuid` (the spec allows either)."""
     user = claims.get("user")
@@ -115,30 +115,10 @@ def scan_user(claims: dict[str, Any]) -> str | None:
 
 def default_device_info(serial: str) -> str:
     """X-DEVICE-INFO in CM.com's shape: DEVICE_ID:…,MANUFACTURER:…,MODEL:…,OS:…,OS_VERSION:…"""
-    manufacturer, model = _hardware()
-    try:
-        from gated.device import os_version
-        os_text = os_version()
-    except ImportError:
-        os_text = None
+    manufacturer, model = device.hardware()
     fields = {"DEVICE_ID": serial, "MANUFACTURER": manufacturer, "MODEL": model,
-              "OS": platform.system() or "Linux", "OS_VERSION": os_text or platform.release()}
+              "OS": platform.system() or "Linux", "OS_VERSION": device.os_version() or platform.release()}
     return ",".join(f"{k}:{_header_safe(v)}" for k, v in fields.items())
-
-
-def _hardware() -> tuple[str, str]:
-    model = _read("/sys/firmware/devicetree/base/model") or _read("/proc/device-tree/model")
-    if model:
-        return ("Raspberry Pi" if model.startswith("Raspberry Pi") else model.split()[0]), model
-    vendor, product = _read("/sys/class/dmi/id/sys_vendor"), _read("/sys/class/dmi/id/product_name")
-    return vendor or "unknown", product or platform.machine() or "unknown"
-
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_bytes().strip(b"\x00\n ").decode("utf-8", "replace") or None
-    except OSError:
-        return None
 
 
 def _header_safe(value: str) -> str:
@@ -151,20 +131,15 @@ def _utc(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts is not None else "unknown"
 
 
-def info_message(response: httpx.Response) -> str | None:
-    """The text of CM.com's Info Message ({"info": {"message": …}}), or None when the body is not one."""
-    try:
-        body = parse_json(response.content)
-    except Unreachable:
-        return None
+def _info_words(body: Any) -> str | None:
+    """The text of CM.com's Info Message ({"info": {"message": …}}), the shape of its refusals."""
     info = body.get("info") if isinstance(body, dict) else None
-    message = info.get("message") if isinstance(info, dict) else None
-    return cut(message) if isinstance(message, str) and message else None
+    return info.get("message") if isinstance(info, dict) else None
 
 
 def _info(response: httpx.Response) -> str:
-    """The Info Message's text for logs and queue lines, else the status."""
-    return info_message(response) or f"HTTP {response.status_code}"
+    """Why CM.com refused a call: its Info Message, else the HTTP reason phrase."""
+    return error_text(response, _info_words)
 
 
 @dataclass(frozen=True)
@@ -510,6 +485,8 @@ class CMBackend(HttpBackend):
             if not isinstance(token, str) or not token:
                 raise Unreachable("login answered without a token")
             claims = jwt_claims(token)
+            if claims is None:
+                raise Unreachable("login answered with a token that is not a JWT with claims")
             user = scan_user(claims)
             if user is None:
                 raise Unreachable("the login token names no scan user (neither sub nor user.uuid)")
@@ -579,7 +556,7 @@ class CMBackend(HttpBackend):
         if response.status_code == 400:
             # A definite answer, in CM.com's Info Message shape: the API refuses this request. Final,
             # like any deny it gives. Any other 400 (a proxy's page) says nothing about the ticket.
-            message = info_message(response)
+            message = api_message(response, _info_words)
             if message is None:
                 raise Unreachable("check-in answered HTTP 400 without CM.com's Info Message")
             return Decision(Verdict.DENY, Reason.REJECTED, Source.ONLINE, backend=self.name,

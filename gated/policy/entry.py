@@ -10,6 +10,9 @@ offline per event, at most 100 a request, as a raw gzip JSON array authorised by
 
 Every request carries a fresh `PAC-Request-Id` (UUID v4), logged at DEBUG with its outcome and in
 every fault line, so Entry's support can find the request.
+
+Long because validation, offline data and upload share one session and one request path (fresh
+request id, renewal on 401); the pure payload parsing is apart, in gated/policy/entry_data.py.
 """
 
 from __future__ import annotations
@@ -32,20 +35,26 @@ from gated import device
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
 from gated.model import Decision, InputKind, Reason, Scan, ScanMode, Source, admit, deny
-from gated.policy.answer import ID_LIMIT, ident, text
+from gated.policy.answer import ID_LIMIT, ident, jwt_claims, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.entry_data import (
     EntryEvent,
     entry_error,
-    error_text,
     filename_stamp,
-    jwt_claims,
     local_iso,
     lookup_lines,
     map_reason,
     parse_events,
 )
-from gated.policy.http import LIST_PAGE_LIMIT, SCAN_ANSWER_LIMIT, json_answer, json_body, make_client, request
+from gated.policy.http import (
+    LIST_PAGE_LIMIT,
+    SCAN_ANSWER_LIMIT,
+    error_text,
+    json_answer,
+    json_body,
+    make_client,
+    request,
+)
 from gated.policy.masks import MaskSet
 from gated.schema import Key
 from gated.secrets import read_secret
@@ -224,7 +233,7 @@ class EntryBackend(Backend):
         response, token = await once()
         if response.status_code == 401 and auth == "jwt":
             log.info("Entry %s: session refused (HTTP 401: %s, PAC-Request-Id %s); renewing it", endpoint,
-                     error_text(response), response.request.headers.get("PAC-Request-Id"),
+                     _why(response), response.request.headers.get("PAC-Request-Id"),
                      extra={"GATED_EVENT": "session_renew"})
             await self._renew(stale=token)
             response, _ = await once()
@@ -295,7 +304,7 @@ class EntryBackend(Backend):
                     else "venue or device refused")
             fix = ("check [backend.entry] api_key_file" if response.status_code in (401, 403)
                    else "check [backend.entry] venue_code, data_account_id, make and model")
-            raise BackendRejected(f"{endpoint}: {what} (HTTP {response.status_code}: {error_text(response)}, "
+            raise BackendRejected(f"{endpoint}: {what} (HTTP {response.status_code}: {_why(response)}, "
                                   f"PAC-Request-Id {rid}); {fix}")
 
     def _session_body(self) -> dict[str, Any]:
@@ -405,7 +414,7 @@ class EntryBackend(Backend):
         response = await self._call("Get Events", self.paths["events"], auth="jwt", body=self.context(),
                                     timeout=self.slow_timeout, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
-            raise BackendRejected(f"Get Events refused (HTTP {response.status_code}: {error_text(response)}, "
+            raise BackendRejected(f"Get Events refused (HTTP {response.status_code}: {_why(response)}, "
                                   f"PAC-Request-Id {response.request.headers.get('PAC-Request-Id')})")
         data = await json_answer(response)
         if not isinstance(data, dict) or not isinstance(data.get("events"), list):
@@ -567,7 +576,7 @@ class EntryBackend(Backend):
         if response.status_code == 404:
             return False
         if response.status_code != 200:
-            raise BackendRejected(f"HTTP {response.status_code}: {error_text(response)}")
+            raise BackendRejected(f"HTTP {response.status_code}: {_why(response)}")
         data = await json_answer(response)
         history = data.get("scanHistory") if isinstance(data, dict) else None
         mode = _MODE[ScanMode(row["scan_mode"])]
@@ -626,7 +635,7 @@ class EntryBackend(Backend):
         elif code in _RETRY_LATER:
             result.retry.update({n: f"HTTP {code}" for n in nonces})
         else:
-            why = f"Offline Scan Upload refused: HTTP {code}: {error_text(response)} (PAC-Request-Id {rid})"
+            why = f"Offline Scan Upload refused: HTTP {code}: {_why(response)} (PAC-Request-Id {rid})"
             result.parked.update({n: why for n in nonces})
 
     def _offline_scan(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -662,7 +671,7 @@ class EntryBackend(Backend):
         response = await self._call("Get Venues", self.paths["venues"], auth="key", body=body,
                                     timeout=self.slow_timeout, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
-            raise BackendRejected(f"Get Venues refused (HTTP {response.status_code}: {error_text(response)})")
+            raise BackendRejected(f"Get Venues refused (HTTP {response.status_code}: {_why(response)})")
         data = await json_answer(response)
         venues = data.get("venues") if isinstance(data, dict) else None
         return [v for v in venues if isinstance(v, dict)] if isinstance(venues, list) else []
@@ -674,9 +683,9 @@ class EntryBackend(Backend):
         response = await self._call("Ticket Lookup", path, auth="jwt", body=body, timeout=self.slow_timeout,
                                     limit=LIST_PAGE_LIMIT)
         if response.status_code == 404:
-            return [f"not known to Entry ({error_text(response)})"]
+            return [f"not known to Entry ({_why(response)})"]
         if response.status_code != 200:
-            raise BackendRejected(f"Ticket Lookup refused (HTTP {response.status_code}: {error_text(response)})")
+            raise BackendRejected(f"Ticket Lookup refused (HTTP {response.status_code}: {_why(response)})")
         return lookup_lines(await json_answer(response))
 
     async def pair(self, store: StoreThread, token: str) -> str:
@@ -707,6 +716,11 @@ def _save(store: Store, events: dict[str, Any], masks: dict[str, list[str]], nfc
         store.put_data(MASKS, masks)
         store.put_data(NFC_KEYS, nfc)
         store.put_data(EVENTS, events)
+
+
+def _why(response: httpx.Response) -> str:
+    """Why Entry refused a call: the message of its error shape, else the HTTP reason phrase."""
+    return error_text(response, entry_error)
 
 
 def create(config: Config) -> Backend:

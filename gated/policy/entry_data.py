@@ -1,20 +1,14 @@
-"""Entry V1 payloads, pure (no I/O): reason codes, JWT claims, events and scan windows, lookup text."""
+"""Entry V1 payloads, pure (no I/O): reason codes, error messages, events and scan windows, lookup text."""
 
 from __future__ import annotations
 
-import json
 import re
-from base64 import urlsafe_b64decode
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-import httpx
-
-from gated.errors import Unreachable
 from gated.model import Reason
 from gated.policy.answer import ID_LIMIT, cut
-from gated.policy.http import parse_json
 from gated.policy.masks import MaskSet
 from gated.timeparse import parse_time
 
@@ -45,16 +39,6 @@ def map_reason(status: str, code: str) -> Reason:
     if reason is not None and reason is not Reason.OK:
         return reason
     return next((r for word, r in _KEYWORDS if word in key), Reason.REJECTED)
-
-
-def jwt_claims(token: str) -> dict[str, Any]:
-    """The payload of a JWT, unverified (the server verifies; gated only reads `exp` and the venue)."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
-        return {}
-    return claims if isinstance(claims, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -137,17 +121,6 @@ def entry_error(body: Any) -> str | None:
     if not isinstance(message, list) or not all(isinstance(m, str) for m in message):
         return None
     return cut("; ".join(message))
-
-
-def error_text(response: httpx.Response) -> str:
-    """The message of Entry's error shape, or a short excerpt of whatever else the body was."""
-    try:
-        message = entry_error(parse_json(response.content))
-    except Unreachable:
-        message = None
-    if message:
-        return message
-    return cut(" ".join(response.text[:120].split())) or response.reason_phrase
 
 
 def lookup_lines(data: Any) -> list[str]:

@@ -23,6 +23,7 @@ import httpx
 from gated import __version__
 from gated.config import Config
 from gated.errors import ConfigError, Unreachable
+from gated.policy.answer import cut
 from gated.policy.base import Backend, UploadResult
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
@@ -221,6 +222,22 @@ async def json_answer(response: httpx.Response) -> Any:
     if len(response.content) <= PARSE_ON_LOOP_LIMIT:
         return json_body(response)
     return await asyncio.to_thread(json_body, response)
+
+
+def api_message(response: httpx.Response, pick: Callable[[Any], str | None]) -> str | None:
+    """The API's own words in an answer: what `pick` finds in the JSON body (the API's error shape),
+    cut for a log line; None when the body is not JSON or not that shape."""
+    try:
+        said = pick(parse_json(response.content))
+    except Unreachable:
+        return None
+    return cut(said) if isinstance(said, str) and said else None
+
+
+def error_text(response: httpx.Response, pick: Callable[[Any], str | None]) -> str:
+    """Why a call was refused, for a log or queue line: the API's own words (`api_message`), else the
+    HTTP reason phrase. Never the raw body: an error page may echo the ticket code from the path."""
+    return api_message(response, pick) or response.reason_phrase or f"HTTP {response.status_code}"
 
 
 def _kind(response: httpx.Response) -> str:

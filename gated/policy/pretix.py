@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gated import __version__
 from gated.config import Config
+from gated.device import hardware
 from gated.errors import BackendRejected, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
@@ -207,7 +207,7 @@ class PretixBackend(HttpBackend):
 
     async def pair(self, store: StoreThread, token: str) -> str:
         setup = _setup_token(token, self.config.backend.url)
-        body = {"token": setup, "hardware_brand": _hardware()[0], "hardware_model": _hardware()[1],
+        body = {"token": setup, "hardware_brand": hardware()[0], "hardware_model": hardware()[1],
                 "os_name": platform.system(), "os_version": platform.release(),
                 "software_brand": "gated", "software_version": __version__}
         response = await request(self.client, "POST", "/api/v1/device/initialize", json=body,
@@ -662,16 +662,6 @@ def _setup_token(text: str, configured_url: str) -> str:
         raise BackendRejected(f"the setup QR is for {url} but [backend] url is {configured_url}: "
                               "set [backend] url to it first")
     return str(qr["token"])
-
-
-def _hardware() -> tuple[str, str]:
-    try:
-        model = Path("/proc/device-tree/model").read_bytes().strip(b"\x00\n ").decode()
-    except OSError:
-        model = ""
-    if model.startswith("Raspberry Pi"):
-        return "Raspberry Pi", model
-    return platform.system() or "unknown", model or platform.machine() or "unknown"
 
 
 def _text(value: Any) -> str:

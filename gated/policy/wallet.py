@@ -4,6 +4,9 @@ Pure: no I/O, no clock, no nfcpy. The NFC driver hands in `transceive` (one APDU
 data plus status word back) and the keys it loaded at start; this module builds every command,
 parses every answer and decrypts the pass value. Protocol facts and their sources are in
 shared/notes/nfc-wallet.md; the Apple key-id/KDF rules were checked against two public cryptograms.
+
+Long because both wallet flows share the key loading and APDU plumbing, and each byte-level step is
+a short pure function that reads best beside the steps before and after it.
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ from typing import Any
 from gated.simulators.base import Request, Response, Simulator, route
 
 PREFIX = "/scanapi/v2.0"
+# The spec's scan status messages, copied (not imported) from gated/policy/cm.py on purpose: the
+# simulator stands for CM.com, so a wrong edit to gated's table must show up in the tests.
 MESSAGES = {
     40: "DENY - Ticket barcode unknown: not accepted at this check-in point",
     45: "DENY - Ticket is not allowed: this ticket type can not be scanned",
