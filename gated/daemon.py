@@ -5,6 +5,9 @@ Start: store -> backend -> decider -> outputs (relay idle first) -> MQTT lane li
 lane link shares its last admissions, relay holds finish, outputs go to their safe state, the store is
 closed last. SIGHUP reloads the config between two scans; scans read meanwhile wait in the queue, none
 is lost. A signed MQTT mode command is applied the same way, between two scans.
+
+Long because start, stop, reload, status and the decision loop share one set of running parts;
+each is a named step, in the order run() takes them.
 """
 
 from __future__ import annotations

@@ -184,11 +184,12 @@ def _probe_broker(config: Config, timeout: float) -> str | None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gated.mqtt import parse_url, topic_level
+    from gated.config import parse_mqtt_url
+    from gated.mqtt import topic_level
     from gated.secrets import read_secret
 
     s = config.mqtt
-    tls, host, port = parse_url(s.url)
+    tls, host, port = parse_mqtt_url(s.url)
     # A client id of its own: the lane's would take over the running daemon's session.
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5,
                          client_id=f"gated-ready-{topic_level(config.lane.name)}-{uuid.uuid4().hex[:8]}")

@@ -15,6 +15,9 @@ unpaid, the list's `rules` (`pretix_rules.evaluate`), then entries already made,
 server's check-ins together with this lane's own. A signed secret is verified with Ed25519 first; a
 signed ticket not (yet) in the download is decided from its signed payload. Offline entries are
 uploaded by replaying redeem with the original `datetime`, the same `nonce` and `force: true`.
+
+Long because pairing, the online redeem, the offline download and pretix's own order of checks
+share one session, one list's settings and one reading of pretix's answers.
 """
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ simulator follows the real server:
 - a device of the `pretixscan` security profile gets 403 "Request denied by device security
   profile." on a single list's detail and on `orderpositions/`;
 - `validFromUnixTime` / `validUntilUnixTime` are written as 0 on tickets without a window.
+
+Long because it serves two APIs (the device API and the legacy pretixdroid API) over one set of
+events, orders and check-ins, so a test can move between them.
 """
 from __future__ import annotations
 
