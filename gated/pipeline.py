@@ -112,6 +112,7 @@ class Gate:
         committed.decision = decision
         if decision.admitted:  # the relay first: it is what the visitor waits for
             hold = self.outputs.release()
+            committed.released = True
             if hold is not None:
                 self._spawn(self._after_passage(scan, hold))
             elif recorded:
@@ -136,11 +137,18 @@ class Gate:
                   extra={"GATED_EVENT": "scan_error"})
         if committed.logged:  # only the work after the scan failed: it stands as recorded and logged
             return committed.decision
-        if committed.acted:  # recorded and acted on; only its log line is missing
+        if committed.acted or committed.released:  # the relay moved: the recorded verdict stands
             decision = committed.decision
         else:
             decision = deny(Reason.ERROR, backend=self.decider.backend.name,
                             detail=f"{type(error).__name__} in gated")
+            if committed.recorded is not None and committed.recorded.admitted:
+                # Recorded as admitted, yet the relay never moved: nobody went through, so the ticket
+                # stays unused (anti-passback, uploads and the people count skip a scan nobody passed).
+                try:
+                    await self.store.call(Store.mark_passed, committed.scan.nonce, False)
+                except Exception as e:  # noqa: BLE001 - the guard must end with a logged deny
+                    committed.error = e
             if not committed.clean:  # it failed before normalising: store only the printable trace
                 committed.scan = committed.scan.with_token(trace(str(committed.scan.token)))
             if not committed.done:
@@ -246,8 +254,9 @@ class _Commit:
     def __init__(self, gate: Gate, scan: Scan):
         self.gate, self.scan = gate, scan
         # How far the scan got, for the last guard: normalised (or traced), recorded, acted, logged.
-        self.clean = self.acted = self.logged = False
+        self.clean = self.released = self.acted = self.logged = False
         self.decision: Decision | None = None
+        self.recorded: Decision | None = None  # the decision as committed to the store
         self.done = False
         self.queued = False
         self.error: Exception | None = None
@@ -264,6 +273,7 @@ class _Commit:
         try:
             store.record(scan, decision, lane=gate.lane, scan_mode=gate.scan_mode, latency_ms=decided_ms,
                          queue_upload=self.queued)
+            self.recorded = decision
         except (StoreError, sqlite3.Error) as e:
             self.error = e
         self.ms = (time.monotonic() - started) * 1000

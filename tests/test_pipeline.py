@@ -8,9 +8,11 @@ import logging
 import re
 
 import pytest
+from gpiozero.exc import GPIOZeroError
 
 from gated import logs
 from gated.daemon import build
+from gated.drivers.gpio import Outputs
 from gated.model import InputKind, Reason, Scan, Source, Verdict, admit
 from gated.store import Store
 
@@ -229,3 +231,22 @@ def test_a_server_message_cannot_forge_a_scan_line_or_reach_the_terminal_raw(gat
     assert len(scan_lines) == 1 and scan_lines[0].count("\\x0a19:10:00 lane-1 ADMIT") == 1
     assert not re.search("[\x1b\r\x9b\u202e]", err)
     assert rows[0]["message"] == forged  # the record keeps what the server said; only the log escapes it
+
+
+def test_an_admit_whose_relay_fails_is_a_deny_and_leaves_the_ticket_unused(gate_config, monkeypatch):
+    """A relay that cannot be switched lets nobody through: the admit already recorded becomes "nobody
+    passed", so the visitor's next try (at this lane or another) is not refused as already used."""
+    cfg = gate_config()
+    cfg.lane["debounce_seconds"] = 0.0
+    calls = []
+
+    def broken_relay(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise GPIOZeroError("relay pin write failed")
+        return None
+
+    monkeypatch.setattr(Outputs, "release", broken_relay)
+    decisions, rows, _ = asyncio.run(_run_with(cfg, lambda scan: None, "T-0001", "T-0001"))
+    assert [(d.verdict, d.reason) for d in decisions] == [(Verdict.DENY, Reason.ERROR), (Verdict.ADMIT, Reason.OK)]
+    assert [(r["verdict"], r["passed"]) for r in rows] == [("admit", 0), ("admit", None)]

@@ -21,6 +21,7 @@ from gated import config as configmod
 from gated import ready, wiring
 from gated.daemon import build
 from gated.simulators.cm import CMSimulator
+from gated.simulators.pretix import PretixSim
 from gated.store import Store
 from tests.test_doctor import machine, pty_port, record  # noqa: F401 - fixtures
 from tests.test_mqtt import Broker, free_port, need_broker
@@ -283,6 +284,55 @@ def test_the_offline_count_must_match_the_apis_count(cm_lane, system, capsys):
     code, checks = run(path, system, capsys)
     assert code == 1 and failed(checks) == ["ticket count"]
     assert "5 tickets here, the API says 6: the offline data is incomplete" in checks["ticket count"]["detail"]
+
+
+@pytest.fixture
+def pretix_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
+    sim = PretixSim("demo", "democon").start()
+    sim.lists[1].update(all_products=False, limit_products=[1])
+    for _ in range(4):
+        sim.add_position(1)
+    sim.add_position(2)  # a product the list does not admit: pretix does not count it
+    canceled = sim.add_position(1)
+    sim.change(canceled, canceled=True)
+    token = tmp_path / "pretix.token"
+    token.write_text(sim.device_token() + "\n")
+    token.chmod(0o600)
+    path = str(write_config(LANE.format(port=pty_port) + textwrap.dedent(f"""
+        [backend]
+        type = "pretix"
+        url = "{sim.url}"
+        sync_interval_seconds = 300
+        [backend.pretix]
+        organizer = "demo"
+        event = "democon"
+        checkin_list = 1
+        token_file = "{token}"
+    """), base=""))
+    config = configmod.load(path)
+
+    async def sync() -> None:
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+
+    asyncio.run(sync())
+    wiring.run(config, yes=True, pin_factory=MockFactory(), seconds=0.001, say=lambda _: None)
+    yield sim, path
+    sim.stop()
+
+
+def test_pretix_downloaded_tickets_are_counted_as_pretix_counts_its_list(pretix_lane, system, capsys):
+    sim, path = pretix_lane
+    code, checks = run(path, system, capsys)
+    assert code == 0, checks
+    assert checks["ticket count"]["detail"] == "4 tickets, as the API says"
+    sim.add_position(1)  # sold after the last sync
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["ticket count"]
+    assert "4 tickets here, the API says 5" in checks["ticket count"]["detail"]
 
 
 def test_a_sync_older_than_twice_the_interval_fails(cm_lane, system, capsys):

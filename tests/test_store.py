@@ -404,3 +404,25 @@ def test_stores_opened_and_closed_leave_no_descriptor_behind(tmp_path):
     for i in range(1, 60):
         cycle(i)
     assert open_fds() == before
+
+
+def test_other_lanes_admissions_still_count_after_the_store_is_opened_again(tmp_path):
+    """The daemon closes and reopens its store when the card turns read-only and back: a ticket another
+    lane admitted must stay `already used` here afterwards, not only until the first reopen."""
+    def shared(token: str) -> str:
+        return "venue:" + token  # stands for the venue-keyed HMAC of gated.mqtt
+
+    async def run() -> tuple[tuple[int, int], tuple[int, int]]:
+        st = StoreThread(tmp_path / "gated.db", "store", read_only_ok=True)
+        try:
+            st.call_sync(Store.share_identities, shared)
+            st.call_sync(Store.record_shared, [("nonce-b-1", shared("T-1"), "entry", time.time(), "lane-b")])
+            before = await st.call(Store.inside, "T-1")
+            await st.close_store()
+            await st.open_store()
+            return before, await st.call(Store.inside, "T-1")
+        finally:
+            st.close()
+
+    before, after = asyncio.run(run())
+    assert before == after == (1, 0)

@@ -186,11 +186,28 @@ class PretixBackend(HttpBackend):
             raise Unreachable(f"event detail answered HTTP {response.status_code}")
 
     async def ticket_count(self) -> int | None:
-        """The check-in list's `position_count`. This version keeps no positions offline (signed secrets
-        are checked by signature), so offline_count stays None and `gated ready` says "not checked"."""
-        body = await self._get_json(f"{self.event_path}/checkinlists/{self.list_id}/", "check-in list")
+        """The check-in list's `position_count` from its status (the list's detail view is closed to a
+        pretixscan device)."""
+        body = await self._get_json(f"{self.event_path}/checkinlists/{self.list_id}/status/", "check-in list status")
         count = body.get("position_count") if isinstance(body, dict) else None
         return count if isinstance(count, int) and 0 <= count < 2**62 else None
+
+    def offline_count(self, store: Store) -> int | None:
+        """The downloaded tickets pretix counts in `position_count`: on this list (product, date), not
+        canceled, the order paid (or pending on an `include_pending` list). None before a download."""
+        data = store.get_data(self.offline_name)
+        if data is None or not data[0].get("positions"):
+            return None
+        lst = data[0].get("list") or {}
+        orders = ("p", "n") if lst.get("include_pending") else ("p",)
+        products = None if lst.get("all_products", True) else set(lst.get("limit_products") or [])
+        count = 0
+        for status, facts in store.ticket_rows(self.positions_name):
+            if status not in orders or not facts:
+                continue
+            item = json.loads(facts).get("item")
+            count += products is None or item in products
+        return count
 
     async def lookup(self, token: str) -> list[str] | None:
         response = await self._call("GET", f"{self.org_path}/checkinrpc/search/",
@@ -406,7 +423,16 @@ class PretixBackend(HttpBackend):
             return deny(Reason.REVOKED, backend=self.name, backend_code="revoked",
                         message="secret replaced or canceled in pretix")
         row = store.ticket(self.positions_name, scan.token) if value.get("positions") else None
-        if row is not None and row["status"] != GONE:
+        if row is not None and row["status"] == GONE:
+            # Canceled on its own (the order stays paid), or of another date than the list's: never
+            # admitted, whatever its signature says.
+            lst, facts = value.get("list") or {}, json.loads(row["data"] or "{}")
+            if lst.get("subevent") and facts.get("subevent") != lst["subevent"]:
+                return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="product",
+                            message=f"date {facts.get('subevent')}, list is for {lst['subevent']}")
+            return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid",
+                        message="not a ticket of this event any more")
+        if row is not None:
             ticket = _Ticket.from_row(row)
         elif signed:
             # Signed, and not (yet) in the download: the signed payload's facts, paid as far as known.

@@ -367,6 +367,22 @@ class PretixSim(_QuickStop):
         device = self._auth(req)  # observed: a device token gets 403 on a single list
         return device if isinstance(device, Response) else Response(403, DENIED_BY_PROFILE)
 
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/status/")
+    def checkinlist_status(self, req: Request) -> Response:
+        device = self._auth(req)
+        if isinstance(device, Response):
+            return device
+        lst = self.lists.get(int(req.params["id"]))
+        if lst is None:
+            return Response(404, {"detail": "Not found."})
+        orders = ("p", "n") if lst["include_pending"] else ("p",)
+        with self.lock:
+            count = sum(1 for pos in self.positions.values()
+                        if not pos.canceled and pos.order_status in orders
+                        and (lst["all_products"] or pos.item in lst["limit_products"])
+                        and (not lst["subevent"] or pos.subevent == lst["subevent"]))
+        return Response(200, {"checkin_count": 0, "position_count": count, "inside_count": 0})
+
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/orderpositions/")
     def orderpositions(self, req: Request) -> Response:
         device = self._auth(req)  # not in the pretixscan profile's allow list
@@ -484,7 +500,7 @@ class PretixSim(_QuickStop):
                 return Response(status, out | {"detail": "Not found."})
             return Response(status, out | {"list": excerpt, "position": self._position_json(pos, list_id)})
 
-        if pos is None:
+        if pos is None or pos.canceled:  # a ticket canceled on its own is not on the list any more
             return refuse("invalid", 404)
         if revoked is not None and not force:
             return refuse("revoked")

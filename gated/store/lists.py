@@ -182,6 +182,14 @@ class TicketLists:
             raise StoreError(f"ticket list {self._lists[backend].name}: {e}") from e
         return len(batch)
 
+    def ticket_rows(self, backend: str) -> Iterator[tuple[str | None, str | None]]:
+        """(status, data) of every row of a list, for counts a backend compares with its API's."""
+        conn = self._list(backend)
+        try:
+            yield from conn.execute("SELECT status, data FROM tickets") if conn is not None else ()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"ticket list {self._lists[backend].name}: {e}") from e
+
     def ticket_count(self, backend: str) -> int:
         conn = self._list(backend)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ class StoreThread:
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = Path(path)
+        self._shared_hash: Callable[[str], str] | None = None  # kept while the Store is closed and reopened
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"gated-{name}")
         try:
             self.store: Store | None = self._executor.submit(Store, path, read_only_ok=read_only_ok).result()
@@ -47,11 +49,14 @@ class StoreThread:
 
         store = await asyncio.get_running_loop().run_in_executor(
             self._executor, partial(Store, self.path, read_only_ok=read_only_ok))
+        # Other lanes' admissions keep counting for anti-passback across the reopen.
+        store.share_identities(self._shared_hash)
         self.store = store
 
     def _close_store(self) -> None:
         store, self.store = self.store, None
         if store is not None:
+            self._shared_hash = store._shared_hash
             store.close()
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -589,3 +589,16 @@ def test_pretixdroid_lookup_uses_search(droid, capsys):
     droid.add_ticket("az9u4mymhqktrbupmwkvv6xmgds5dk3", "Peter Higgs")
     assert cli.main(["lookup", "--config", config.path, "az9u4mymhq"]) == 0
     assert "Peter Higgs" in capsys.readouterr().out
+
+
+def test_a_ticket_canceled_on_its_own_is_refused_online_and_offline_signed_or_not(sim, paired):
+    """One ticket of a paid order canceled in pretix: the order stays paid, the ticket is off the list.
+    Its signature is still good, so only the download can tell: it must, never an admit."""
+    config = paired()
+    tickets = [sim.add_position(signed=False), sim.add_position(signed=True)]
+    for secret in tickets:
+        sim.change(secret, canceled=True)
+    offline = _offline(config, *tickets)
+    assert [(d.verdict, d.reason) for d in offline] == [(Verdict.DENY, Reason.UNKNOWN)] * 2
+    online = asyncio.run(_scan(config, *tickets))
+    assert [(d.verdict, d.source) for d in online] == [(Verdict.DENY, Source.ONLINE)] * 2
