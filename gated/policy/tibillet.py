@@ -34,7 +34,15 @@ from gated.errors import BackendRejected, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, json_answer, json_body, request
+from gated.policy.http import (
+    LIST_PAGE_LIMIT,
+    HttpBackend,
+    api_message,
+    json_answer,
+    json_body,
+    pairing_answer,
+    request,
+)
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.schema import Key
 from gated.store import Store, StoreThread
@@ -159,7 +167,7 @@ class TibilletBackend(HttpBackend):
                                  "unknown key); pair again with `gated pair CODE`") from None
             raise
         if response.status_code in (401, 403):
-            why = _said(response)
+            why = api_message(response, _said_in)
             raise KeyRefused(f"API key refused (HTTP {response.status_code}{': ' + why if why else ''}); "
                              "pair again with `gated pair CODE`")
         return response
@@ -320,42 +328,33 @@ class TibilletBackend(HttpBackend):
             for path in (f"{prefix}{quote(token, safe='=')}/pair/", f"{prefix}{quote(token, safe='=')}/pair"):
                 response = await request(self.client, "GET", path, timeout=self.slow_seconds)
                 shown = f"{prefix}…/pair{'/' if path.endswith('/') else ''}"
-                if response.status_code in NOT_HERE:
-                    tried.append(f"{shown} HTTP {response.status_code}")
-                    continue
-                try:
-                    body = json_body(response)
-                except Unreachable:
-                    raise BackendRejected(f"{shown} answered HTTP {response.status_code} with no JSON: not TiBillet's "
-                                          "scan API; check [backend] url (the site's address) or set "
-                                          "[backend.tibillet] path_prefix") from None
-                found = (prefix, response.status_code, body if isinstance(body, dict) else {})
-                break
+                if response.status_code not in NOT_HERE:
+                    found = (prefix, shown, response)
+                    break
+                tried.append(f"{shown} HTTP {response.status_code}")
             if found is not None:
                 break
         if found is None:
             raise BackendRejected(f"no TiBillet scan API under {self.config.backend.url} (tried {', '.join(tried)}): "
                                   "check [backend] url (the site's address) or set [backend.tibillet] path_prefix")
-        prefix, status, body = found
-        key = body.get("api_key")
-        if status != 200 or not isinstance(key, str) or not key or len(key) > ID_LIMIT:
-            why = _said_in(body)
-            raise BackendRejected(f"TiBillet (scan API at {prefix}) refused the pairing code (HTTP {status}"
-                                  f"{': ' + why if why else ''}); codes are single-use and expire: "
-                                  "make a new one in the TiBillet admin")
+        prefix, shown, response = found
+        body, key = pairing_answer(
+            response, "api_key", _said_in,
+            not_json=f"{shown} answered HTTP {response.status_code} with no JSON: not TiBillet's scan API; check "
+                     "[backend] url (the site's address) or set [backend.tibillet] path_prefix",
+            refused=f"TiBillet (scan API at {prefix}) refused the pairing code",
+            fix="codes are single-use and expire: make a new one in the TiBillet admin")
         self.prefix = prefix
         self.api_key, self.device_uuid = key, cut(str(body.get("device_uuid") or ""), ID_LIMIT)
         name = cut(str(body.get("device_name") or ""))
         tenant = cut(str(body.get("tenant_name") or ""))
-        await store.call(Store.set, KV_API_KEY, self.api_key)
-        await store.call(Store.set, KV_DEVICE_UUID, self.device_uuid)
-        await store.call(Store.set, KV_DEVICE_NAME, name)
+        kept = {KV_API_KEY: self.api_key, KV_DEVICE_UUID: self.device_uuid, KV_DEVICE_NAME: name}
         if self.prefix_override is None:
-            await store.call(Store.set, KV_PATH_PREFIX, prefix)
+            kept[KV_PATH_PREFIX] = prefix
+        stored = await self._keep_pairing(store, kept, "API key")
         where = "set by [backend.tibillet] path_prefix" if self.prefix_override else "found"
         lines = [f'paired with TiBillet{" (" + tenant + ")" if tenant else ""} as device "{name}" ({self.device_uuid})',
-                 f"scan API at {self.config.backend.url.rstrip('/')}{prefix} ({where})",
-                 f"API key stored in {store.store.path} (owner-only)"]
+                 f"scan API at {self.config.backend.url.rstrip('/')}{prefix} ({where})", stored]
         if self.api_key_file:
             lines.append("note: [backend.tibillet] api_key_file is set and takes precedence over the paired key")
             self.api_key = await self._credential(store, self.api_key_file, "[backend.tibillet] api_key_file",
@@ -393,8 +392,8 @@ class TibilletBackend(HttpBackend):
                 return
             body = await json_answer(response)
             if response.status_code != 200:
-                raise BackendRejected(f"list_tickets: HTTP {response.status_code}"
-                                      f"{': ' + _said_in(body) if isinstance(body, dict) else ''}")
+                said = api_message(response, _said_in, body)
+                raise BackendRejected(f"list_tickets: HTTP {response.status_code}{': ' + said if said else ''}")
             if not isinstance(body, dict) or not isinstance(body.get("results"), list):
                 raise Unreachable("list_tickets: a page without results")
             pages = integer(body.get("total_pages"), "total_pages", low=0, high=MAX_PAGES) or 0
@@ -518,20 +517,18 @@ def _answer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | Non
     return ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event")
 
 
-def _said_in(body: dict[str, Any]) -> str:
-    """The server's words: `message`, or TiBillet's `error`, or DRF's `detail` (objects kept as text)."""
+def _said_in(body: Any) -> str:
+    """The server's words: `message`, or TiBillet's `error`, or DRF's `detail` (objects kept as text).
+
+    TiBillet's error shape: `_answer_fields` reads a scan answer's message with it, and `api_message`
+    an error's text; "" when the body is not an object.
+    """
+    if not isinstance(body, dict):
+        return ""
     said = next((body[k] for k in ("message", "error", "detail") if body.get(k)), None)
     if said is None and body and all(isinstance(v, list) for v in body.values()):
         said = body  # DRF's validation errors: {"event_uuid": ["Must be a valid UUID."]}
     return cut(str(said)) if isinstance(said, (dict, list)) else text(said, "message")
-
-
-def _said(response: httpx.Response) -> str:
-    try:
-        body = json_body(response)
-    except Unreachable:
-        return ""
-    return _said_in(body) if isinstance(body, dict) else ""
 
 
 def _pairing_code(given: str) -> tuple[str, str | None]:
