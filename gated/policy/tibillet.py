@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
@@ -205,10 +205,7 @@ class TibilletBackend(HttpBackend):
 
     def _checked(self, response: httpx.Response, scan_mode: ScanMode) -> Decision | None:
         """The decision `check_ticket/`'s answer settles, or None: a valid ticket, to be scanned now."""
-        body = json_body(response)
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, said, uuid, who, event = _answer_fields(body)
+        body, ticket, said, uuid, who, event = _scan_answer(response)
         code = response.status_code
         if code != 200:
             return self._refusal(code, said, body)
@@ -227,10 +224,7 @@ class TibilletBackend(HttpBackend):
         return deny(STATUS_REASONS.get(status, Reason.REJECTED), **common)
 
     def _decision(self, response: httpx.Response) -> Decision:
-        body = json_body(response)
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        _, said, uuid, who, event = _answer_fields(body)
+        body, _, said, uuid, who, event = _scan_answer(response)
         code = response.status_code
         if code != 200:
             return self._refusal(code, said, body)
@@ -463,10 +457,7 @@ class TibilletBackend(HttpBackend):
 
     def _replay_check(self, response: httpx.Response) -> str | None | bool:
         """True: scan it now; None: the server counts it already (our earlier replay); else why never."""
-        body = json_body(response)  # a proxy's HTML page or broken JSON is no answer: retried, not parked
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, said, _, _, _ = _answer_fields(body)
+        body, ticket, said, _, _, _ = _scan_answer(response)  # no answer (a proxy's page): retried, not parked
         if response.status_code != 200:
             if "error" not in body:
                 raise Unreachable(f"HTTP {response.status_code} without TiBillet's error field")
@@ -490,10 +481,7 @@ class TibilletBackend(HttpBackend):
 
     def _upload_refusal(self, response: httpx.Response) -> str | None:
         """None when the server now counts the scan, else why it never will; Unreachable when it did not say."""
-        body = json_body(response)
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, said, _, _, _ = _answer_fields(body)
+        body, ticket, said, _, _, _ = _scan_answer(response)
         if response.status_code == 200 and body.get("success") is True:
             return None
         if response.status_code == 400 and "event uuid" in said.lower():
@@ -503,24 +491,36 @@ class TibilletBackend(HttpBackend):
         return f"HTTP {response.status_code}: {said}"
 
 
-def _answer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None, str, str | None]:
-    """(ticket, message, ticket uuid, holder's name, event) of a scan answer, each checked.
+class _ScanAnswer(NamedTuple):
+    body: dict[str, Any]
+    ticket: dict[str, Any]
+    said: str  # the server's words (`_said_in`)
+    uuid: str | None  # the ticket's, the anti-passback identity
+    who: str  # the holder's name
+    event: str | None
 
-    A wrong type means this is not TiBillet's answer: Unreachable.
+
+def _scan_answer(response: httpx.Response) -> _ScanAnswer:
+    """The answer of `check_ticket/` or `ticket/` (any status), its fields each checked.
+
+    Anything but a JSON object, or a field of the wrong type, is not TiBillet's answer: Unreachable.
     """
+    body = json_body(response)
+    if not isinstance(body, dict):
+        raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
     ticket = mapping(body.get("ticket"), "ticket")
     said = _said_in(body)
     uuid = ticket.get("uuid")
     if uuid is not None and not isinstance(uuid, str):  # the anti-passback identity: text only
         raise Unreachable("ticket uuid is not text")
     who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
-    return ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event")
+    return _ScanAnswer(body, ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event"))
 
 
 def _said_in(body: Any) -> str:
     """The server's words: `message`, or TiBillet's `error`, or DRF's `detail` (objects kept as text).
 
-    TiBillet's error shape: `_answer_fields` reads a scan answer's message with it, and `api_message`
+    TiBillet's error shape: `_scan_answer` reads a scan answer's message with it, and `api_message`
     an error's text; "" when the body is not an object.
     """
     if not isinstance(body, dict):
