@@ -42,15 +42,7 @@ from gated.errors import BackendRejected, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import (
-    LIST_PAGE_LIMIT,
-    HttpBackend,
-    error_text,
-    json_answer,
-    json_body,
-    pairing_answer,
-    request,
-)
+from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, error_text, json_answer, json_body, pairing_answer, request
 from gated.policy.pretix_rules import CheckIn, Facts, evaluate
 from gated.policy.signatures import load_sig1_keys, verify_sig1
 from gated.schema import Key

@@ -34,15 +34,7 @@ from gated.errors import BackendRejected, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import (
-    LIST_PAGE_LIMIT,
-    HttpBackend,
-    api_message,
-    json_answer,
-    json_body,
-    pairing_answer,
-    request,
-)
+from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, api_message, json_answer, json_body, pairing_answer, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.schema import Key
 from gated.store import Store, StoreThread
