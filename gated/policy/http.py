@@ -22,8 +22,8 @@ import httpx
 
 from gated import __version__
 from gated.config import Config
-from gated.errors import ConfigError, Unreachable
-from gated.policy.answer import cut
+from gated.errors import BackendRejected, ConfigError, Unreachable
+from gated.policy.answer import ID_LIMIT, cut
 from gated.policy.base import Backend, UploadResult
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
@@ -224,20 +224,45 @@ async def json_answer(response: httpx.Response) -> Any:
     return await asyncio.to_thread(json_body, response)
 
 
-def api_message(response: httpx.Response, pick: Callable[[Any], str | None]) -> str | None:
+def api_message(response: httpx.Response, pick: Callable[[Any], str | None], body: Any = None) -> str | None:
     """The API's own words in an answer: what `pick` finds in the JSON body (the API's error shape),
-    cut for a log line; None when the body is not JSON or not that shape."""
+    cut for a log line; None when the body is not JSON or not that shape.
+
+    `body` is the JSON body when the caller has parsed it already: a list page is parsed once, off
+    the event loop, not again here. (A body that is JSON null is parsed again: it is four bytes.)
+    `pick` leaves out what must not reach a log, such as a ticket secret the API echoes.
+    """
     try:
-        said = pick(parse_json(response.content))
+        said = pick(parse_json(response.content) if body is None else body)
     except Unreachable:
         return None
     return cut(said) if isinstance(said, str) and said else None
 
 
-def error_text(response: httpx.Response, pick: Callable[[Any], str | None]) -> str:
+def error_text(response: httpx.Response, pick: Callable[[Any], str | None], body: Any = None) -> str:
     """Why a call was refused, for a log or queue line: the API's own words (`api_message`), else the
     HTTP reason phrase. Never the raw body: an error page may echo the ticket code from the path."""
-    return api_message(response, pick) or response.reason_phrase or f"HTTP {response.status_code}"
+    return api_message(response, pick, body) or response.reason_phrase or f"HTTP {response.status_code}"
+
+
+def pairing_answer(response: httpx.Response, field: str, pick: Callable[[Any], str | None], *,
+                   not_json: str, refused: str, fix: str) -> tuple[dict[str, Any], str]:
+    """The answer to a pairing request (`gated pair`) and the credential in its `field`, or BackendRejected.
+
+    A refusal is the installer's to act on, so `gated pair` prints it and exits 2: `not_json` when
+    the answer is not JSON (no such API at [backend] url); else, when it holds no credential,
+    "`refused` (HTTP status: the API's words); `fix`", the words found by `pick` (`api_message`).
+    """
+    try:
+        body = json_body(response)
+    except Unreachable:
+        raise BackendRejected(not_json) from None
+    answer = body if isinstance(body, dict) else {}
+    credential = answer.get(field)
+    if response.status_code != 200 or not isinstance(credential, str) or not credential or len(credential) > ID_LIMIT:
+        why = api_message(response, pick, body)
+        raise BackendRejected(f"{refused} (HTTP {response.status_code}{': ' + why if why else ''}); {fix}")
+    return answer, credential
 
 
 def _kind(response: httpx.Response) -> str:
@@ -293,6 +318,13 @@ class HttpBackend(Backend):
             else:
                 result.parked[row["nonce"]] = f"{redact(row['token'])}: {why}"
         return result
+
+    async def _keep_pairing(self, store: StoreThread, kept: dict[str, str], credential: str) -> str:
+        """Store what `gated pair` obtained (the credential and what it names) in the owner-only store;
+        the line that tells the installer where it went (never the credential itself)."""
+        for key, value in kept.items():
+            await store.call(Store.set, key, value)
+        return f"{credential} stored in {store.store.path} (owner-only)"
 
     async def _credential(self, store: StoreThread | None, file: str, where: str, kv_key: str) -> str | None:
         """The device credential: from its secret file when configured, else as `gated pair` stored it."""

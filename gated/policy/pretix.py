@@ -42,7 +42,7 @@ from gated.errors import BackendRejected, GatedError, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, json_answer, json_body, request
+from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, error_text, json_answer, json_body, pairing_answer, request
 from gated.policy.pretix_rules import CheckIn, Facts, evaluate
 from gated.policy.signatures import load_sig1_keys, verify_sig1
 from gated.schema import Key
@@ -157,7 +157,8 @@ class PretixBackend(HttpBackend):
         status = body.get("status") if isinstance(body, dict) else None
         if status not in ("ok", "error", "incomplete"):
             # A validation error about our request ({"lists": [...]}) says nothing about the ticket.
-            raise Unreachable(f"HTTP {response.status_code}: pretix did not take the request: {_brief(body)}")
+            raise Unreachable(f"HTTP {response.status_code}: pretix did not take the request: "
+                              f"{error_text(response, _words, body)}")
         if status == "ok" and not 200 <= response.status_code < 300:
             raise Unreachable(f"HTTP {response.status_code} with an \"ok\" body: not pretix's answer")
         position, who, event_id = _redeem_fields(body)
@@ -215,7 +216,7 @@ class PretixBackend(HttpBackend):
                                     limit=LIST_PAGE_LIMIT)
         body = await json_answer(response)
         if response.status_code != 200 or not isinstance(body, dict):
-            return [f"HTTP {response.status_code}: {_brief(body)}"]
+            return [f"HTTP {response.status_code}: {error_text(response, _words, body)}"]
         lines = [f"{body.get('count', 0)} match(es) on check-in list {self.list_id}"]
         for p in body.get("results", [])[:10]:
             entries = sum(1 for c in p.get("checkins", []) if c.get("type", "entry") == "entry")
@@ -232,25 +233,16 @@ class PretixBackend(HttpBackend):
                 "software_brand": "gated", "software_version": __version__}
         response = await request(self.client, "POST", "/api/v1/device/initialize", json=body,
                                  timeout=SLOW_CALL_SECONDS)
-        try:
-            answer = json_body(response)
-        except Unreachable:
-            raise BackendRejected(f"no pretix device API answered (HTTP {response.status_code}, not JSON): "
-                                  "check [backend] url") from None
-        token = answer.get("api_token") if isinstance(answer, dict) else None
-        if response.status_code != 200 or not isinstance(token, str) or not token or len(token) > ID_LIMIT:
-            why = cut("; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                                for k, v in answer.items()) if isinstance(answer, dict) else str(answer))
-            raise BackendRejected(f"pretix refused the setup token (HTTP {response.status_code}: {why}); "
-                                  "tokens are single-use: make a new device in pretix")
-        self.token = token
+        answer, self.token = pairing_answer(
+            response, "api_token", _field_errors,
+            not_json=f"no pretix device API answered (HTTP {response.status_code}, not JSON): check [backend] url",
+            refused="pretix refused the setup token", fix="tokens are single-use: make a new device in pretix")
         device = {k: cut(str(answer.get(k)), ID_LIMIT) for k in ("organizer", "device_id", "unique_serial", "name",
                                                                    "gate")}
-        await store.call(Store.set, KV_TOKEN, self.token)
-        await store.call(Store.set, KV_DEVICE, json.dumps(device))
+        stored = await self._keep_pairing(store, {KV_TOKEN: self.token, KV_DEVICE: json.dumps(device)},
+                                          "device token")
         lines = [f'paired with pretix as device "{device["name"]}" (serial {device["unique_serial"]}, '
-                 f'organizer {device["organizer"]})',
-                 f"device token stored in {store.store.path} (owner-only)"]
+                 f'organizer {device["organizer"]})', stored]
         if device["organizer"] != self.organizer:
             lines.append(f"warning: [backend.pretix] organizer is {self.organizer!r} but this device belongs to "
                          f"{device['organizer']!r}: scans will be refused until they match")
@@ -646,14 +638,22 @@ def _upload_refusal(response: httpx.Response) -> str | None:
         return None
     if status == "error":
         return f"pretix refused it even with force: {body.get('reason')} ({body.get('reason_explanation') or ''})"
-    return f"HTTP {response.status_code}: {_brief(body)}"
+    return f"HTTP {response.status_code}: {error_text(response, _words, body)}"
 
 
-def _brief(body: Any) -> str:
-    """A short text of an answer for a log or queue line, without the position (it holds the secret)."""
+def _words(body: Any) -> str:
+    """pretix's answer as text for a log or queue line (`error_text` cuts it), without the position or
+    the secret: the position echoes the scanned secret, which must not reach a log."""
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in ("position", "secret")}
-    return str(body)[:160]
+    return str(body)
+
+
+def _field_errors(body: Any) -> str:
+    """pretix's refusal of a request, as its field errors read ({"token": ["... already been used."]})."""
+    if not isinstance(body, dict):
+        return str(body)
+    return "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in body.items())
 
 
 def _time_side(position: dict[str, Any], now: float) -> Reason:

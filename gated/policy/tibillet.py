@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
@@ -34,7 +34,7 @@ from gated.errors import BackendRejected, Unreachable
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, json_answer, json_body, request
+from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, api_message, json_answer, json_body, pairing_answer, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.schema import Key
 from gated.store import Store, StoreThread
@@ -159,7 +159,7 @@ class TibilletBackend(HttpBackend):
                                  "unknown key); pair again with `gated pair CODE`") from None
             raise
         if response.status_code in (401, 403):
-            why = _said(response)
+            why = api_message(response, _said_in)
             raise KeyRefused(f"API key refused (HTTP {response.status_code}{': ' + why if why else ''}); "
                              "pair again with `gated pair CODE`")
         return response
@@ -197,10 +197,7 @@ class TibilletBackend(HttpBackend):
 
     def _checked(self, response: httpx.Response, scan_mode: ScanMode) -> Decision | None:
         """The decision `check_ticket/`'s answer settles, or None: a valid ticket, to be scanned now."""
-        body = json_body(response)
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, said, uuid, who, event = _answer_fields(body)
+        body, ticket, said, uuid, who, event = _scan_answer(response)
         code = response.status_code
         if code != 200:
             return self._refusal(code, said, body)
@@ -219,10 +216,7 @@ class TibilletBackend(HttpBackend):
         return deny(STATUS_REASONS.get(status, Reason.REJECTED), **common)
 
     def _decision(self, response: httpx.Response) -> Decision:
-        body = json_body(response)
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        _, said, uuid, who, event = _answer_fields(body)
+        body, _, said, uuid, who, event = _scan_answer(response)
         code = response.status_code
         if code != 200:
             return self._refusal(code, said, body)
@@ -320,42 +314,33 @@ class TibilletBackend(HttpBackend):
             for path in (f"{prefix}{quote(token, safe='=')}/pair/", f"{prefix}{quote(token, safe='=')}/pair"):
                 response = await request(self.client, "GET", path, timeout=self.slow_seconds)
                 shown = f"{prefix}…/pair{'/' if path.endswith('/') else ''}"
-                if response.status_code in NOT_HERE:
-                    tried.append(f"{shown} HTTP {response.status_code}")
-                    continue
-                try:
-                    body = json_body(response)
-                except Unreachable:
-                    raise BackendRejected(f"{shown} answered HTTP {response.status_code} with no JSON: not TiBillet's "
-                                          "scan API; check [backend] url (the site's address) or set "
-                                          "[backend.tibillet] path_prefix") from None
-                found = (prefix, response.status_code, body if isinstance(body, dict) else {})
-                break
+                if response.status_code not in NOT_HERE:
+                    found = (prefix, shown, response)
+                    break
+                tried.append(f"{shown} HTTP {response.status_code}")
             if found is not None:
                 break
         if found is None:
             raise BackendRejected(f"no TiBillet scan API under {self.config.backend.url} (tried {', '.join(tried)}): "
                                   "check [backend] url (the site's address) or set [backend.tibillet] path_prefix")
-        prefix, status, body = found
-        key = body.get("api_key")
-        if status != 200 or not isinstance(key, str) or not key or len(key) > ID_LIMIT:
-            why = _said_in(body)
-            raise BackendRejected(f"TiBillet (scan API at {prefix}) refused the pairing code (HTTP {status}"
-                                  f"{': ' + why if why else ''}); codes are single-use and expire: "
-                                  "make a new one in the TiBillet admin")
+        prefix, shown, response = found
+        body, key = pairing_answer(
+            response, "api_key", _said_in,
+            not_json=f"{shown} answered HTTP {response.status_code} with no JSON: not TiBillet's scan API; check "
+                     "[backend] url (the site's address) or set [backend.tibillet] path_prefix",
+            refused=f"TiBillet (scan API at {prefix}) refused the pairing code",
+            fix="codes are single-use and expire: make a new one in the TiBillet admin")
         self.prefix = prefix
         self.api_key, self.device_uuid = key, cut(str(body.get("device_uuid") or ""), ID_LIMIT)
         name = cut(str(body.get("device_name") or ""))
         tenant = cut(str(body.get("tenant_name") or ""))
-        await store.call(Store.set, KV_API_KEY, self.api_key)
-        await store.call(Store.set, KV_DEVICE_UUID, self.device_uuid)
-        await store.call(Store.set, KV_DEVICE_NAME, name)
+        kept = {KV_API_KEY: self.api_key, KV_DEVICE_UUID: self.device_uuid, KV_DEVICE_NAME: name}
         if self.prefix_override is None:
-            await store.call(Store.set, KV_PATH_PREFIX, prefix)
+            kept[KV_PATH_PREFIX] = prefix
+        stored = await self._keep_pairing(store, kept, "API key")
         where = "set by [backend.tibillet] path_prefix" if self.prefix_override else "found"
         lines = [f'paired with TiBillet{" (" + tenant + ")" if tenant else ""} as device "{name}" ({self.device_uuid})',
-                 f"scan API at {self.config.backend.url.rstrip('/')}{prefix} ({where})",
-                 f"API key stored in {store.store.path} (owner-only)"]
+                 f"scan API at {self.config.backend.url.rstrip('/')}{prefix} ({where})", stored]
         if self.api_key_file:
             lines.append("note: [backend.tibillet] api_key_file is set and takes precedence over the paired key")
             self.api_key = await self._credential(store, self.api_key_file, "[backend.tibillet] api_key_file",
@@ -393,8 +378,8 @@ class TibilletBackend(HttpBackend):
                 return
             body = await json_answer(response)
             if response.status_code != 200:
-                raise BackendRejected(f"list_tickets: HTTP {response.status_code}"
-                                      f"{': ' + _said_in(body) if isinstance(body, dict) else ''}")
+                said = api_message(response, _said_in, body)
+                raise BackendRejected(f"list_tickets: HTTP {response.status_code}{': ' + said if said else ''}")
             if not isinstance(body, dict) or not isinstance(body.get("results"), list):
                 raise Unreachable("list_tickets: a page without results")
             pages = integer(body.get("total_pages"), "total_pages", low=0, high=MAX_PAGES) or 0
@@ -464,10 +449,7 @@ class TibilletBackend(HttpBackend):
 
     def _replay_check(self, response: httpx.Response) -> str | None | bool:
         """True: scan it now; None: the server counts it already (our earlier replay); else why never."""
-        body = json_body(response)  # a proxy's HTML page or broken JSON is no answer: retried, not parked
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, said, _, _, _ = _answer_fields(body)
+        body, ticket, said, _, _, _ = _scan_answer(response)  # no answer (a proxy's page): retried, not parked
         if response.status_code != 200:
             if "error" not in body:
                 raise Unreachable(f"HTTP {response.status_code} without TiBillet's error field")
@@ -491,10 +473,7 @@ class TibilletBackend(HttpBackend):
 
     def _upload_refusal(self, response: httpx.Response) -> str | None:
         """None when the server now counts the scan, else why it never will; Unreachable when it did not say."""
-        body = json_body(response)
-        if not isinstance(body, dict):
-            raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
-        ticket, said, _, _, _ = _answer_fields(body)
+        body, ticket, said, _, _, _ = _scan_answer(response)
         if response.status_code == 200 and body.get("success") is True:
             return None
         if response.status_code == 400 and "event uuid" in said.lower():
@@ -504,34 +483,44 @@ class TibilletBackend(HttpBackend):
         return f"HTTP {response.status_code}: {said}"
 
 
-def _answer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None, str, str | None]:
-    """(ticket, message, ticket uuid, holder's name, event) of a scan answer, each checked.
+class _ScanAnswer(NamedTuple):
+    body: dict[str, Any]
+    ticket: dict[str, Any]
+    said: str  # the server's words (`_said_in`)
+    uuid: str | None  # the ticket's, the anti-passback identity
+    who: str  # the holder's name
+    event: str | None
 
-    A wrong type means this is not TiBillet's answer: Unreachable.
+
+def _scan_answer(response: httpx.Response) -> _ScanAnswer:
+    """The answer of `check_ticket/` or `ticket/` (any status), its fields each checked.
+
+    Anything but a JSON object, or a field of the wrong type, is not TiBillet's answer: Unreachable.
     """
+    body = json_body(response)
+    if not isinstance(body, dict):
+        raise Unreachable(f"HTTP {response.status_code} with an unexpected JSON shape")
     ticket = mapping(body.get("ticket"), "ticket")
     said = _said_in(body)
     uuid = ticket.get("uuid")
     if uuid is not None and not isinstance(uuid, str):  # the anti-passback identity: text only
         raise Unreachable("ticket uuid is not text")
     who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
-    return ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event")
+    return _ScanAnswer(body, ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event"))
 
 
-def _said_in(body: dict[str, Any]) -> str:
-    """The server's words: `message`, or TiBillet's `error`, or DRF's `detail` (objects kept as text)."""
+def _said_in(body: Any) -> str:
+    """The server's words: `message`, or TiBillet's `error`, or DRF's `detail` (objects kept as text).
+
+    TiBillet's error shape: `_scan_answer` reads a scan answer's message with it, and `api_message`
+    an error's text; "" when the body is not an object.
+    """
+    if not isinstance(body, dict):
+        return ""
     said = next((body[k] for k in ("message", "error", "detail") if body.get(k)), None)
     if said is None and body and all(isinstance(v, list) for v in body.values()):
         said = body  # DRF's validation errors: {"event_uuid": ["Must be a valid UUID."]}
     return cut(str(said)) if isinstance(said, (dict, list)) else text(said, "message")
-
-
-def _said(response: httpx.Response) -> str:
-    try:
-        body = json_body(response)
-    except Unreachable:
-        return ""
-    return _said_in(body) if isinstance(body, dict) else ""
 
 
 def _pairing_code(given: str) -> tuple[str, str | None]:

@@ -242,7 +242,11 @@ class CMSimulator(Simulator):
             return None, info(401, "Unauthorized: token expired or invalid")
         return claims, None
 
-    def _body(self, req: Request, claims: dict[str, Any]) -> tuple[dict[str, Any] | None, Response | None]:
+    def _body(self, req: Request) -> tuple[dict[str, Any] | None, Response | None]:
+        """The JSON body of a scan call, checked after the bearer token (whose user it must name)."""
+        claims, bad = self._auth(req)
+        if bad:
+            return None, bad
         try:
             body = req.json()
         except ValueError:
@@ -341,10 +345,7 @@ class CMSimulator(Simulator):
         return self._scan(req, self._check_out)
 
     def _scan(self, req: Request, rule: Callable[[str, str], tuple[int, dict[str, Any]]]) -> Response:
-        claims, bad = self._auth(req)
-        if bad:
-            return bad
-        body, bad = self._body(req, claims)
+        body, bad = self._body(req)
         if bad:
             return bad
         barcode_id = body.get("barcode_id")
@@ -403,10 +404,7 @@ class CMSimulator(Simulator):
 
     @route("POST", PREFIX + r"/barcodes/upload")
     def upload(self, req: Request) -> Response:
-        claims, bad = self._auth(req)
-        if bad:
-            return bad
-        body, bad = self._body(req, claims)
+        body, bad = self._body(req)
         if bad:
             return bad
         records = body.get("barcodes")
