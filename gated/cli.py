@@ -207,14 +207,17 @@ def cmd_pair(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_ERROR
 
+    from gated import logs
+
     try:
-        print(asyncio.run(_with_backend(config, lambda backend, store: backend.pair(store, args.token))))
+        said = asyncio.run(_with_backend(config, lambda backend, store: backend.pair(store, args.token)))
     except ConfigError as e:
         print(configmod.report(e), file=sys.stderr)
         return EXIT_ERROR
     except GatedError as e:
-        print(f"gated: pairing failed: {e}", file=sys.stderr)
+        print(f"gated: pairing failed: {logs.clean(e)}", file=sys.stderr)
         return EXIT_ERROR
+    print(said)  # each backend escapes the server's names in it, line by line
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ import httpx
 from gated import device
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, Unreachable
+from gated.logs import clean
 from gated.model import Decision, InputKind, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, ident, jwt_claims, text
 from gated.policy.base import Backend, UploadResult
@@ -706,8 +707,8 @@ class EntryBackend(Backend):
         await self.close_tasks()
         exp = self._claims.get("exp")
         until = local_iso(exp) if isinstance(exp, (int, float)) else "until Entry ends it"
-        return (f"paired with Entry venue {token} ({venue.get('title', '')}, {venue.get('venueTimezone', '')}) "
-                f"as device {self.serial}; session valid until {until}, kept in {self.config.store.path}")
+        return clean(f"paired with Entry venue {token} ({venue.get('title', '')}, {venue.get('venueTimezone', '')}) "
+                     f"as device {self.serial}; session valid until {until}, kept in {self.config.store.path}")
 
 
 def _save(store: Store, events: dict[str, Any], masks: dict[str, list[str]], nfc: dict[str, list]) -> None:

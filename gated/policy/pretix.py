@@ -39,6 +39,7 @@ from gated import __version__
 from gated.config import Config
 from gated.device import hardware
 from gated.errors import BackendRejected, GatedError, Unreachable
+from gated.logs import clean
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
@@ -255,7 +256,7 @@ class PretixBackend(HttpBackend):
             lines.append(f"event {self.event!r}: HTTP {response.status_code}, {cut(name)!r}")
         except Unreachable as e:
             lines.append(f"event {self.event!r} not readable yet ({e}); pairing is stored all the same")
-        return "\n".join(lines)
+        return "\n".join(clean(line) for line in lines)  # names from the server reach the terminal
 
     # --- offline data --------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from gated.config import Config
 from gated.errors import BackendRejected, Unreachable
+from gated.logs import clean
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
@@ -354,7 +355,7 @@ class TibilletBackend(HttpBackend):
             lines.append(f"health check not answered ({e}); pairing is stored all the same")
         if not self.event_uuid:
             lines.append("next: set [backend.tibillet] event_uuid; TiBillet refuses entry scans without it")
-        return "\n".join(lines)
+        return "\n".join(clean(line) for line in lines)  # names from the server reach the terminal
 
     # --- offline -------------------------------------------------------------------------
 

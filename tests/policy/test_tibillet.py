@@ -116,6 +116,13 @@ def test_pair_finds_the_scan_api_from_the_site_url_alone_and_says_where(sim, tib
     assert _paths(sim) == [f"GET /scan/{code}/pair/", "GET /scan/check_api_scan/"]
 
 
+def test_pair_prints_names_from_the_server_escaped(sim, tib, capsys):
+    config = tib()
+    code = sim.new_device("Gate\x1b[2J\nNorth")  # a device name typed in the admin reaches the terminal
+    rc, out, _ = _pair(config, code, capsys)
+    assert rc == 0 and "\x1b" not in out and 'device "Gate\\x1b[2J\\x0aNorth"' in out
+
+
 def test_pair_finds_the_api_under_the_french_document_prefix_and_scans_there(keys, tib, load_config, capsys):
     with _sim(keys, "/api/scan/") as other:
         config = tib(url=other.url, event=other.event)
