@@ -18,7 +18,6 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.common import Figure, housekeeping, latency_text, line, pct, rss_mb, set_idle, workdir, write_config
 from gated.reload import peak_rss_mb
@@ -65,8 +64,11 @@ def sync_figures(quick: bool) -> list[Figure]:
         Figure(f"pretix sync of {TICKETS:,} tickets (orders/, pages of 50, into the list file)",
                f"{r['sync_s']:.1f} s ({r['loaded']:,} loaded)", "<= 10 s",
                r["sync_s"] <= 10 and r["loaded"] >= TICKETS),
-        Figure("  peak RSS of gated during that sync", f"{r['peak_rss_mb']:.1f} MB (before it {r['rss_before_mb']:.1f} MB)",
-               "<= 50 MB", r["peak_rss_mb"] <= 50),
+        Figure("  peak RSS of gated during that sync",
+               f"{r['peak_rss_mb']:.1f} MB (before it {r['rss_before_mb']:.1f} MB)", "<= 50 MB",
+               r["peak_rss_mb"] <= 50),
+        Figure("  the download process (gated.reload): peak RSS, written to disk",
+               f"{r['child']['peak_rss_mb']:.1f} MB, {r['child']['written_mb']:.1f} MB written"),
         Figure(f"pretix offline decision, scan -> relay command ({TICKETS:,} random secrets loaded)",
                latency_text(r["decide_ms"]), "p99 <= 5 ms", pct(r["decide_ms"], 99) <= 5.0),
         Figure("  the same, a scan every 20 ms, nothing else running", latency_text(r["paced_ms"]), "p99 <= 5 ms",
@@ -86,7 +88,6 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
     from gated import config as configmod
     from gated.daemon import Parts, build
     from gated.model import Scan
-    from gated.simulators.pretix import generated_secret
     from gated.store import Store, StoreThread
 
     logging.getLogger("gated").setLevel(logging.WARNING)
@@ -127,7 +128,9 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
         started = time.perf_counter()
         await parts.backend.sync(sync_store)
         sync_s = time.perf_counter() - started
-        peak = peak_rss_mb()
+        peak = peak_rss_mb()  # VmHWM: this process's own
+        first_download = dict(parts.backend.last_reload)
+        from gated.simulators.pretix import generated_secret  # after the peak: the bench's, not gated's
         loaded = await sync_store.call(Store.ticket_count, parts.backend.positions_name)
 
         rng = random.Random(7)
@@ -169,7 +172,7 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
         await parts.gate.drain()
         return {"sync_s": sync_s, "rss_before_mb": before, "peak_rss_mb": peak, "loaded": loaded,
                 "decide_ms": decide, "paced_ms": paced_ms, "during_ms": during, "commits": commits,
-                "resync_s": resync_s}
+                "resync_s": resync_s, "child": first_download}
 
     return asyncio.run(run())
 
