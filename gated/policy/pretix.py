@@ -26,6 +26,7 @@ import concurrent.futures
 import gc
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -353,7 +354,7 @@ class PretixBackend(HttpBackend):
         except (AttributeError, TypeError, KeyError, ValueError) as e:
             raise _unexpected_shape(e) from None
         return {"tickets": count, "generated": generated, "peak_rss_mb": reload.peak_rss_mb(),
-                "written_mb": reload.written_mb()}
+                "written_mb": reload.written_mb(), "pid": os.getpid()}
 
     async def _stream_positions(self, store: StoreThread, lst: dict[str, Any]) -> tuple[int, str | None]:
         """Rows made on the store thread as pages arrive (Store.load_tickets takes them one by one),
