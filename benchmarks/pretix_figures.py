@@ -210,6 +210,8 @@ def online_figures(quick: bool) -> list[Figure]:
                f"{ratio:.3f}x ({pct(r['gated'], 50) - pct(r['bare'], 50):+.2f} ms; "
                f"p99 {pct(r['gated'], 99) / pct(r['bare'], 99):.2f}x)", "<= 1.05x", ratio <= 1.05),
         Figure("    of which the durable commit", latency_text(r["commit"])),
+        Figure("  the decision alone (Decider.decide: request, strict read, parse; no commit, no relay)",
+               latency_text(r["decide"])),
     ]
 
 
@@ -218,7 +220,7 @@ async def _online(server, n: int) -> dict:
 
     from gated import config as configmod
     from gated.daemon import build
-    from gated.model import Scan, Source
+    from gated.model import Scan, ScanMode, Source
     from tests.realpretix import PRETIX_VERSION
 
     folder = workdir()
@@ -245,7 +247,7 @@ async def _online(server, n: int) -> dict:
     backend = parts.backend
     bare = httpx.AsyncClient(base_url=server.url, timeout=5.0, headers={"Authorization": f"Device {token}"})
     path = f"/api/v1/organizers/{server.organizer}/checkinrpc/redeem/"
-    out: dict[str, list[float]] = {"gated": [], "bare": [], "commit": []}
+    out: dict[str, list[float]] = {"gated": [], "bare": [], "commit": [], "decide": []}
     try:
         for i in range(n + 20):  # the first 20 of each warm connections and code paths
             secret = tickets[i % len(tickets)]
@@ -259,10 +261,14 @@ async def _online(server, n: int) -> dict:
             bare_ms = (time.perf_counter() - t) * 1000
             if answer.status_code != 201:
                 raise RuntimeError(f"bare redeem: HTTP {answer.status_code}")
+            t = time.perf_counter()  # the decision alone: request, strict read, parse; no commit, no relay
+            await parts.decider.decide(Scan(token=secret), ScanMode.ENTRY)
+            decide_ms = (time.perf_counter() - t) * 1000
             if i >= 20:
                 out["gated"].append(gated_ms)
                 out["commit"].append(commit_ms)
                 out["bare"].append(bare_ms)
+                out["decide"].append(decide_ms)
     finally:
         await parts.gate.drain()
         await bare.aclose()
