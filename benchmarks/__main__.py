@@ -21,6 +21,7 @@ FIGURE_MODULES = [
     "benchmarks.decoders",
     "benchmarks.entry_figures",
     "benchmarks.cm_figures",
+    "benchmarks.pretix_figures",
     "benchmarks.venue_figures",
 ]
 

@@ -21,11 +21,15 @@ share one session, one list's settings and one reading of pretix's answers.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import gc
 import json
 import logging
+import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gated import __version__
+from gated import __version__, reload
 from gated.config import Config
 from gated.device import hardware
 from gated.errors import BackendRejected, GatedError, Unreachable
@@ -108,6 +112,8 @@ class PretixBackend(HttpBackend):
         self.token: str | None = None
         self._store: StoreThread | None = None
         self._keys: tuple[float, list[Ed25519PublicKey]] = (-1.0, [])
+        self._reload_list: dict[str, Any] = {}  # in the reload process: the list's settings (restore_state)
+        self.last_reload: dict[str, Any] = {}  # the last full download's result (benchmarks read its peak RSS)
 
 
     def describe(self) -> str:
@@ -268,8 +274,7 @@ class PretixBackend(HttpBackend):
         except (AttributeError, TypeError, KeyError, ValueError) as e:
             # pretix answered, but not in its documented shapes (another version, a proxy's JSON):
             # the offline data already stored stays in use, and the syncer says why at WARNING.
-            raise BackendRejected(f"pretix answered in an unexpected shape ({type(e).__name__}: {str(e)[:80]})") \
-                from None
+            raise _unexpected_shape(e) from None
 
     async def _sync(self, store: StoreThread) -> None:
         event = mapping(await self._get_json(f"{self.event_path}/", "event detail"), "event detail")
@@ -325,16 +330,73 @@ class PretixBackend(HttpBackend):
         since_key = f"pretix:{self.scope}:orders_since:{self.list_id}:{lst.get('subevent')}"
         usable = await store.call(Store.list_usable, self.positions_name)
         since = await store.call(Store.get, since_key) if usable else None
-        params = {"modified_since": since} if since else {}
-        rows, generated = await self._get_all(f"{self.event_path}/orders/", params, "orders",
-                                              each=lambda order: _position_rows(order, self.list_id, lst))
         if since:
+            rows, generated = await self._get_all(f"{self.event_path}/orders/", {"modified_since": since}, "orders",
+                                                  each=lambda order: _position_rows(order, self.list_id, lst))
             await store.call(Store.upsert_tickets, self.positions_name, rows)
+            count = len(rows)
         else:
-            await store.call(Store.load_tickets, self.positions_name, rows)
+            count, generated = await self._load_all_positions(store, lst)
         if isinstance(generated, str) and 0 < len(generated) <= ID_LIMIT:
             await store.call(Store.set, since_key, generated)
-        return len(rows), not since
+        return count, not since
+
+    async def _load_all_positions(self, store: StoreThread, lst: dict[str, Any]) -> tuple[int, str | None]:
+        """Every order into a new list file, downloaded and written by a child process.
+
+        In the daemon's process the 2,000 pages of 100,000 tickets held the interpreter lock in long
+        stretches (parsing, making rows) and every scan meanwhile waited for it (gated.reload says
+        more; figures in benchmarks/README.md, "pretix").
+        """
+        result = await reload.run_in_child({"config": self.config, "state": {"token": self.token, "list": lst},
+                                            "store": str(store.store.path)})
+        self.last_reload = result
+        return result["tickets"], result["generated"]
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """In the reload process: the daemon's device token and the check-in list's settings."""
+        self.token, self._reload_list = state["token"], state["list"]
+
+    async def reload_here(self, store: StoreThread) -> dict[str, Any]:
+        """In the reload process: every order, streamed page by page into a new list file."""
+        try:
+            count, generated = await self._stream_positions(store, self._reload_list)
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            raise _unexpected_shape(e) from None
+        return {"tickets": count, "generated": generated, "peak_rss_mb": reload.peak_rss_mb(),
+                "written_mb": reload.written_mb(), "pid": os.getpid()}
+
+    async def _stream_positions(self, store: StoreThread, lst: dict[str, Any]) -> tuple[int, str | None]:
+        """Rows made on the store thread as pages arrive (Store.load_tickets takes them one by one),
+        the next page fetched on the event loop meanwhile: one or two pages of 50 orders in memory."""
+        loop = asyncio.get_running_loop()
+        seen: dict[str, Any] = {"rows": 0, "generated": None}
+
+        def fetch(page: str, params: dict[str, Any] | None) -> concurrent.futures.Future:
+            return asyncio.run_coroutine_threadsafe(self._get_page(page, params, "orders"), loop)
+
+        def rows() -> Iterator[dict[str, Any]]:
+            # An error of a page ends the load, which leaves the list in use as it was.
+            coming: concurrent.futures.Future | None = fetch(f"{self.event_path}/orders/", {})
+            first = True
+            try:
+                while coming is not None:
+                    found, nxt, generated = coming.result()
+                    if first:
+                        seen["generated"], first = generated, False
+                    coming = fetch(nxt, None) if nxt else None
+                    # An httpx Response and its stream refer to each other: freed now, not at a full collection.
+                    gc.collect(1)
+                    for order in found:
+                        out = _position_rows(order, self.list_id, lst)
+                        seen["rows"] += len(out)
+                        yield from out
+            finally:
+                if coming is not None:
+                    coming.cancel()
+
+        await store.call(Store.load_tickets, self.positions_name, rows())
+        return seen["rows"], seen["generated"]
 
     async def _get_json(self, path: str, what: str, params: dict[str, Any] | None = None) -> Any:
         response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS, limit=LIST_PAGE_LIMIT)
@@ -347,30 +409,32 @@ class PretixBackend(HttpBackend):
         """Every page of a list resource, and the first page's X-Page-Generated (the next delta's start).
 
         `each(result)`, when given, turns each result into the rows kept, page by page, so a download
-        of 100,000 orders never holds more than one page of pretix's full answer.
+        of many orders never holds more than one page of pretix's full answer.
         """
         results: list[Any] = []
-        generated = None
-        page: str | None = path
-        first = True
-        while page:
-            response = await self._call("GET", page, params=params if first else None, timeout=SLOW_CALL_SECONDS,
-                                        limit=LIST_PAGE_LIMIT)
-            if response.status_code != 200:
-                raise BackendRejected(f"{what}: HTTP {response.status_code}")
-            if first:
-                generated = response.headers.get("X-Page-Generated")
-            body = await json_answer(response)
-            found = body.get("results") if isinstance(body, dict) else None
-            nxt = body.get("next") if isinstance(body, dict) else None
-            if not isinstance(found, list) or not (nxt is None or isinstance(nxt, str)):
-                raise Unreachable(f"{what}: a page without pretix's results and next")
+        found, page, generated = await self._get_page(path, params, what)
+        while True:
             results += [row for r in found for row in each(r)] if each else found
-            # `next` is absolute and may name the host as pretix sees itself behind a proxy: keep
-            # our own base URL and follow only the path and query.
-            page = (urlsplit(nxt).path + ("?" + urlsplit(nxt).query if urlsplit(nxt).query else "")) if nxt else None
-            first = False
-        return results, generated
+            if not page:
+                return results, generated
+            found, page, _ = await self._get_page(page, None, what)
+
+    async def _get_page(self, path: str, params: dict[str, Any] | None,
+                        what: str) -> tuple[list[Any], str | None, str | None]:
+        """One page of a list resource: (its results, the next page's path or None, X-Page-Generated)."""
+        response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS, limit=LIST_PAGE_LIMIT)
+        if response.status_code != 200:
+            raise BackendRejected(f"{what}: HTTP {response.status_code}")
+        generated = response.headers.get("X-Page-Generated")
+        body = await json_answer(response)
+        found = body.get("results") if isinstance(body, dict) else None
+        nxt = body.get("next") if isinstance(body, dict) else None
+        if not isinstance(found, list) or not (nxt is None or isinstance(nxt, str)):
+            raise Unreachable(f"{what}: a page without pretix's results and next")
+        # `next` is absolute and may name the host as pretix sees itself behind a proxy: keep our
+        # own base URL and follow only the path and query.
+        page = (urlsplit(nxt).path + ("?" + urlsplit(nxt).query if urlsplit(nxt).query else "")) if nxt else None
+        return found, page, generated
 
     async def _sync_secrets(self, store: StoreThread, resource: str, stamp: str, table: str) -> int:
         since_key = f"pretix:{self.scope}:{resource}_since"
@@ -640,6 +704,10 @@ def _upload_refusal(response: httpx.Response) -> str | None:
     if status == "error":
         return f"pretix refused it even with force: {body.get('reason')} ({body.get('reason_explanation') or ''})"
     return f"HTTP {response.status_code}: {error_text(response, _words, body)}"
+
+
+def _unexpected_shape(e: Exception) -> BackendRejected:
+    return BackendRejected(f"pretix answered in an unexpected shape ({type(e).__name__}: {str(e)[:80]})")
 
 
 def _words(body: Any) -> str:

@@ -31,6 +31,7 @@ events, orders and check-ins, so a test can move between them.
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import secrets
 import struct
@@ -107,6 +108,16 @@ def sig1_public_key(key: Ed25519PrivateKey) -> str:
     """How `valid_keys["pretix_sig1"]` lists a key: base64 of the PEM SubjectPublicKeyInfo."""
     pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(pem).decode()
+
+
+def generated_secret(index: int) -> str:
+    """The `index`-th random secret of `PretixSim.add_positions`: pretix's default secret shape (32 of
+    its letters and digits), made from the index so a bench can scan a ticket without asking for it."""
+    digest = hashlib.blake2b(index.to_bytes(8, "big"), digest_size=32).digest()
+    return "".join(_SECRET_LETTERS[b % len(_SECRET_LETTERS)] for b in digest)
+
+
+_SECRET_LETTERS = "abcdefghjkmnpqrstuvwxyz23456789"
 
 
 def _iso(moment: datetime) -> str:
@@ -195,6 +206,7 @@ class PretixSim(_QuickStop):
         self.timezone = "Europe/Berlin"
         self.date_from = "2026-06-01T17:00:00Z"
         self._ids = itertools.count(1)
+        self._orders_snapshot: tuple[Any, list[Position]] | None = None  # see orders()
 
     # --- test helpers ---------------------------------------------------------------------
 
@@ -218,12 +230,21 @@ class PretixSim(_QuickStop):
                                       valid_from=int(valid_from.timestamp()) if valid_from else None,
                                       valid_until=int(valid_until.timestamp()) if valid_until else None)
         else:
-            secret = "".join(secrets.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(32))
+            secret = "".join(secrets.choice(_SECRET_LETTERS) for _ in range(32))
         pid = next(self._ids)
         with self.lock:
             self.positions[secret] = Position(pid, f"O{pid:04d}", item, secret, attendee_name, variation,
                                               subevent, **kw)
         return secret
+
+    def add_positions(self, count: int, item: int = 1) -> None:
+        """`count` paid tickets with random secrets, `generated_secret(0..count-1)`, one order each: a
+        big event for benches, made in about a second (no signing, one lock)."""
+        with self.lock:
+            for i in range(count):
+                pid = next(self._ids)
+                secret = generated_secret(i)
+                self.positions[secret] = Position(pid, f"B{pid:07d}", item, secret, f"Guest {i}")
 
     def revoke(self, secret: str) -> str:
         """The ticket changed in pretix: it gets a new secret, the old one goes on the revocation list."""
@@ -280,13 +301,16 @@ class PretixSim(_QuickStop):
 
     def _page(self, req: Request, items: list[dict[str, Any]], headers: dict[str, str] | None = None) -> Response:
         page = int(req.query.get("page", ["1"])[0])
-        chunk = items[(page - 1) * self.page_size: page * self.page_size]
+        return self._paged(req, items[(page - 1) * self.page_size: page * self.page_size], len(items), page, headers)
+
+    def _paged(self, req: Request, chunk: list[dict[str, Any]], count: int, page: int,
+               headers: dict[str, str] | None = None) -> Response:
+        """One page of `count` results, `chunk` being this page's."""
         nxt = None
-        if page * self.page_size < len(items):
+        if page * self.page_size < count:
             query = {k: v[0] for k, v in req.query.items()} | {"page": str(page + 1)}
             nxt = f"{self.public_url or self.url}{req.path}?{urlencode(query)}"
-        return Response(200, {"count": len(items), "next": nxt, "previous": None, "results": chunk},
-                        headers or {})
+        return Response(200, {"count": count, "next": nxt, "previous": None, "results": chunk}, headers or {})
 
     def _position_json(self, pos: Position, list_id: int | None) -> dict[str, Any]:
         """A ticket as pretix shows it; with `list_id`, the check-in list's view (`order__*` fields, its
@@ -413,13 +437,23 @@ class PretixSim(_QuickStop):
             return device
         generated = datetime.now(UTC)
         since = req.query.get("modified_since", [None])[0]
+        page = int(req.query.get("page", ["1"])[0])
+        query = tuple(sorted((k, tuple(v)) for k, v in req.query.items() if k != "page"))
         with self.lock:
-            chosen = sorted((p for p in self.positions.values() if not since or p.modified >= _parse(since)),
-                            key=lambda p: p.id)
+            # The orders chosen on a download's first page are kept for its next pages: choosing and
+            # sorting 100,000 tickets for each page of 50 would make a download quadratic.
+            snapshot = self._orders_snapshot
+            if page == 1 or snapshot is None or snapshot[0] != query:
+                moment = _parse(since) if since else None
+                chosen = sorted((p for p in self.positions.values() if moment is None or p.modified >= moment),
+                                key=lambda p: p.id)
+                self._orders_snapshot = snapshot = (query, chosen)
+            chosen = snapshot[1]
+            chunk = chosen[(page - 1) * self.page_size: page * self.page_size]
             items = [{"code": p.order, "status": p.order_status, "require_approval": p.require_approval,
                       "valid_if_pending": p.valid_if_pending, "last_modified": _iso(p.modified),
-                      "positions": [self._position_json(p, None)]} for p in chosen]
-        return self._page(req, items, {"X-Page-Generated": _iso(generated)})
+                      "positions": [self._position_json(p, None)]} for p in chunk]
+        return self._paged(req, items, len(chosen), page, {"X-Page-Generated": _iso(generated)})
 
     def _stamped(self, req: Request, rows: list[dict[str, Any]], stamp: str) -> Response:
         device = self._auth(req)
@@ -664,6 +698,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--organizer", default="demo")
     parser.add_argument("--event", default="democon")
     parser.add_argument("--droid", metavar="KEY_FILE", help="serve the legacy pretixdroid API with this key")
+    parser.add_argument("--positions", type=int, default=0, metavar="N",
+                        help="also N paid tickets with random secrets (generated_secret(0..N-1)), for benches")
     args = parser.parse_args(argv)
     if args.droid:
         with open(args.droid, encoding="utf-8") as f:
@@ -676,10 +712,13 @@ def main(argv: list[str] | None = None) -> None:
         pretix = PretixSim(args.organizer, args.event, port=args.port)
         print(f"pretix simulator on {pretix.url} (organizer {args.organizer}, event {args.event}, list 1)")
         print(f"setup token: {pretix.new_device()}")
+        print(f"device token: {pretix.device_token('Bench gate')}")
         for name in ("Ada", "Bob", "Cy"):
             print(f"signed secret for {name}: {pretix.add_position(1, name)}")
+        pretix.add_positions(args.positions)
         sim = pretix
     sim.start()
+    print("ready", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gated import cli
 from gated.daemon import build
+from gated.errors import BackendRejected
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
+from gated.simulators.base import Response
 from gated.simulators.pretix import PretixdroidSim, PretixSim, make_sig1_secret
 from gated.store import Store
 from gated.upload import Uploader
@@ -430,6 +432,46 @@ def test_deltas_download_only_changed_orders_and_take_effect(sim, paired):
     assert [d.reason for d in after] == [Reason.CANCELED, Reason.ALREADY_USED, Reason.OK]
     (orders,) = [r for r in requests if r.path.endswith("/orders/")]  # two changed orders: one page
     assert orders.query["modified_since"]
+
+
+def test_a_whole_download_is_written_by_the_reload_process_page_by_page(sim, paired):
+    # In the daemon's own process the rows of every ticket were held until the swap, and parsing
+    # 2,000 pages held up scans (benchmarks/README.md, "pretix"): a child process does it now.
+    sim.page_size = 2
+    config = paired()
+    secrets = [sim.add_position(signed=False) for _ in range(5)]
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            result = dict(parts.backend.last_reload)
+            decided = await parts.store.call(parts.backend.decide_offline, Scan(token=secrets[4]), ScanMode.ENTRY,
+                                             time.time(), True)
+            # A download that fails on a later page leaves the list in use as it was.
+            await parts.store.call(lambda store: store.set(
+                "pretix:demo/democon:orders_since:1:None", ""))
+            sim.add_position(signed=False)
+            sim.page_size = 1
+            original = sim.orders
+
+            def failing(req):
+                return Response(400, {"detail": "no"}) if req.query.get("page", ["1"])[0] == "3" else original(req)
+
+            sim.orders = failing
+            sim._routes = [(m, p, failing if fn == original else fn) for m, p, fn in sim._routes]
+            with pytest.raises(BackendRejected, match="orders: HTTP 400"):
+                await parts.backend.sync(parts.store)
+            kept = await parts.store.call(Store.ticket_count, parts.backend.positions_name)
+            return result, decided, kept
+        finally:
+            await parts.close()
+
+    result, decided, kept = asyncio.run(run())
+    assert result["tickets"] == 5 and result["peak_rss_mb"] > 0 and result["generated"]
+    assert result["pid"] != os.getpid()
+    assert decided.reason is Reason.OK
+    assert kept == 5
 
 
 def _server_checkin(sim, secret, kind, minutes_ago):
