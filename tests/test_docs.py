@@ -117,3 +117,11 @@ def test_nothing_in_the_repository_cites_a_design_file_outside_it():
         if "DESIGN.md" in text or "../shared" in text:
             cited.append(str(path.relative_to(ROOT)))
     assert cited == [], "cite docs/design.md instead"
+
+
+def test_the_design_document_names_every_reason_and_no_other():
+    from gated.model import Reason
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    vocabulary = text.split("Reasons are one vocabulary", 1)[1].split("each decision keeps", 1)[0]
+    assert set(re.findall(r"`([a-z_]+)`", vocabulary)) - {"Reason"} == {str(r) for r in Reason}
