@@ -20,8 +20,9 @@ def figures(quick: bool) -> list[Figure]:
 
 
 def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
-    """As core.offline_decision, with [metrics] on: the on_decided hook on every scan, and the
-    textfile rewritten every second (the shortest interval allowed) while the scans run."""
+    """As core.offline_decision, with [metrics] and [occupancy] on: the metrics hook and the people
+    count on every scan, the capacity check before every decision, and the textfile rewritten every
+    second (the shortest interval allowed) while the scans run."""
     folder = workdir()
     csv = ticket_csv(folder, tickets)
     mask_list = ", ".join(f'"{m}"' for m in _masks(masks))
@@ -34,6 +35,8 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
         [metrics]
         textfile = "{folder / 'gated.prom'}"
         interval_seconds = 1
+        [occupancy]
+        capacity = 1000000
     """)))
 
     from gated import metrics
@@ -45,7 +48,9 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
         await parts.backend.sync(parts.store)
         side = StoreThread(cfg.store.path, "sync")  # the daemon reads gauges on the syncer's thread
         exporter = metrics.attach(cfg.metrics, parts.gate, metrics.Lane(side, lambda: parts.decider,
-                                                                        lambda: {"front": True}, lambda: (0, 0)))
+                                                                        lambda: {"front": True},
+                                                                        lambda: (parts.occupancy.venue_total(),
+                                                                                 parts.occupancy.capacity)))
         hook = parts.gate.on_decided[-1]
         hook_us: list[float] = []
 
@@ -83,7 +88,8 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
     logging.getLogger("gated").setLevel(logging.WARNING)
     lat, hook_us, series = asyncio.run(run())
     return [
-        Figure(f"offline decision with metrics on ({tickets:,} tickets, {masks:,} masks, textfile every 1 s)",
+        Figure(f"offline decision, metrics and occupancy on ({tickets:,} tickets, {masks:,} masks, "
+               "textfile every 1 s)",
                latency_text(lat), "p99 <= 5 ms", pct(lat, 99) <= 5.0),
         Figure("  metrics hook per scan (counter + histogram)",
                f"p50 {pct(hook_us, 50):.1f} us, p99 {pct(hook_us, 99):.1f} us; {series} scan series written",
