@@ -241,6 +241,21 @@ def test_the_mqtt_broker_must_be_reachable(lane, system, capsys, tmp_path):
 # --- a ticket count from the API (CM.com) ------------------------------------------------------
 
 
+def _synced_and_wired(path: str) -> None:
+    """What an installer does before the doors open: one sync, then `gated outputs test`."""
+    config = configmod.load(path)
+
+    async def sync() -> None:
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+
+    asyncio.run(sync())
+    wiring.run(config, yes=True, pin_factory=MockFactory(), seconds=0.001, say=lambda _: None)
+
+
 @pytest.fixture
 def cm_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
     sim = CMSimulator(username="scanner", password="letmein").start()
@@ -260,17 +275,7 @@ def cm_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
         password_file = "{password}"
         service_name = "Main Entrance"
     """), base=""))
-    config = configmod.load(path)
-
-    async def sync() -> None:
-        parts = await build(config)
-        try:
-            await parts.backend.sync(parts.store)
-        finally:
-            await parts.close()
-
-    asyncio.run(sync())
-    wiring.run(config, yes=True, pin_factory=MockFactory(), seconds=0.001, say=lambda _: None)
+    _synced_and_wired(path)
     yield sim, path
     sim.stop()
 
@@ -309,17 +314,7 @@ def pretix_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
         checkin_list = 1
         token_file = "{token}"
     """), base=""))
-    config = configmod.load(path)
-
-    async def sync() -> None:
-        parts = await build(config)
-        try:
-            await parts.backend.sync(parts.store)
-        finally:
-            await parts.close()
-
-    asyncio.run(sync())
-    wiring.run(config, yes=True, pin_factory=MockFactory(), seconds=0.001, say=lambda _: None)
+    _synced_and_wired(path)
     yield sim, path
     sim.stop()
 

@@ -391,14 +391,19 @@ class PretixSim(_QuickStop):
         device = self._auth(req)  # observed: a device token gets 403 on a single list
         return device if isinstance(device, Response) else Response(403, DENIED_BY_PROFILE)
 
-    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/status/")
-    def checkinlist_status(self, req: Request) -> Response:
+    def _device_list(self, req: Request) -> dict[str, Any] | Response:
+        """The check-in list a device asks about, or the answer refusing it."""
         device = self._auth(req)
         if isinstance(device, Response):
             return device
         lst = self.lists.get(int(req.params["id"]))
-        if lst is None:
-            return Response(404, {"detail": "Not found."})
+        return Response(404, {"detail": "Not found."}) if lst is None else lst
+
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/status/")
+    def checkinlist_status(self, req: Request) -> Response:
+        lst = self._device_list(req)
+        if isinstance(lst, Response):
+            return lst
         orders = ("p", "n") if lst["include_pending"] else ("p",)
         with self.lock:
             count = sum(1 for pos in self.positions.values()
@@ -414,12 +419,9 @@ class PretixSim(_QuickStop):
 
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/checkinlists/(?P<id>\d+)/positions/")
     def checkinlist_positions(self, req: Request) -> Response:
-        device = self._auth(req)
-        if isinstance(device, Response):
-            return device
-        lst = self.lists.get(int(req.params["id"]))
-        if lst is None:
-            return Response(404, {"detail": "Not found."})
+        lst = self._device_list(req)
+        if isinstance(lst, Response):
+            return lst
         statuses = ("n", "p", "e", "c") if req.query.get("ignore_status", ["false"])[0] == "true" else \
             ("n", "p") if lst["include_pending"] else ("p",)
         with self.lock:  # `modified_since` is not one of this resource's filters: pretix ignores it
