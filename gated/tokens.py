@@ -82,10 +82,17 @@ def token_hash(token: str) -> str:
 def redact(token: str) -> str:
     """What a log shows of a token: at most its last 4 characters, never more than half of it.
 
-    A space in them is written `\\x20`, so the token stays one word of the space-separated scan line.
+    White space (a no-break space too) and unprintable characters in them are written as escapes
+    (`\\x20`, `\\xa0`), so the token stays one word of the space-separated scan line.
     """
     keep = min(4, len(token) // 2)
-    return "…" + token[len(token) - keep:].replace(" ", "\\x20") if keep else "…"
+    tail = token[len(token) - keep:]
+    return "…" + "".join(c if c.isprintable() and not c.isspace() else _escape(c) for c in tail) if keep else "…"
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 def redact_field(token: str) -> str:

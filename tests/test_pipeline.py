@@ -250,3 +250,13 @@ def test_an_admit_whose_relay_fails_is_a_deny_and_leaves_the_ticket_unused(gate_
     decisions, rows, _ = asyncio.run(_run_with(cfg, lambda scan: None, "T-0001", "T-0001"))
     assert [(d.verdict, d.reason) for d in decisions] == [(Verdict.DENY, Reason.ERROR), (Verdict.ADMIT, Reason.OK)]
     assert [(r["verdict"], r["passed"]) for r in rows] == [("admit", 0), ("admit", None)]
+
+
+@pytest.mark.parametrize("token", ["TICKET 01", "TICKET\xa001", "TICKET\u300001", "TICKET\u202801", "TICKET0\t1",
+                                   "0\xa0\xa00"])
+def test_a_tokens_redacted_tail_is_one_word_of_the_scan_line(token):
+    # A QR code may hold any text: the line's token field must not split it into two words.
+    from gated.tokens import redact
+
+    shown = redact(token)
+    assert shown.startswith("…") and len(shown.split()) == 1 and shown.isprintable()
