@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from gated.errors import Unreachable
+from gated.timeparse import EARLIEST, LATEST
 
 TEXT_LIMIT = 300  # names and messages from servers: enough for any real one, short enough for a log line
 ID_LIMIT = 200  # ids and codes (uuids, event ids, reason codes)
@@ -65,9 +66,15 @@ def mapping(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+_JWT_TIMES = ("exp", "iat", "nbf")
+
+
 def jwt_claims(token: Any) -> dict[str, Any] | None:
     """The claims of a JWT, unverified (each API checks its own tokens; gated only reads them);
-    None when `token` is not a JWT whose payload is a JSON object. Callers say what that means."""
+    None when `token` is not a JWT whose payload is a JSON object. Callers say what that means.
+
+    A time claim (exp, iat, nbf) that is not a finite number of unix seconds from year 1 to 9999 is
+    left out, as if absent: callers add and print them (10**400, NaN, true are no times)."""
     if not isinstance(token, str):
         return None
     try:
@@ -75,4 +82,11 @@ def jwt_claims(token: Any) -> dict[str, Any] | None:
         claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     except (IndexError, ValueError, RecursionError):  # bad base64 and bad UTF-8 are ValueErrors too
         return None
-    return claims if isinstance(claims, dict) else None
+    if not isinstance(claims, dict):
+        return None
+    for key in _JWT_TIMES:
+        value = claims.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not EARLIEST <= value <= LATEST):  # also NaN: no comparison holds
+            del claims[key]
+    return claims

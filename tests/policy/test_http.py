@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gated.errors import Unreachable
-from gated.policy.answer import INT64_MAX, ident, integer, text
+from gated.policy.answer import INT64_MAX, ident, integer, jwt_claims, text
 from gated.policy.http import LIST_PAGE_LIMIT, SCAN_ANSWER_LIMIT, parse_json, request
 from gated.timeparse import parse_time
 
@@ -205,3 +205,19 @@ def test_fields_are_checked_for_type_and_range_and_cut():
 def test_time_parsing_is_total_any_bad_value_is_a_value_error(value):
     with pytest.raises(ValueError):
         parse_time(value)
+
+
+def _jwt(payload: bytes) -> str:
+    import base64
+    return "h." + base64.urlsafe_b64encode(payload).decode().rstrip("=") + ".s"
+
+
+@pytest.mark.parametrize("exp", [b"1" + b"0" * 400, b"1e300", b"NaN", b"Infinity", b"-1e300", b"true", b'"soon"'])
+def test_a_jwt_time_claim_that_is_no_time_is_dropped_so_no_backend_computes_with_it(exp):
+    # CM.com's login did `now + (exp - iat)`: OverflowError for 10**400; Entry's pair printed exp: 1e300 crashed.
+    claims = jwt_claims(_jwt(b'{"sub": "u", "iat": 1700000000, "exp": ' + exp + b"}"))
+    assert claims == {"sub": "u", "iat": 1700000000}
+
+
+def test_a_jwt_with_real_times_keeps_them():
+    assert jwt_claims(_jwt(b'{"iat": 1700000000, "exp": 1700003600.5}')) == {"iat": 1700000000, "exp": 1700003600.5}
