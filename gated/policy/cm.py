@@ -427,9 +427,10 @@ class CMBackend(HttpBackend):
         body = await json_answer(response)
         services = body.get("services") if isinstance(body, dict) else None
         for s in services if response.status_code == 200 and isinstance(services, list) else ():
-            count = s.get("count_total_available") if isinstance(s, dict) else None
-            if s.get("uuid") == self.service_uuid and isinstance(count, int) and 0 <= count < 2**62:
-                return count
+            if not isinstance(s, dict) or s.get("uuid") != self.service_uuid:
+                continue
+            count = s.get("count_total_available")
+            return count if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 2**62 else None
         return None
 
     def offline_count(self, store: Store) -> int | None:

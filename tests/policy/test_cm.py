@@ -670,3 +670,25 @@ def test_a_400_not_in_cms_info_message_shape_is_a_failed_call_decided_offline(si
 
     decision = asyncio.run(run())
     assert (decision.verdict, decision.source) == (Verdict.ADMIT, Source.OFFLINE)
+
+
+def test_gated_ready_compares_the_service_count_with_the_list_held_offline(sim, cm):
+    async def main():
+        async with gate(cm("local")) as (parts, sync_store):
+            return await parts.backend.ticket_count(), await parts.store.call(parts.backend.offline_count)
+    assert asyncio.run(main()) == (10, 10)
+
+
+def test_a_services_list_with_an_entry_that_is_no_object_gives_no_count_not_a_crash(sim, cm):
+    async def main():
+        async with gate(cm("local")) as (parts, sync_store):
+            backend = parts.backend
+            services = [7, {"uuid": backend.service_uuid, "count_total_available": 10}]
+
+            async def answer(*args, **kwargs):
+                return httpx.Response(200, json={"services": services})
+            backend._call = answer
+            counted = await backend.ticket_count()
+            services[1]["count_total_available"] = 2**64
+            return counted, await backend.ticket_count()
+    assert asyncio.run(main()) == (10, None)
