@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import csv
 import logging
-import math
 import os
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -48,7 +47,6 @@ MAX_LINE_BYTES = 1024 * 1024
 MAX_FIELD_CHARS = 128 * 1024  # csv's own default limit
 MAX_ENTRIES = 1_000_000
 MAX_NAME_CHARS = 256  # shown in log lines and on the terminal; a longer one is cut
-LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment datetime can show
 
 
 def _shown(text: str) -> str:
@@ -84,12 +82,12 @@ def _time(row: dict[str, Any], column: str) -> float | None:
     if not text:
         return None
     try:
-        value = parse_time(text)
-    except (ValueError, OverflowError):
-        value = math.nan
-    if value is not None and not 0 <= value <= LATEST_TIME:  # also nan: a ticket that never expires
+        value = parse_time(text)  # ValueError for anything that is no time, nan and year 10000 too
+        if value is not None and value < 0:
+            raise ValueError
+    except ValueError:
         raise ValueError(f"{column} = {_shown(text)}: not a time from 1970 to 9999; write ISO 8601 "
-                         "(2025-06-01T18:00:00+02:00) or unix seconds")
+                         "(2025-06-01T18:00:00+02:00) or unix seconds") from None
     return value
 
 
