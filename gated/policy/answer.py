@@ -20,12 +20,12 @@ TEXT_LIMIT = 300  # names and messages from servers: enough for any real one, sh
 ID_LIMIT = 200  # ids and codes (uuids, event ids, reason codes)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an SQLite INTEGER holds
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def cut(value: str, limit: int = TEXT_LIMIT) -> str:
     """`value` without lone surrogates (they cannot be encoded) and at most `limit` characters."""
-    value = _LONE_SURROGATE.sub("\ufffd", value)
+    value = LONE_SURROGATE.sub("\ufffd", value)
     return value if len(value) <= limit else value[:limit - 1] + "…"
 
 

@@ -23,7 +23,7 @@ import httpx
 from gated import __version__
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, Unreachable
-from gated.policy.answer import ID_LIMIT, cut
+from gated.policy.answer import ID_LIMIT, LONE_SURROGATE, cut
 from gated.policy.base import Backend, UploadResult
 from gated.secrets import read_secret
 from gated.store import Store, StoreThread
@@ -166,7 +166,6 @@ def _no_constant(name: str) -> Any:
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_float=_finite, parse_constant=_no_constant)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_json(content: bytes, what: str = "answer") -> Any:
@@ -188,7 +187,7 @@ def parse_json(content: bytes, what: str = "answer") -> Any:
 def _without_surrogates(value: Any) -> Any:
     """`value` with every lone surrogate in its strings (keys too) replaced; iterative, as nesting may be deep."""
     def clean(item: Any) -> Any:
-        return _LONE_SURROGATE.sub("\ufffd", item) if isinstance(item, str) else item
+        return LONE_SURROGATE.sub("\ufffd", item) if isinstance(item, str) else item
 
     root = [value]
     stack: list[list | dict] = [root]
