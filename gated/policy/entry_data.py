@@ -13,6 +13,12 @@ from gated.policy.masks import MaskSet
 from gated.timeparse import parse_time
 
 # The spec documents only "OK"; the rest are the codes seen from the simulator and common spellings.
+# Masks from Entry are matched on the scan path, compiled once per sync on the first offline scan
+# (about 0.4 s at these limits, 2 s for 200 masks of 1,000 characters): a barcode mask is a few
+# dozen characters, and an event has at most a few hundred.
+MASK_LIMIT = 64
+MASKS_PER_EVENT = 2000
+
 REASONS = {
     "OK": Reason.OK, "NOT_FOUND": Reason.UNKNOWN, "INVALID": Reason.UNKNOWN, "INVALID_TICKET": Reason.UNKNOWN,
     "UNKNOWN": Reason.UNKNOWN, "ALREADY_SCANNED": Reason.ALREADY_USED, "ALREADY_USED": Reason.ALREADY_USED,
@@ -92,7 +98,14 @@ def parse_events(raw: list[Any], tz: tzinfo | None) -> tuple[list[dict[str, Any]
                                 "no limit on that side")
                 window.append(None)
         found = item.get("barcodeMasks") or []
-        masks[eid] = [m for m in found if isinstance(m, str) and m] if isinstance(found, list) else []
+        found = found if isinstance(found, list) else []
+        usable = [m for m in found if isinstance(m, str) and 0 < len(m) <= MASK_LIMIT]
+        if len(usable) < len(found):
+            problems.append(f"event {eid}: {len(found) - len(usable)} barcode mask(s) skipped: not text of 1 to "
+                            f"{MASK_LIMIT} characters")
+        if len(usable) > MASKS_PER_EVENT:
+            problems.append(f"event {eid}: {len(usable)} barcode masks, only the first {MASKS_PER_EVENT} are used")
+        masks[eid] = usable[:MASKS_PER_EVENT]
         # Echoed back in uploads as Entry sent them: only text of a sane length is worth echoing.
         start, end = (v if isinstance(v, str) and len(v) <= ID_LIMIT else None
                       for v in (item.get("startDateTime"), item.get("endDateTime")))

@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -607,3 +607,14 @@ def test_a_scan_window_beyond_any_time_leaves_that_side_open_and_the_sync_still_
     admitted, events = run(entry_config(sim.url), scenario)
     assert events is not None and events[0]["events"][0]["scanStart"] is None
     assert (admitted.verdict, admitted.source) == (Verdict.ADMIT, Source.OFFLINE)
+
+
+def test_masks_from_entry_are_bounded_where_they_enter():
+    """Masks are compiled on the scan path: a server's huge or countless masks would hold a scan for seconds."""
+    from gated.policy.entry_data import MASK_LIMIT, MASKS_PER_EVENT, parse_events
+
+    found = ["390##########", "*-" * 5000, 7, "", *(f"4{i:04d}#####" for i in range(MASKS_PER_EVENT + 10))]
+    _, masks, problems = parse_events([{"eventId": "E1", "barcodeMasks": found}], UTC)
+    assert masks["E1"][0] == "390##########" and len(masks["E1"]) == MASKS_PER_EVENT
+    assert all(len(m) <= MASK_LIMIT for m in masks["E1"])
+    assert any("3 barcode mask(s) skipped" in p for p in problems) and any("only the first" in p for p in problems)
