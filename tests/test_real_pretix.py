@@ -143,6 +143,8 @@ def test_what_a_pretixscan_device_may_read_for_offline_data(real_pretix):
     lid = srv.lists["plain"]
     # A single list's detail is refused to the device; the collection is not (the syncer uses it).
     assert srv.api("GET", srv.ev(f"checkinlists/{lid}/"), device=device, expect=None).status_code == 403
+    denied = srv.api("GET", srv.ev(f"orderpositions/{position.id}/"), device=device, expect=None)
+    assert (denied.status_code, denied.json()) == (403, {"detail": "Request denied by device security profile."})
     lists = srv.api("GET", srv.ev("checkinlists/"), device=device).json()["results"]
     assert {x["name"] for x in lists} >= {"plain", "multiple", "after_exit", "pending", "vip_only"}
     # The list's positions carry what an offline decision needs, the order's status included.

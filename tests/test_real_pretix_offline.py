@@ -344,3 +344,32 @@ def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_p
     assert len(asyncio.run(replay()).sent) == 1
     (ck,) = srv.checkins(pid)
     assert abs(_parse(ck["datetime"]) - when) < 0.002 and ck["gate"] == srv.gate_id("north")
+
+
+def test_the_next_sync_fetches_only_changed_orders_and_sees_other_scanners_check_ins_and_cancellations(
+        real_pretix, lane):
+    # The syncer's delta is `orders/?modified_since=`: it relies on pretix changing an order's
+    # `last_modified` when one of its tickets is checked in. A cancellation in an event whose tickets
+    # are signed revokes the secret, even one of our choosing (`revokedsecrets/?created_since=`).
+    srv = real_pretix
+    srv.add_list("e2e_delta")
+    entered, canceled, untouched = (_order(srv, {"random": True}) for _ in range(3))
+
+    async def sync_then_decide():
+        parts = await build(lane("e2e_delta", "delta"))
+        try:
+            await parts.backend.sync(parts.store)
+            whole = bool(parts.backend.last_reload)  # set by a whole download only
+            return whole, [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
+                                                  time.time(), True) for t, _ in (entered, canceled, untouched)]
+        finally:
+            await parts.close()
+
+    whole, first = asyncio.run(sync_then_decide())
+    assert whole and [d.reason for d in first] == [Reason.OK] * 3
+    srv.checkin(entered[0], "e2e_delta")  # by another scanner, after the lane's download
+    order = srv.api("GET", srv.ev(f"orderpositions/{canceled[1]}/")).json()["order"]
+    srv.api("POST", srv.ev(f"orders/{order}/mark_canceled/"), json={"send_email": False})
+    whole, second = asyncio.run(sync_then_decide())
+    assert not whole and [(d.reason, d.backend_code) for d in second] == [
+        (Reason.ALREADY_USED, "already_redeemed"), (Reason.REVOKED, "revoked"), (Reason.OK, "ok")]

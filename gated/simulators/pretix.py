@@ -13,8 +13,11 @@ Where the real pretix (2026.8.0, run by tests/realpretix.py) differs from its do
 simulator follows the real server:
 - redeem checks in `perform_checkin`'s order: canceled, blocked, not approved, validity (entries),
   product, date, unpaid, rules (entries), already redeemed; `force` passes all of them;
-- a canceled order answers `unpaid` unless the scanner sends `canceled_supported`; canceling an
-  order of signed tickets gives its tickets new secrets and revokes the old ones (`revoked`);
+- a canceled order answers `unpaid` unless the scanner sends `canceled_supported` (not checked
+  against the real server); canceling an order of signed tickets gives its tickets new secrets and
+  revokes the old ones (`revoked`). Real pretix does this for every secret of an event whose
+  generator signs, random ones of our choosing included (tests/test_real_pretix_offline.py); this
+  simulator revokes signed secrets only;
 - a pending order passes on an `include_pending` list only with `ignore_unpaid: true`, or when the
   order is `valid_if_pending`;
 - `checkinlists/{id}/positions/` carries `order__status`, `order__valid_if_pending`,
