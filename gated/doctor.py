@@ -518,7 +518,8 @@ def _store_state(config: Config, online: bool, read_only: str | None, replaced: 
     if replaced is not None:
         held = ("an unknown number of scans" if replaced.get("scans") is None
                 else f"at least {replaced['scans']} scans")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(replaced["at"]))
+        when = ("an unknown date" if replaced["at"] is None
+                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(replaced["at"])))
         until = "until the first successful sync" if online else "until you confirm it"
         checks.append(Check(
             "store", WARN, f"replaced a damaged store on {when}, moved aside to {replaced['moved']} ({held}): its "
