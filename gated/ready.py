@@ -152,7 +152,9 @@ def _outputs(recorded: str | None, boot: str) -> Result:
         last = None
     if not isinstance(last, dict):
         return Result("outputs", False, "never tested with gated outputs test", fix)
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last.get("at") or 0))
+    at = last.get("at")  # the store's own row, but a damaged store may hold anything
+    when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+            if type(at) in (int, float) and 0 <= at < 1e11 else "at an unknown time")
     if not boot or last.get("boot_id") != boot:
         return Result("outputs", False, f"last tested {when}, before this boot", fix)
     return Result("outputs", True, f"tested {when}, since boot")

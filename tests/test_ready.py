@@ -169,6 +169,18 @@ def test_outputs_not_tested_or_tested_before_this_boot_fail(lane, system, capsys
     assert failed(checks) == ["outputs"] and "before this boot" in checks["outputs"]["detail"]
 
 
+@pytest.mark.parametrize("row", ['{"boot_id": "x", "at": "noon"}', '{"boot_id": "x", "at": 1e300}',
+                                 '{"boot_id": "x", "at": NaN}', '{"boot_id": "x", "at": [1]}'])
+def test_a_damaged_outputs_row_fails_the_check_not_the_command(lane, system, capsys, row):
+    path = lane(test_outputs=False)
+    store = Store(configmod.load(path).store.path)
+    store.set(ready.OUTPUTS_TESTED, row)
+    store.close()
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["outputs"]
+    assert "at an unknown time" in checks["outputs"]["detail"]
+
+
 def test_an_outputs_test_stopped_half_way_is_not_recorded(lane, system, capsys):
     path = lane(test_outputs=False)
     answers = iter(["", "q"])
