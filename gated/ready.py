@@ -20,7 +20,7 @@ from pathlib import Path
 from gated import config as configmod
 from gated import doctor
 from gated.config import Config
-from gated.doctor import FAIL, OK, System, _ago
+from gated.doctor import FAIL, OK, System, ago
 from gated.errors import ConfigError, GatedError, StoreError, Unreachable
 
 UPLOAD_LIMIT = 600.0  # a scan waiting longer than this for upload means uploads are not getting through
@@ -118,11 +118,11 @@ async def _offline_data(config: Config, backend, store, now: float) -> list[Resu
         else:
             results.append(Result("ticket count", True, f"{local:,} tickets, as the API says"))
     if age >= 2 * interval:
-        results.append(Result("last sync", False, f"{_ago(age)} ago, more than twice [backend] "
+        results.append(Result("last sync", False, f"{ago(age)} ago, more than twice [backend] "
                               f"sync_interval_seconds ({interval:g} s)",
                               "make the API reachable; journalctl -u gated GATED_EVENT=sync_failed says why not"))
     else:
-        results.append(Result("last sync", True, f"{_ago(age)} ago (limit {_ago(2 * interval)})"))
+        results.append(Result("last sync", True, f"{ago(age)} ago (limit {ago(2 * interval)})"))
     return results
 
 
@@ -137,9 +137,9 @@ def _uploads(stats, now: float) -> Result:
     if not stats.pending:
         return Result("uploads", True, "none waiting")
     age = max(0.0, now - stats.oldest_pending) if stats.oldest_pending else 0.0
-    detail = f"{stats.pending} waiting, the oldest {_ago(age)} old"
+    detail = f"{stats.pending} waiting, the oldest {ago(age)} old"
     if age > UPLOAD_LIMIT:
-        return Result("uploads", False, f"{detail} (more than {_ago(UPLOAD_LIMIT)})",
+        return Result("uploads", False, f"{detail} (more than {ago(UPLOAD_LIMIT)})",
                       "make the API reachable; gated queue shows why uploads fail")
     return Result("uploads", True, detail)
 
@@ -165,7 +165,7 @@ def _store(config: Config, store, system: System) -> Result:
     if store.read_only is not None:
         return Result("store", False, f"{path} cannot be written ({store.read_only}): scans would not be recorded",
                       "the SD card may be failing (dmesg says why): replace it, or remount it read-write")
-    account = doctor._service_account(system.user)
+    account = doctor.service_account(system.user)
     problem = doctor.access_problem(Path(path), True, system.user) if account else None
     if problem:
         return Result("store", False, f"{path}: {problem}", f"chown {system.user} {path}")
