@@ -68,10 +68,13 @@ async def evaluate(config: Config, backend, store, system: System, broker: Broke
     results += await _offline_data(config, backend, store, now)
     results += await _clock(system, await store.call(Store.high_water), now)
     results.append(_uploads(await store.call(Store.queue_stats), now))
-    for check in doctor.check_readers(config, system)[:-1]:  # the last line lists what is plugged in
+    # Off the event loop: the daemon runs these every minute beside its scans, and finding readers
+    # opens every input device and walks sysfs.
+    readers = await asyncio.to_thread(doctor.check_readers, config, system)
+    for check in readers[:-1]:  # the last line lists what is plugged in
         results.append(Result(check.name, check.status != FAIL, check.detail, check.fix))
     results.append(_outputs(await store.call(Store.get, OUTPUTS_TESTED), boot_id() if boot is None else boot))
-    results.append(_store(config, store, system))
+    results.append(await asyncio.to_thread(_store, config, store, system))
     if config.mqtt is not None and broker is not None:
         why = await broker()
         results.append(Result("mqtt broker", why is None, "reachable" if why is None else why,

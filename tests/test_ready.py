@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import textwrap
+import threading
 import time
 
 import pytest
@@ -357,3 +358,25 @@ def test_a_dead_api_leaves_the_count_unconfirmed(cm_lane, system, capsys):
     code, checks = run(path, system, capsys)
     assert code == 1 and failed(checks) == ["ticket count"]
     assert "not compared" in checks["ticket count"]["detail"]
+
+
+def test_the_reader_and_store_checks_run_off_the_event_loop(lane, system, capsys, monkeypatch):
+    # The daemon evaluates every minute on the loop that decides scans: finding readers opens every
+    # input device, so it must not block that loop.
+    from gated import doctor
+
+    threads = {}
+    real_readers, real_store = doctor.check_readers, ready._store
+
+    def readers(*a):
+        threads["readers"] = threading.get_ident()
+        return real_readers(*a)
+
+    def store_check(*a):
+        threads["store"] = threading.get_ident()
+        return real_store(*a)
+
+    monkeypatch.setattr(doctor, "check_readers", readers)
+    monkeypatch.setattr(ready, "_store", store_check)
+    run(lane(), system, capsys)
+    assert threads and threading.get_ident() not in threads.values()
