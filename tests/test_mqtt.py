@@ -467,7 +467,7 @@ def test_a_command_replayed_after_a_restart_or_a_clock_jump_is_refused(venue, tm
         store.close()
 
 
-@pytest.mark.parametrize("row", ['{"newest_ms": 1e400, "seen": {}}', '{"newest_ms": %d, "seen": {}}' % 10**30,
+@pytest.mark.parametrize("row", ['{"newest_ms": 1e400, "seen": {}}', f'{{"newest_ms": {10**30}, "seen": {{}}}}',
                                  '{"newest_ms": true, "seen": {}}', '{"newest_ms": 0, "seen": {"n": 1e300}}',
                                  '{"newest_ms": 0, "seen": []}', "not json"])
 def test_a_damaged_command_record_starts_anew_and_commands_are_obeyed_again(tmp_path, row):
