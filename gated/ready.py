@@ -202,7 +202,10 @@ def _probe_broker(config: Config, timeout: float) -> str | None:
         client.username_pw_set(s.username, read_secret(s.password_file, "[mqtt] password_file")
                                if s.password_file else None)
     if tls:
-        client.tls_set(ca_certs=s.ca_file or None)
+        try:
+            client.tls_set(ca_certs=s.ca_file or None)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a file that is not a PEM bundle
+            return f"[mqtt] ca_file {s.ca_file or '(the system bundle)'} cannot be used: {e}"
     answered, outcome = threading.Event(), []
 
     def on_connect(_c, _u, _flags, reason, _props) -> None:

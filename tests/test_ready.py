@@ -251,6 +251,18 @@ def test_the_mqtt_broker_must_be_reachable(lane, system, capsys, tmp_path):
     assert f"127.0.0.1:{broker.port} not reachable" in checks["mqtt broker"]["detail"]
 
 
+def test_a_ca_file_that_is_not_a_certificate_fails_the_broker_check_not_the_command(lane, system, capsys, tmp_path):
+    key = tmp_path / "venue.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o600)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    path = lane(f'[mqtt]\nurl = "mqtts://127.0.0.1:{free_port()}"\nhmac_key_file = "{key}"\nca_file = "{ca}"\n')
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["mqtt broker"]
+    assert f"[mqtt] ca_file {ca} cannot be used" in checks["mqtt broker"]["detail"]
+
+
 # --- a ticket count from the API (CM.com) ------------------------------------------------------
 
 
