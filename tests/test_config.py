@@ -269,7 +269,7 @@ def test_occupancy_keys_are_checked_with_the_rule_and_the_value_found(tmp_path):
 
 
 def test_a_relative_metrics_textfile_resolves_against_the_config_folder(tmp_path):
-    # DESIGN.md: relative paths in a config file resolve against that file's folder, not gated's cwd.
+    # docs/design.md: relative paths in a config file resolve against that file's folder, not gated's cwd.
     path = tmp_path / "gated.toml"
     path.write_text(MINIMAL + '[metrics]\ntextfile = "prom/gated.prom"\n')
     assert configmod.load(str(path)).metrics.textfile == str(tmp_path / "prom" / "gated.prom")
