@@ -122,8 +122,9 @@ LOG = {
 }
 # --- [metrics]: Prometheus (gated/metrics.py) ---
 METRICS = {
-    "textfile": Key("str", default="", help="file for node_exporter's textfile collector (a .prom name), "
-                    "rewritten atomically every interval"),
+    "textfile": Key("path", default="", must_exist=False,
+                    help="file for node_exporter's textfile collector (a .prom name), rewritten atomically every "
+                    "interval"),
     "listen": Key("str", default="", help='also serve /metrics over HTTP, e.g. "127.0.0.1:9464"'),
     "interval_seconds": Key("float", default=15.0, minimum=1, maximum=3600,
                             help="how often the gauges are refreshed and the textfile rewritten"),

@@ -67,7 +67,7 @@ class System:
 # --- who may open what ---------------------------------------------------------------------
 
 
-def _service_account(user: str) -> tuple[int, set[int]] | None:
+def service_account(user: str) -> tuple[int, set[int]] | None:
     """(uid, gids) the service runs with, or None when the account does not exist (a bench)."""
     try:
         pw = pwd.getpwnam(user)
@@ -96,7 +96,7 @@ def access_problem(path: Path, write: bool, user: str) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     verb = "read and write" if write else "read"
-    account = _service_account(user)
+    account = service_account(user)
     if account is None:
         if os.access(path, os.R_OK | (os.W_OK if write else 0)):
             return None
@@ -203,7 +203,7 @@ def check_config(path: str, system: System) -> tuple[Check, Config | None]:
         more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
         return Check("config", FAIL, f"gated run would refuse to start: {refused[0]}{more}",
                      f"gated check --config {path} lists every problem; fix them, then run doctor again"), config
-    problem = access_problem(Path(config.path), False, system.user) if _service_account(system.user) else None
+    problem = access_problem(Path(config.path), False, system.user) if service_account(system.user) else None
     if problem:
         return Check("config", WARN, f"{detail}; but {problem}",
                      f"chown root:{system.user} {config.path} && chmod 640 {config.path}"), config
@@ -518,7 +518,8 @@ def _store_state(config: Config, online: bool, read_only: str | None, replaced: 
     if replaced is not None:
         held = ("an unknown number of scans" if replaced.get("scans") is None
                 else f"at least {replaced['scans']} scans")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(replaced["at"]))
+        when = ("an unknown date" if replaced["at"] is None
+                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(replaced["at"])))
         until = "until the first successful sync" if online else "until you confirm it"
         checks.append(Check(
             "store", WARN, f"replaced a damaged store on {when}, moved aside to {replaced['moved']} ({held}): its "
@@ -558,7 +559,7 @@ def accept_new_store(config_path: str | None = None) -> int:
     return 0
 
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -578,11 +579,11 @@ def _data_age(config: Config, online: bool, age: float | None) -> Check:
                      f'[offline] fallback = "{fallback}"',
                      "start the daemon with the API reachable; it syncs at once")
     if age > limit:
-        return Check("offline data", WARN, f"{_ago(age)} old, older than [offline] max_age_seconds "
-                     f'({_ago(limit)}): scans offline follow fallback = "{fallback}"',
+        return Check("offline data", WARN, f"{ago(age)} old, older than [offline] max_age_seconds "
+                     f'({ago(limit)}): scans offline follow fallback = "{fallback}"',
                      "make the API reachable; the daemon refreshes every "
                      f"{config.backend.sync_interval_seconds:g} s")
-    return Check("offline data", OK, f"{_ago(age)} old (limit {_ago(limit)})")
+    return Check("offline data", OK, f"{ago(age)} old (limit {ago(limit)})")
 
 
 def _tibillet_statuses(config: Config, statuses: tuple[int, float] | None) -> Check:
@@ -597,16 +598,16 @@ def _tibillet_statuses(config: Config, statuses: tuple[int, float] | None) -> Ch
     tickets, age = statuses
     limit = config.offline.max_age_seconds
     if age > limit:
-        return Check("ticket statuses", WARN, f"{tickets} ticket(s), {_ago(age)} old, older than [offline] "
-                     f"max_age_seconds ({_ago(limit)})", "make the API reachable; the daemon refreshes every "
+        return Check("ticket statuses", WARN, f"{tickets} ticket(s), {ago(age)} old, older than [offline] "
+                     f"max_age_seconds ({ago(limit)})", "make the API reachable; the daemon refreshes every "
                      f"{config.backend.sync_interval_seconds:g} s")
-    return Check("ticket statuses", OK, f"{tickets} ticket(s) from list_tickets, {_ago(age)} old")
+    return Check("ticket statuses", OK, f"{tickets} ticket(s) from list_tickets, {ago(age)} old")
 
 
 def _queue(stats, now: float) -> Check:
     parts = [f"{stats.pending} waiting for upload"]
     if stats.oldest_pending:
-        parts.append(f"oldest {_ago(max(0.0, now - stats.oldest_pending))} old")
+        parts.append(f"oldest {ago(max(0.0, now - stats.oldest_pending))} old")
     if stats.parked:
         parts.append(f"{stats.parked} parked (refused by the API)")
         return Check("queue", WARN, ", ".join(parts),

@@ -270,7 +270,8 @@ class CommandLedger:
         try:
             state = json.loads(raw)
             newest, seen = state["newest_ms"], state["seen"]
-            if isinstance(newest, int) and isinstance(seen, dict) and all(isinstance(t, int) for t in seen.values()):
+            # Bounded too: a damaged newest_ms of 10**30 would refuse every command for good.
+            if _valid_wall_ms(newest) and isinstance(seen, dict) and all(map(_valid_wall_ms, seen.values())):
                 return newest, seen
         except (ValueError, TypeError, KeyError):
             pass

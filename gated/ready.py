@@ -20,7 +20,7 @@ from pathlib import Path
 from gated import config as configmod
 from gated import doctor
 from gated.config import Config
-from gated.doctor import FAIL, OK, System, _ago
+from gated.doctor import FAIL, OK, System, ago
 from gated.errors import ConfigError, GatedError, StoreError, Unreachable
 
 UPLOAD_LIMIT = 600.0  # a scan waiting longer than this for upload means uploads are not getting through
@@ -68,10 +68,13 @@ async def evaluate(config: Config, backend, store, system: System, broker: Broke
     results += await _offline_data(config, backend, store, now)
     results += await _clock(system, await store.call(Store.high_water), now)
     results.append(_uploads(await store.call(Store.queue_stats), now))
-    for check in doctor.check_readers(config, system)[:-1]:  # the last line lists what is plugged in
+    # Off the event loop: the daemon runs these every minute beside its scans, and finding readers
+    # opens every input device and walks sysfs.
+    readers = await asyncio.to_thread(doctor.check_readers, config, system)
+    for check in readers[:-1]:  # the last line lists what is plugged in
         results.append(Result(check.name, check.status != FAIL, check.detail, check.fix))
     results.append(_outputs(await store.call(Store.get, OUTPUTS_TESTED), boot_id() if boot is None else boot))
-    results.append(_store(config, store, system))
+    results.append(await asyncio.to_thread(_store, config, store, system))
     if config.mqtt is not None and broker is not None:
         why = await broker()
         results.append(Result("mqtt broker", why is None, "reachable" if why is None else why,
@@ -118,11 +121,11 @@ async def _offline_data(config: Config, backend, store, now: float) -> list[Resu
         else:
             results.append(Result("ticket count", True, f"{local:,} tickets, as the API says"))
     if age >= 2 * interval:
-        results.append(Result("last sync", False, f"{_ago(age)} ago, more than twice [backend] "
+        results.append(Result("last sync", False, f"{ago(age)} ago, more than twice [backend] "
                               f"sync_interval_seconds ({interval:g} s)",
                               "make the API reachable; journalctl -u gated GATED_EVENT=sync_failed says why not"))
     else:
-        results.append(Result("last sync", True, f"{_ago(age)} ago (limit {_ago(2 * interval)})"))
+        results.append(Result("last sync", True, f"{ago(age)} ago (limit {ago(2 * interval)})"))
     return results
 
 
@@ -137,9 +140,9 @@ def _uploads(stats, now: float) -> Result:
     if not stats.pending:
         return Result("uploads", True, "none waiting")
     age = max(0.0, now - stats.oldest_pending) if stats.oldest_pending else 0.0
-    detail = f"{stats.pending} waiting, the oldest {_ago(age)} old"
+    detail = f"{stats.pending} waiting, the oldest {ago(age)} old"
     if age > UPLOAD_LIMIT:
-        return Result("uploads", False, f"{detail} (more than {_ago(UPLOAD_LIMIT)})",
+        return Result("uploads", False, f"{detail} (more than {ago(UPLOAD_LIMIT)})",
                       "make the API reachable; gated queue shows why uploads fail")
     return Result("uploads", True, detail)
 
@@ -152,7 +155,9 @@ def _outputs(recorded: str | None, boot: str) -> Result:
         last = None
     if not isinstance(last, dict):
         return Result("outputs", False, "never tested with gated outputs test", fix)
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last.get("at") or 0))
+    at = last.get("at")  # the store's own row, but a damaged store may hold anything
+    when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+            if type(at) in (int, float) and 0 <= at < 1e11 else "at an unknown time")
     if not boot or last.get("boot_id") != boot:
         return Result("outputs", False, f"last tested {when}, before this boot", fix)
     return Result("outputs", True, f"tested {when}, since boot")
@@ -163,7 +168,7 @@ def _store(config: Config, store, system: System) -> Result:
     if store.read_only is not None:
         return Result("store", False, f"{path} cannot be written ({store.read_only}): scans would not be recorded",
                       "the SD card may be failing (dmesg says why): replace it, or remount it read-write")
-    account = doctor._service_account(system.user)
+    account = doctor.service_account(system.user)
     problem = doctor.access_problem(Path(path), True, system.user) if account else None
     if problem:
         return Result("store", False, f"{path}: {problem}", f"chown {system.user} {path}")
@@ -197,7 +202,10 @@ def _probe_broker(config: Config, timeout: float) -> str | None:
         client.username_pw_set(s.username, read_secret(s.password_file, "[mqtt] password_file")
                                if s.password_file else None)
     if tls:
-        client.tls_set(ca_certs=s.ca_file or None)
+        try:
+            client.tls_set(ca_certs=s.ca_file or None)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a file that is not a PEM bundle
+            return f"[mqtt] ca_file {s.ca_file or '(the system bundle)'} cannot be used: {e}"
     answered, outcome = threading.Event(), []
 
     def on_connect(_c, _u, _flags, reason, _props) -> None:

@@ -266,3 +266,10 @@ def test_occupancy_keys_are_checked_with_the_rule_and_the_value_found(tmp_path):
     path.write_text(MINIMAL + "[occupancy]\ncapacity = 500\n")
     c = configmod.load(str(path))
     assert (c.occupancy.capacity, c.occupancy.reset_at) == (500, "05:00")
+
+
+def test_a_relative_metrics_textfile_resolves_against_the_config_folder(tmp_path):
+    # docs/design.md: relative paths in a config file resolve against that file's folder, not gated's cwd.
+    path = tmp_path / "gated.toml"
+    path.write_text(MINIMAL + '[metrics]\ntextfile = "prom/gated.prom"\n')
+    assert configmod.load(str(path)).metrics.textfile == str(tmp_path / "prom" / "gated.prom")

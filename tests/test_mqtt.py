@@ -467,6 +467,21 @@ def test_a_command_replayed_after_a_restart_or_a_clock_jump_is_refused(venue, tm
         store.close()
 
 
+@pytest.mark.parametrize("row", ['{"newest_ms": 1e400, "seen": {}}', f'{{"newest_ms": {10**30}, "seen": {{}}}}',
+                                 '{"newest_ms": true, "seen": {}}', '{"newest_ms": 0, "seen": {"n": 1e300}}',
+                                 '{"newest_ms": 0, "seen": []}', "not json"])
+def test_a_damaged_command_record_starts_anew_and_commands_are_obeyed_again(tmp_path, row):
+    store = Store(tmp_path / "lane.db")
+    try:
+        store.set(mqtt.COMMANDS_KEY, row)
+        ledger = mqtt.CommandLedger(get=store.get, put=store.set)
+        now = time.time()
+        ledger.obey("fresh-nonce", int(now * 1000), now)  # raises BadMessage if refused
+        assert json.loads(store.get(mqtt.COMMANDS_KEY))["seen"] == {"fresh-nonce": int(now * 1000)}
+    finally:
+        store.close()
+
+
 # --- sharing between lanes ---------------------------------------------------------------------
 
 def test_token_admitted_at_one_lane_is_denied_already_used_at_the_others(venue, broker):

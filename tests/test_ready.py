@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import textwrap
+import threading
 import time
 
 import pytest
@@ -169,6 +170,18 @@ def test_outputs_not_tested_or_tested_before_this_boot_fail(lane, system, capsys
     assert failed(checks) == ["outputs"] and "before this boot" in checks["outputs"]["detail"]
 
 
+@pytest.mark.parametrize("row", ['{"boot_id": "x", "at": "noon"}', '{"boot_id": "x", "at": 1e300}',
+                                 '{"boot_id": "x", "at": NaN}', '{"boot_id": "x", "at": [1]}'])
+def test_a_damaged_outputs_row_fails_the_check_not_the_command(lane, system, capsys, row):
+    path = lane(test_outputs=False)
+    store = Store(configmod.load(path).store.path)
+    store.set(ready.OUTPUTS_TESTED, row)
+    store.close()
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["outputs"]
+    assert "at an unknown time" in checks["outputs"]["detail"]
+
+
 def test_an_outputs_test_stopped_half_way_is_not_recorded(lane, system, capsys):
     path = lane(test_outputs=False)
     answers = iter(["", "q"])
@@ -236,6 +249,18 @@ def test_the_mqtt_broker_must_be_reachable(lane, system, capsys, tmp_path):
     code, checks = run(path, system, capsys)
     assert code == 1 and failed(checks) == ["mqtt broker"]
     assert f"127.0.0.1:{broker.port} not reachable" in checks["mqtt broker"]["detail"]
+
+
+def test_a_ca_file_that_is_not_a_certificate_fails_the_broker_check_not_the_command(lane, system, capsys, tmp_path):
+    key = tmp_path / "venue.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o600)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    path = lane(f'[mqtt]\nurl = "mqtts://127.0.0.1:{free_port()}"\nhmac_key_file = "{key}"\nca_file = "{ca}"\n')
+    code, checks = run(path, system, capsys)
+    assert code == 1 and failed(checks) == ["mqtt broker"]
+    assert f"[mqtt] ca_file {ca} cannot be used" in checks["mqtt broker"]["detail"]
 
 
 # --- a ticket count from the API (CM.com) ------------------------------------------------------
@@ -345,3 +370,25 @@ def test_a_dead_api_leaves_the_count_unconfirmed(cm_lane, system, capsys):
     code, checks = run(path, system, capsys)
     assert code == 1 and failed(checks) == ["ticket count"]
     assert "not compared" in checks["ticket count"]["detail"]
+
+
+def test_the_reader_and_store_checks_run_off_the_event_loop(lane, system, capsys, monkeypatch):
+    # The daemon evaluates every minute on the loop that decides scans: finding readers opens every
+    # input device, so it must not block that loop.
+    from gated import doctor
+
+    threads = {}
+    real_readers, real_store = doctor.check_readers, ready._store
+
+    def readers(*a):
+        threads["readers"] = threading.get_ident()
+        return real_readers(*a)
+
+    def store_check(*a):
+        threads["store"] = threading.get_ident()
+        return real_store(*a)
+
+    monkeypatch.setattr(doctor, "check_readers", readers)
+    monkeypatch.setattr(ready, "_store", store_check)
+    run(lane(), system, capsys)
+    assert threads and threading.get_ident() not in threads.values()

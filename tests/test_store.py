@@ -426,3 +426,17 @@ def test_other_lanes_admissions_still_count_after_the_store_is_opened_again(tmp_
 
     before, after = asyncio.run(run())
     assert before == after == (1, 0)
+
+
+@pytest.mark.parametrize("row", ['{"moved": "/x", "scans": 3', '[1, 2]', '{"moved": 1, "scans": "many", "at": 1e400}',
+                                 '{"at": NaN, "scans": -5}', '{"at": "yesterday"}'])
+def test_a_damaged_replaced_row_still_means_replaced_and_never_raises(tmp_path, row):
+    # The decider reads replaced() on every offline scan: a damaged kv row must not turn each scan
+    # into an exception, and the lost history it stands for must still be reported.
+    s = Store(tmp_path / "g.db")
+    s.set("store_replaced", row)
+    info = s.replaced()
+    assert info is not None and isinstance(info["moved"], str)
+    assert info["scans"] is None or (type(info["scans"]) is int and info["scans"] >= 0)
+    assert info["at"] is None or 0 <= info["at"] < 1e11
+    s.close()

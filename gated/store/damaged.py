@@ -67,7 +67,20 @@ class Replacement:
         """{"moved", "scans", "at"} while this store replaces a damaged one and the history it lost
         (anti-passback) is not made good: until a sync (online backends) or a technician's word."""
         value = self.get(REPLACED_KEY)
-        return json.loads(value) if value else None
+        if not value:
+            return None
+        # The row is the store's own, but the store may be damaged: a row that is not the JSON
+        # note_replaced wrote still means the history was lost (fail safe), with what it says unknown.
+        try:
+            info = json.loads(value)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            info = {}
+        scans, at = info.get("scans"), info.get("at")
+        return {"moved": str(info.get("moved") or "an unknown place"),
+                "scans": scans if type(scans) is int and scans >= 0 else None,
+                "at": float(at) if type(at) in (int, float) and 0 <= at < 1e11 else None}
 
     def accept_replaced(self) -> dict[str, Any] | None:
         """End the replaced state (see replaced()); returns what it was, None when there was none."""
