@@ -263,7 +263,17 @@ FIXED = {
 # Fixed sections a file may leave out; their Config field is then None.
 OPTIONAL = ("buzzer", "mqtt", "metrics", "occupancy")
 # Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
+def _check_lane(section: Section) -> list[str]:
+    """The name is the first word of every log line and part of MQTT topics: one short printable word."""
+    name = section.get("name")
+    if isinstance(name, str) and not (0 < len(name) <= 64 and name.isprintable() and name.split() == [name]):
+        return [f"[lane] name = {fmt(name)}: 1 to 64 printable characters without spaces, e.g. \"north-3\" "
+                "(it is the first word of every log line)."]
+    return []
+
+
 CHECKS: dict[str, Callable[[Section], list[str]]] = {
+    "lane": _check_lane,
     "mqtt": _check_mqtt,
     "metrics": _check_metrics,
     "occupancy": _check_occupancy,

@@ -273,3 +273,10 @@ def test_a_relative_metrics_textfile_resolves_against_the_config_folder(tmp_path
     path = tmp_path / "gated.toml"
     path.write_text(MINIMAL + '[metrics]\ntextfile = "prom/gated.prom"\n')
     assert configmod.load(str(path)).metrics.textfile == str(tmp_path / "prom" / "gated.prom")
+
+
+@pytest.mark.parametrize("name", ["north 3", "north\\n19:10:00 x ADMIT", "gate\\u001b[2J", "", "n" * 65])
+def test_a_lane_name_that_would_break_the_log_line_is_a_config_error(load_config, name):
+    with pytest.raises(ConfigError) as e:
+        load_config(f'[lane]\nname = "{name}"\n[reader.front]\ntype = "stdin"\n', base="")
+    assert any("[lane] name" in p and "printable characters without spaces" in p for p in e.value.problems)
