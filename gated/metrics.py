@@ -1,10 +1,11 @@
 """Prometheus metrics of a lane: counted on the scan path, exported off it (`[metrics]`).
 
-The scan path pays a counter increment and a histogram observation in a `Gate.on_decided` hook
-(microseconds, no I/O). Everything else is a gauge refreshed every `interval_seconds` by a
-background task, which then rewrites `[metrics] textfile` atomically (a temporary file in the same
-folder, renamed over it: node_exporter's textfile collector never reads half a file). `[metrics]
-listen` serves the same registry over HTTP from prometheus_client's own thread.
+The scan path pays a counter increment and a histogram observation in a `Gate.on_logged` hook
+(microseconds, no I/O), for every scan, recorded or not. Everything else is a gauge refreshed
+every `interval_seconds` by a background task, which then rewrites `[metrics] textfile`
+atomically (a temporary file in the same folder, renamed over it: node_exporter's textfile
+collector never reads half a file). `[metrics] listen` serves the same registry over HTTP from
+prometheus_client's own thread.
 
 Label values come only from fixed vocabularies (verdict, reason, source, backend type, data kind,
 mode, reader names from the config): never a ticket, token or visitor name.
@@ -197,7 +198,7 @@ def attach(section: Section | None, gate: Gate, lane: Lane) -> Exporter | None:
     if section is None or not (section.get("textfile") or section.get("listen")):
         return None
     metrics = Metrics(gate.decider.backend.name)
-    gate.on_decided.append(lambda scan, decision: metrics.scanned(decision, gate.last_act_ms / 1000))
+    gate.on_logged.append(metrics.scanned)
     gate.decider.on_call = metrics.online_call
     exporter = Exporter(section, metrics, lane)
     exporter.start()
