@@ -54,8 +54,7 @@ class Lane:
 class Metrics:
     """The lane's registry and its two cheap hooks (`scanned`, `online_call`)."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.scans = Counter("gated_scans", "Scans decided, by verdict, reason and source",
                              ("verdict", "reason", "source"), registry=r)
@@ -197,7 +196,7 @@ def attach(section: Section | None, gate: Gate, lane: Lane) -> Exporter | None:
     """
     if section is None or not (section.get("textfile") or section.get("listen")):
         return None
-    metrics = Metrics(gate.decider.backend.name)
+    metrics = Metrics()
     gate.on_logged.append(metrics.scanned)
     gate.decider.on_call = metrics.online_call
     exporter = Exporter(section, metrics, lane)
