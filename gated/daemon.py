@@ -558,6 +558,9 @@ class Daemon:
         if new.mqtt != old.mqtt:
             log.warning("[mqtt] changed; it takes effect at the next restart")
             new.mqtt = old.mqtt
+        if new.metrics != old.metrics:  # the exporter keeps the file, address and interval it started with
+            log.warning("[metrics] changed; it takes effect at the next restart")
+            new.metrics = old.metrics
         occ = p.occupancy
         if new.occupancy != old.occupancy:
             if occ is not None and new.occupancy is not None and new.occupancy.reset_at == occ.reset_at:
