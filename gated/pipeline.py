@@ -118,7 +118,7 @@ class Gate:
             committed.released = True
             if hold is not None:
                 self._spawn(self._after_passage(scan, hold))
-            elif recorded:
+            else:  # recorded or not (on_error = "admit"), the person is inside
                 self._passed(scan)
         self.outputs.signal(decision.admitted)
         committed.acted = True
