@@ -54,7 +54,7 @@ class Lane:
 class Metrics:
     """The lane's registry and its two cheap hooks (`scanned`, `online_call`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, occupancy: bool = True) -> None:
         r = self.registry = CollectorRegistry()
         self.scans = Counter("gated_scans", "Scans decided, by verdict, reason and source",
                              ("verdict", "reason", "source"), registry=r)
@@ -72,8 +72,10 @@ class Metrics:
                              ("backend",), registry=r)
         self.mode = Gauge("gated_lane_mode", "1 for the lane's current mode", ("mode",), registry=r)
         self.readers = Gauge("gated_reader_up", "1 when the configured reader is present", ("reader",), registry=r)
-        self.occupancy = Gauge("gated_occupancy", "People inside the venue, as this lane knows it", registry=r)
-        self.capacity = Gauge("gated_capacity", "The venue's capacity ([occupancy] capacity; 0: no limit)", registry=r)
+        if occupancy:  # without [occupancy] no count at all, rather than 0 inside
+            self.occupancy = Gauge("gated_occupancy", "People inside the venue, as this lane knows it", registry=r)
+            self.capacity = Gauge("gated_capacity", "The venue's capacity ([occupancy] capacity; 0: no limit)",
+                                  registry=r)
         self._children: dict[tuple[str, str, str], Counter] = {}
         self._answered = (self.online.labels(answered="false"), self.online.labels(answered="true"))
 
@@ -196,7 +198,7 @@ def attach(section: Section | None, gate: Gate, lane: Lane) -> Exporter | None:
     """
     if section is None or not (section.get("textfile") or section.get("listen")):
         return None
-    metrics = Metrics()
+    metrics = Metrics(occupancy=lane.occupancy is not None)
     gate.on_logged.append(metrics.scanned)
     gate.decider.on_call = metrics.online_call
     exporter = Exporter(section, metrics, lane)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import types
 
 import httpx
 import pytest
@@ -143,3 +144,29 @@ def test_a_scan_the_store_cannot_record_is_counted_too(load_config, tickets_csv,
     got = samples(asyncio.run(main()))
     assert got[("gated_scans_total", (("reason", "error"), ("source", "offline"), ("verdict", "deny")))] == 1
     assert got[("gated_scan_to_relay_seconds_count", ())] == 1
+
+
+def test_without_occupancy_no_people_count_is_exported(load_config, tmp_path):
+    """A lane that does not count people must not tell the venue's dashboard that nobody is inside."""
+    from gated.daemon import Daemon
+
+    config = load_config(f'[metrics]\ntextfile = "{tmp_path / "gated.prom"}"\n')
+
+    async def main() -> str:
+        daemon = Daemon(config)
+        daemon.parts = parts = await build(config)
+        side = StoreThread(config.store.path, "sync")
+        daemon.syncer, daemon._reader_objs = types.SimpleNamespace(store=side), {}
+        assert daemon._start_metrics([]) is None
+        exporter = daemon.exporter
+        try:
+            await exporter.metrics.refresh(exporter.lane)
+            return exporter.metrics.text().decode()
+        finally:
+            exporter.close()
+            side.close()
+            await parts.close()
+
+    text = asyncio.run(main())
+    assert "gated_occupancy" not in text and "gated_capacity" not in text
+    assert "gated_scans_total" in text or "gated_scan_to_relay_seconds" in text
