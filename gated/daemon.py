@@ -191,10 +191,6 @@ class Daemon:
         self._maintenance_failing = False  # housekeeping's store upkeep: one line per edge
         self.exporter = None  # gated.metrics.Exporter with [metrics]
 
-    def _occupancy(self) -> tuple[int, int]:
-        """(people inside the venue as this lane knows it, capacity; 0 for none), for the metrics."""
-        occ = self.parts.occupancy
-        return (occ.venue_total(), occ.capacity) if occ is not None else (0, 0)
 
     async def run(self) -> int:
         """Start in dependency order, decide scans until SIGTERM or SIGINT, stop in reverse; the exit code."""
@@ -292,8 +288,10 @@ class Daemon:
         from gated import metrics
 
         try:
+            occ = p.occupancy  # [occupancy] changes only at a restart (reload)
             self.exporter = metrics.attach(c.metrics, p.gate, metrics.Lane(
-                self.syncer.store, lambda: self.parts.decider, self._readers_up, self._occupancy))
+                self.syncer.store, lambda: self.parts.decider, self._readers_up,
+                None if occ is None else lambda: (occ.venue_total(), occ.capacity)))
         except OSError as e:
             log.error("cannot start: [metrics] listen = %s: %s", c.metrics.listen, e.strerror or e,
                       extra={"GATED_EVENT": "start_failed"})
@@ -558,6 +556,9 @@ class Daemon:
         if new.mqtt != old.mqtt:
             log.warning("[mqtt] changed; it takes effect at the next restart")
             new.mqtt = old.mqtt
+        if new.metrics != old.metrics:  # the exporter keeps the file, address and interval it started with
+            log.warning("[metrics] changed; it takes effect at the next restart")
+            new.metrics = old.metrics
         occ = p.occupancy
         if new.occupancy != old.occupancy:
             if occ is not None and new.occupancy is not None and new.occupancy.reset_at == occ.reset_at:

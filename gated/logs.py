@@ -46,9 +46,14 @@ _UNSAFE_TEXT = re.compile("[\x00-\x1f" + _UNSAFE + "]")
 _UNSAFE_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f" + _UNSAFE + "]")
 
 
+def escape_char(c: str) -> str:
+    """One character written as an escape: `\\x0a`, `\\u202e`, `\\U0001f600`."""
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _escape(match: re.Match) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return escape_char(match.group())
 
 
 def _cut(text: str, limit: int) -> str:

@@ -1,10 +1,11 @@
 """Prometheus metrics of a lane: counted on the scan path, exported off it (`[metrics]`).
 
-The scan path pays a counter increment and a histogram observation in a `Gate.on_decided` hook
-(microseconds, no I/O). Everything else is a gauge refreshed every `interval_seconds` by a
-background task, which then rewrites `[metrics] textfile` atomically (a temporary file in the same
-folder, renamed over it: node_exporter's textfile collector never reads half a file). `[metrics]
-listen` serves the same registry over HTTP from prometheus_client's own thread.
+The scan path pays a counter increment and a histogram observation in a `Gate.on_logged` hook
+(microseconds, no I/O), for every scan, recorded or not. Everything else is a gauge refreshed
+every `interval_seconds` by a background task, which then rewrites `[metrics] textfile`
+atomically (a temporary file in the same folder, renamed over it: node_exporter's textfile
+collector never reads half a file). `[metrics] listen` serves the same registry over HTTP from
+prometheus_client's own thread.
 
 Label values come only from fixed vocabularies (verdict, reason, source, backend type, data kind,
 mode, reader names from the config): never a ticket, token or visitor name.
@@ -53,8 +54,7 @@ class Lane:
 class Metrics:
     """The lane's registry and its two cheap hooks (`scanned`, `online_call`)."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self, occupancy: bool = True) -> None:
         r = self.registry = CollectorRegistry()
         self.scans = Counter("gated_scans", "Scans decided, by verdict, reason and source",
                              ("verdict", "reason", "source"), registry=r)
@@ -72,8 +72,10 @@ class Metrics:
                              ("backend",), registry=r)
         self.mode = Gauge("gated_lane_mode", "1 for the lane's current mode", ("mode",), registry=r)
         self.readers = Gauge("gated_reader_up", "1 when the configured reader is present", ("reader",), registry=r)
-        self.occupancy = Gauge("gated_occupancy", "People inside the venue, as this lane knows it", registry=r)
-        self.capacity = Gauge("gated_capacity", "The venue's capacity ([occupancy] capacity; 0: no limit)", registry=r)
+        if occupancy:  # without [occupancy] no count at all, rather than 0 inside
+            self.occupancy = Gauge("gated_occupancy", "People inside the venue, as this lane knows it", registry=r)
+            self.capacity = Gauge("gated_capacity", "The venue's capacity ([occupancy] capacity; 0: no limit)",
+                                  registry=r)
         self._children: dict[tuple[str, str, str], Counter] = {}
         self._answered = (self.online.labels(answered="false"), self.online.labels(answered="true"))
 
@@ -196,8 +198,8 @@ def attach(section: Section | None, gate: Gate, lane: Lane) -> Exporter | None:
     """
     if section is None or not (section.get("textfile") or section.get("listen")):
         return None
-    metrics = Metrics(gate.decider.backend.name)
-    gate.on_decided.append(lambda scan, decision: metrics.scanned(decision, gate.last_act_ms / 1000))
+    metrics = Metrics(occupancy=lane.occupancy is not None)
+    gate.on_logged.append(metrics.scanned)
     gate.decider.on_call = metrics.online_call
     exporter = Exporter(section, metrics, lane)
     exporter.start()

@@ -38,6 +38,9 @@ class Gate:
         # Called with the scan once the admitted person went through: at once without a passage
         # sensor, on its confirmation with one (gated.occupancy counts people inside).
         self.on_passed: list[Callable[[Scan], None]] = []
+        # Called with (decision, seconds from read to relay command) for every scan's line, recorded
+        # or not (gated.metrics counts them). Must return at once: it runs on the scan path.
+        self.on_logged: list[Callable[[Decision, float], None]] = []
         self.tasks: set[asyncio.Task] = set()
         # Scans read and not yet acted on: uploads wait for a gap (gated.quiet).
         self.quiet = Quiet()
@@ -115,7 +118,7 @@ class Gate:
             committed.released = True
             if hold is not None:
                 self._spawn(self._after_passage(scan, hold))
-            elif recorded:
+            else:  # recorded or not (on_error = "admit"), the person is inside
                 self._passed(scan)
         self.outputs.signal(decision.admitted)
         committed.acted = True
@@ -242,6 +245,11 @@ class Gate:
             "GATED_LATENCY_MS": f"{ms:.1f}", "GATED_NONCE": scan.nonce, "GATED_SCAN_MODE": str(self.scan_mode),
             "GATED_BACKEND_CODE": d.backend_code,
         })
+        for callback in self.on_logged:
+            try:
+                callback(d, ms / 1000)
+            except Exception:  # a hook's bug must not stop the gate
+                log.exception("after-scan hook failed", extra={"GATED_EVENT": "hook_failed"})
 
 
 class _Commit:

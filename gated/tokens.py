@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from gated.logs import escape_char
+
 DEFAULT_MAX_LENGTH = 4096
 
 # AIM symbology identifier: "]" + code character + modifier, e.g. "]Q1" (QR), "]C0" (Code 128),
@@ -87,12 +89,7 @@ def redact(token: str) -> str:
     """
     keep = min(4, len(token) // 2)
     tail = token[len(token) - keep:]
-    return "…" + "".join(c if c.isprintable() and not c.isspace() else _escape(c) for c in tail) if keep else "…"
-
-
-def _escape(c: str) -> str:
-    o = ord(c)
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+    return "…" + "".join(c if c.isprintable() and not c.isspace() else escape_char(c) for c in tail) if keep else "…"
 
 
 def redact_field(token: str) -> str:

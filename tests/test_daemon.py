@@ -9,6 +9,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,25 @@ class _Lines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "GATED_EVENT", "") == "scan":  # the verdict lines only
             self.lines.append(record.getMessage())
+
+
+def test_a_reload_takes_a_new_capacity_at_once_and_says_metrics_wait_for_a_restart(
+        load_config, tickets_csv, tmp_path, monkeypatch, caplog):
+    config = load_config(LOCAL.format(tickets=tickets_csv("token\nT-0001\n")) + textwrap.dedent(f"""
+        [occupancy]
+        capacity = 10
+        [metrics]
+        textfile = "{tmp_path / 'a.prom'}"
+    """))
+    text = Path(config.path).read_text()
+
+    async def scenario(daemon, type_line):
+        Path(config.path).write_text(text.replace("capacity = 10", "capacity = 20").replace("a.prom", "b.prom"))
+        await daemon._reload()
+        return daemon.parts.occupancy.capacity, daemon.config.metrics["textfile"], daemon.exporter.textfile
+
+    with caplog.at_level(logging.WARNING):
+        code, (capacity, configured, written) = run_daemon(config, monkeypatch, scenario)
+    assert (code, capacity) == (0, 20)
+    assert configured == written == str(tmp_path / "a.prom")  # the running config says what runs
+    assert "[metrics] changed; it takes effect at the next restart" in caplog.text

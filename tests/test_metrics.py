@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import types
 
 import httpx
 import pytest
@@ -85,7 +86,7 @@ def test_without_metrics_nothing_is_counted(load_config):
         parts = await build(config)
         try:
             assert metrics.attach(config.metrics, parts.gate, None) is None
-            assert parts.gate.on_decided == []
+            assert parts.gate.on_decided == [] and parts.gate.on_logged == []
         finally:
             await parts.close()
 
@@ -105,3 +106,67 @@ def test_metrics_config_problems_name_the_key(load_config, table, message):
 
 def test_the_example_documents_metrics():
     assert {"textfile", "listen", "interval_seconds"} == set(configmod.METRICS)
+
+
+def test_a_scan_the_store_cannot_record_is_counted_too(load_config, tickets_csv, tmp_path, monkeypatch):
+    """A failing store is what monitoring is for: its denies count like any other scan."""
+    from gated.errors import StoreError
+    from gated.store import Store
+
+    csv = tickets_csv("token,name\nSECRET-TICKET-1,Ada Lovelace\n")
+    config = load_config(textwrap.dedent(f"""
+        [backend]
+        type = "local"
+        [backend.local]
+        tickets = "{csv}"
+        [metrics]
+        textfile = "{tmp_path / 'gated.prom'}"
+    """))
+
+    def refuse(*args, **kwargs):
+        raise StoreError("disk full")
+
+    async def main() -> str:
+        parts = await build(config)
+        await parts.backend.sync(parts.store)
+        side = StoreThread(config.store.path, "sync")
+        exporter = metrics.attach(config.metrics, parts.gate, metrics.Lane(side, lambda: parts.decider, dict))
+        try:
+            monkeypatch.setattr(Store, "record", refuse)
+            decision = await parts.gate.handle(Scan(token="SECRET-TICKET-1", reader="front"))
+            assert str(decision.reason) == "error"
+            return exporter.metrics.text().decode()
+        finally:
+            exporter.close()
+            side.close()
+            await parts.close()
+
+    got = samples(asyncio.run(main()))
+    assert got[("gated_scans_total", (("reason", "error"), ("source", "offline"), ("verdict", "deny")))] == 1
+    assert got[("gated_scan_to_relay_seconds_count", ())] == 1
+
+
+def test_without_occupancy_no_people_count_is_exported(load_config, tmp_path):
+    """A lane that does not count people must not tell the venue's dashboard that nobody is inside."""
+    from gated.daemon import Daemon
+
+    config = load_config(f'[metrics]\ntextfile = "{tmp_path / "gated.prom"}"\n')
+
+    async def main() -> str:
+        daemon = Daemon(config)
+        daemon.parts = parts = await build(config)
+        side = StoreThread(config.store.path, "sync")
+        daemon.syncer, daemon._reader_objs = types.SimpleNamespace(store=side), {}
+        assert daemon._start_metrics([]) is None
+        exporter = daemon.exporter
+        try:
+            await exporter.metrics.refresh(exporter.lane)
+            return exporter.metrics.text().decode()
+        finally:
+            exporter.close()
+            side.close()
+            await parts.close()
+
+    text = asyncio.run(main())
+    assert "gated_occupancy" not in text and "gated_capacity" not in text
+    assert "gated_scans_total" in text or "gated_scan_to_relay_seconds" in text

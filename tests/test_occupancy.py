@@ -477,3 +477,23 @@ def test_without_mqtt_a_single_lane_counts_and_stops_at_capacity(tmp_path):
             return await a.scan("T-0061")
 
     assert asyncio.run(run()).reason is Reason.FULL
+
+
+def test_a_person_admitted_unrecorded_still_counts_inside(tmp_path, monkeypatch):
+    """[store] on_error = "admit" with a store that cannot record: the people let in are inside all the same."""
+    from gated.errors import StoreError
+
+    config = lane_config(tmp_path, "entry-a", None, capacity=1)
+    config.store["on_error"] = "admit"
+
+    def refuse(*args, **kwargs):
+        raise StoreError("disk full")
+
+    async def run():
+        async with venue(config) as (a,):
+            monkeypatch.setattr(Store, "record", refuse)
+            assert (await a.scan("T-0060")).admitted
+            return a.occ.venue_total(), await a.scan("T-0061")
+
+    inside, second = asyncio.run(run())
+    assert inside == 1 and second.reason is Reason.FULL
