@@ -149,7 +149,8 @@ class Decider:
         try:
             decision = await asyncio.wait_for(self.backend.validate(scan, scan_mode), budget)
         except (Unreachable, TimeoutError) as e:
-            why = str(e) if isinstance(e, Unreachable) else f"no answer within {self.timeout:g}s"
+            # Said as the budget the call had: a queued scan gets less than timeout_seconds.
+            why = str(e) if isinstance(e, Unreachable) else f"no answer within {budget * 1000:.0f} ms"
             self.on_call(time.monotonic() - started, False)
             if self.breaker.record(False, time.monotonic() - started, time.monotonic()):
                 log.warning("ticket API unreachable (%s); deciding offline until it answers", why,
