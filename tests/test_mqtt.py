@@ -129,48 +129,64 @@ def own_broker(tmp_path):
         b.stop()
 
 
+def venue_files(folder: Path) -> tuple[Path, Path]:
+    """(key, tickets) of a venue in `folder`, written unless there: the HMAC key and 200 tickets T-0000..."""
+    key, tickets = folder / "venue.key", folder / "tickets.csv"
+    if not key.exists():
+        key.write_text(KEY + "\n")
+        key.chmod(0o600)
+    if not tickets.exists():
+        tickets.write_text("token,name\n" + "".join(f"T-{i:04d},Holder {i}\n" for i in range(200)))
+    return key, tickets
+
+
+def lane_config(folder: Path, name: str, port: int | None, *, key_file: Path, prefix: str, lane_extra: str = "",
+                extra: str = "", mqtt_extra: str = "") -> configmod.Config:
+    """Write and load lane `name`'s config in folder/name: a local backend on venue_files' tickets, a stdin
+    reader, mock pins, its own store; `lane_extra` goes into [lane], `extra` after the store, and [mqtt]
+    (127.0.0.1:port, then `mqtt_extra`) unless `port` is None."""
+    d = folder / name
+    d.mkdir(exist_ok=True)
+    text = f"""
+        [lane]
+        name = "{name}"
+        serial = "S-{name}"
+        debounce_seconds = 0.0
+        {lane_extra}
+        [backend]
+        type = "local"
+        [backend.local]
+        tickets = "{venue_files(folder)[1]}"
+        [reader.front]
+        type = "stdin"
+        [gpio]
+        pin_factory = "mock"
+        [relay]
+        pin = 17
+        pulse_seconds = 0.01
+        [store]
+        path = "{d / 'gated.db'}"
+    """ + extra
+    if port is not None:
+        text += f"""
+        [mqtt]
+        url = "mqtt://127.0.0.1:{port}"
+        hmac_key_file = "{key_file}"
+        topic_prefix = "{prefix}"
+        """ + mqtt_extra
+    path = d / "gated.toml"
+    path.write_text("\n".join(line.strip() for line in text.splitlines()) + "\n")
+    return configmod.load(str(path))
+
+
 @pytest.fixture
 def venue(tmp_path):
     """Write lane configs of one venue (one prefix, one key, one ticket list); returns a maker."""
     prefix = f"gated/test-{uuid.uuid4().hex[:8]}"  # fresh topics and sessions for every test
-    key = tmp_path / "venue.key"
-    key.write_text(KEY + "\n")
-    key.chmod(0o600)
-    tickets = tmp_path / "tickets.csv"
-    tickets.write_text("token,name\n" + "".join(f"T-{i:04d},Holder {i}\n" for i in range(200)))
+    key, _ = venue_files(tmp_path)
 
     def lane(name: str, port: int | None, mqtt_extra: str = "", *, key_file: Path = key) -> configmod.Config:
-        d = tmp_path / name
-        d.mkdir(exist_ok=True)
-        text = f"""
-            [lane]
-            name = "{name}"
-            serial = "S-{name}"
-            debounce_seconds = 0.0
-            [backend]
-            type = "local"
-            [backend.local]
-            tickets = "{tickets}"
-            [reader.front]
-            type = "stdin"
-            [gpio]
-            pin_factory = "mock"
-            [relay]
-            pin = 17
-            pulse_seconds = 0.01
-            [store]
-            path = "{d / 'gated.db'}"
-        """
-        if port is not None:
-            text += f"""
-            [mqtt]
-            url = "mqtt://127.0.0.1:{port}"
-            hmac_key_file = "{key_file}"
-            topic_prefix = "{prefix}"
-            """ + mqtt_extra
-        path = d / "gated.toml"
-        path.write_text("\n".join(line.strip() for line in text.splitlines()) + "\n")
-        return configmod.load(str(path))
+        return lane_config(tmp_path, name, port, key_file=key_file, prefix=prefix, mqtt_extra=mqtt_extra)
 
     lane.prefix = prefix
     return lane
