@@ -731,32 +731,38 @@ def test_a_lane_that_stops_cleanly_says_offline_in_its_status(venue, broker):
         watch.close()
 
 
+class Obeyed(list):
+    """An on_mode hook: the modes a lane was told to take, in order; `changed` is set at each."""
+
+    def __init__(self):
+        super().__init__()
+        self.changed = threading.Event()
+
+    def __call__(self, mode: str) -> None:
+        self.append(mode)
+        self.changed.set()
+
+
 def test_a_captured_command_replayed_after_the_lane_restarts_is_refused(venue, broker, caplog):
     caplog.set_level(logging.INFO, logger="gated.mqtt")
     config = venue("lane-r", broker.port, "commands = true\n")
     key = mqtt.VenueKey(KEY)
     topic = f"{venue.prefix}/command/lane-r"
     captured = mqtt.command_message(key, "free", "lane-r")
-    obeyed: list[str] = []
-    changed = threading.Event()
-
-    def on_mode(mode: str) -> None:
-        obeyed.append(mode)
-        changed.set()
-
+    obeyed = Obeyed()
     async def run():
         sender = Subscriber(broker.port, "nothing/here")
         try:
-            async with lanes(config, on_mode=on_mode):
+            async with lanes(config, on_mode=obeyed):
                 sender.publish(topic, captured)
-                assert await asyncio.to_thread(changed.wait, 5)
-            changed.clear()
+                assert await asyncio.to_thread(obeyed.changed.wait, 5)
+            obeyed.changed.clear()
             # The lane restarts (same store); someone who captured the command sends it again, then
             # the operator sends a new one: once that is obeyed, the replay before it was handled.
-            async with lanes(config, on_mode=on_mode):
+            async with lanes(config, on_mode=obeyed):
                 sender.publish(topic, captured)
                 sender.publish(topic, mqtt.command_message(key, "locked", "lane-r"))
-                assert await asyncio.to_thread(changed.wait, 5)
+                assert await asyncio.to_thread(obeyed.changed.wait, 5)
         finally:
             sender.close()
 
@@ -770,17 +776,11 @@ def test_a_flood_of_malformed_messages_through_the_broker_leaves_the_lane_workin
     config = venue("lane-m", broker.port, "commands = true\n")
     junk = [b"[" * 50_000 + b"]" * 50_000, b"[" * 2_000 + b"]" * 2_000,
             b'{"sig":"' + "é".encode() * 64 + b'",' + SIGNED_LIKE + b"}", b"\xff"]
-    obeyed: list[str] = []
-    changed = threading.Event()
-
-    def on_mode(mode: str) -> None:
-        obeyed.append(mode)
-        changed.set()
-
+    obeyed = Obeyed()
     async def run():
         sender = Subscriber(broker.port, "nothing/here")
         try:
-            async with lanes(config, on_mode=on_mode) as (lane,):
+            async with lanes(config, on_mode=obeyed) as (lane,):
                 last = None
                 for i in range(100):
                     topic = f"{venue.prefix}/command/lane-m" if i % 2 else f"{venue.prefix}/admission/lane-x"
@@ -788,7 +788,7 @@ def test_a_flood_of_malformed_messages_through_the_broker_leaves_the_lane_workin
                 last.wait_for_publish(10)
                 sender.publish(f"{venue.prefix}/command/lane-m",
                                mqtt.command_message(mqtt.VenueKey(KEY), "locked", "lane-m"))
-                assert await asyncio.to_thread(changed.wait, 10)
+                assert await asyncio.to_thread(obeyed.changed.wait, 10)
                 assert (await lane.scan("T-0180")).verdict is Verdict.ADMIT  # still deciding
         finally:
             sender.close()
