@@ -16,7 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import Figure, housekeeping, latency_text, line, pct, rss_mb, set_idle, workdir, write_config
+from benchmarks.common import (
+    Figure,
+    latency_text,
+    line,
+    pct,
+    rss_mb,
+    secret_file,
+    set_idle,
+    with_sync_store,
+    workdir,
+    write_config,
+)
 from gated.reload import peak_rss_mb
 
 
@@ -93,7 +104,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
     import logging
 
     from gated import config as configmod
-    from gated.daemon import Parts, build
+    from gated.daemon import Parts
     from gated.model import Scan, ScanMode
     from gated.simulators.cm import generated_barcode
     from gated.store import Store, StoreThread
@@ -101,9 +112,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
 
     logging.getLogger("gated").setLevel(logging.WARNING)
     folder = workdir()
-    password = folder / "cm-password"
-    password.write_text("bench-password\n")
-    password.chmod(0o600)
+    password = secret_file(folder, "cm-password", "bench-password")
     cfg = configmod.load(str(write_config(folder, f"""
         [backend]
         type = "cm"
@@ -114,16 +123,6 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
         password_file = "{password}"
         strategy = "local"
     """)))
-
-    async def run() -> dict:
-        parts = await build(cfg)
-        sync_store = StoreThread(cfg.store.path, "sync")
-        try:
-            async with housekeeping(parts.store):
-                return await measured(parts, sync_store)
-        finally:
-            await parts.close()
-            sync_store.close()
 
     async def measured(parts: Parts, sync_store: StoreThread) -> dict:
         before = rss_mb(os.getpid())
@@ -209,7 +208,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
                          lane=lane, scan_mode=ScanMode.ENTRY, latency_ms=1.0, queue_upload=True)
         store.db.conn.execute("PRAGMA synchronous = FULL")
 
-    return asyncio.run(run())
+    return asyncio.run(with_sync_store(cfg, measured))
 
 
 def main() -> int:

@@ -107,6 +107,30 @@ def write_config(folder: Path, extra: str, *, store: Path | None = None) -> Path
     return path
 
 
+def secret_file(folder: Path, name: str, text: str) -> Path:
+    """`text` in an owner-only file of `folder`, as gated wants its secrets."""
+    path = folder / name
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+async def with_sync_store(cfg, measured):
+    """Build the lane of `cfg` and return `await measured(parts, sync_store)`, housekeeping on and the
+    syncer on its own store connection, as in the daemon; both closed after."""
+    from gated.daemon import build
+    from gated.store import StoreThread
+
+    parts = await build(cfg)
+    sync_store = StoreThread(cfg.store.path, "sync")
+    try:
+        async with housekeeping(parts.store):
+            return await measured(parts, sync_store)
+    finally:
+        await parts.close()
+        sync_store.close()
+
+
 def notify_socket(folder: Path) -> tuple[socket.socket, str]:
     path = str(folder / "notify.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -54,17 +54,35 @@ def ticket_csv(folder: Path, tickets: int) -> Path:
     return path
 
 
-def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
-    folder = workdir()
+def local_config(folder: Path, tickets: int, masks: int, extra: str = "") -> configmod.Config:
+    """A lane with a local backend: a `tickets`-line CSV list and `masks` masks, then `extra` TOML."""
     csv = ticket_csv(folder, tickets)
     mask_list = ", ".join(f'"{m}"' for m in _masks(masks))
-    cfg = configmod.load(str(write_config(folder, f"""
+    return configmod.load(str(write_config(folder, f"""
         [backend]
         type = "local"
         [backend.local]
         tickets = "{csv}"
         masks = [{mask_list}]
-    """)))
+    """ + extra)))
+
+
+def mixed_tokens(tickets: int, masks: int, scans: int) -> Iterator[str]:
+    """`scans` tokens for local_config's lane, the same every run: a third each listed tickets (mostly
+    admitted once), mask matches and unknown ones (every mask tried)."""
+    rng = random.Random(7)
+    for i in range(scans):
+        kind = i % 3
+        if kind == 0:
+            yield f"TK{rng.randrange(tickets):010d}"
+        elif kind == 1:
+            yield f"{100 + rng.randrange(masks):03d}{rng.randrange(10**10):010d}"
+        else:
+            yield f"NOPE{rng.randrange(10**9)}"
+
+
+def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
+    cfg = local_config(workdir(), tickets, masks)
 
     from gated.daemon import build
 
@@ -74,17 +92,9 @@ def offline_decision(tickets: int, masks: int, scans: int) -> list[Figure]:
         await parts.backend.sync(parts.store)
         imported = time.perf_counter() - started
         latencies, commits = [], []
-        rng = random.Random(7)
         try:
             async with housekeeping(parts.store):
-                for i in range(scans):
-                    kind = i % 3
-                    if kind == 0:
-                        token = f"TK{rng.randrange(tickets):010d}"  # listed ticket (mostly admitted once)
-                    elif kind == 1:
-                        token = f"{100 + rng.randrange(masks):03d}{rng.randrange(10**10):010d}"  # mask match
-                    else:
-                        token = f"NOPE{rng.randrange(10**9)}"  # unknown: every mask tried
+                for token in mixed_tokens(tickets, masks, scans):
                     scan = Scan(token=token, reader="front")
                     await parts.gate.handle(scan)
                     latencies.append(parts.gate.last_act_ms)

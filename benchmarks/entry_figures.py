@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import Figure, latency_text, line, pct, workdir, write_config
+from benchmarks.common import Figure, latency_text, line, pct, secret_file, workdir, write_config
 from gated import config as configmod
 from gated.model import Scan, ScanMode, Source, deny
 from gated.simulators.entry import DEFAULT_API_KEY, EntrySimulator
@@ -23,9 +23,7 @@ DEADLINE = 0.8  # the default online deadline of docs/design.md
 
 
 def _config(folder: Path, url: str, extra: str = "") -> configmod.Config:
-    key = folder / "entry-api.key"
-    key.write_text(DEFAULT_API_KEY + "\n")
-    key.chmod(0o600)
+    key = secret_file(folder, "entry-api.key", DEFAULT_API_KEY)
     return configmod.load(str(write_config(folder, f"""
         [backend]
         type = "entry"

@@ -19,7 +19,18 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import Figure, housekeeping, latency_text, line, pct, rss_mb, set_idle, workdir, write_config
+from benchmarks.common import (
+    Figure,
+    latency_text,
+    line,
+    pct,
+    rss_mb,
+    secret_file,
+    set_idle,
+    with_sync_store,
+    workdir,
+    write_config,
+)
 from gated.reload import peak_rss_mb
 
 TICKETS = 100_000
@@ -86,15 +97,13 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
     import logging
 
     from gated import config as configmod
-    from gated.daemon import Parts, build
+    from gated.daemon import Parts
     from gated.model import Scan
     from gated.store import Store, StoreThread
 
     logging.getLogger("gated").setLevel(logging.WARNING)
     folder = workdir()
-    token_file = folder / "pretix.token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
+    token_file = secret_file(folder, "pretix.token", token)
     cfg = configmod.load(str(write_config(folder, f"""
         [backend]
         type = "pretix"
@@ -112,16 +121,6 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
         # The next sync downloads every ticket again, as after a change of the list's date.
         with store._write() as conn:
             conn.execute("DELETE FROM kv WHERE key LIKE 'pretix:%:orders_since:%'")
-
-    async def run() -> dict:
-        parts = await build(cfg)
-        sync_store = StoreThread(cfg.store.path, "sync")  # the syncer's own connection, as in the daemon
-        try:
-            async with housekeeping(parts.store):
-                return await measured(parts, sync_store)
-        finally:
-            await parts.close()
-            sync_store.close()
 
     async def measured(parts: Parts, sync_store: StoreThread) -> dict:
         before = rss_mb(os.getpid())
@@ -174,7 +173,7 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
                 "decide_ms": decide, "paced_ms": paced_ms, "during_ms": during, "commits": commits,
                 "resync_s": resync_s, "child": first_download}
 
-    return asyncio.run(run())
+    return asyncio.run(with_sync_store(cfg, measured))
 
 
 # --- online, against the real pretix ---------------------------------------------------------
@@ -225,9 +224,7 @@ async def _online(server, n: int) -> dict:
 
     folder = workdir()
     token = server.device_token("north")
-    token_file = folder / "pretix.token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
+    token_file = secret_file(folder, "pretix.token", token)
     # allow_multiple_entries: every redeem is an "ok" with a new check-in, for gated and the bare
     # client alike, from a few tickets.
     cfg = configmod.load(str(write_config(folder, f"""

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 
-from benchmarks.common import Figure, housekeeping, latency_text, pct, workdir, write_config
-from benchmarks.core import _masks, ticket_csv
-from gated import config as configmod
+from benchmarks.common import Figure, housekeeping, latency_text, pct, workdir
+from benchmarks.core import local_config, mixed_tokens
 from gated.model import Scan
 
 
@@ -24,20 +22,13 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
     count on every scan, the capacity check before every decision, and the textfile rewritten every
     second (the shortest interval allowed) while the scans run."""
     folder = workdir()
-    csv = ticket_csv(folder, tickets)
-    mask_list = ", ".join(f'"{m}"' for m in _masks(masks))
-    cfg = configmod.load(str(write_config(folder, f"""
-        [backend]
-        type = "local"
-        [backend.local]
-        tickets = "{csv}"
-        masks = [{mask_list}]
+    cfg = local_config(folder, tickets, masks, f"""
         [metrics]
         textfile = "{folder / 'gated.prom'}"
         interval_seconds = 1
         [occupancy]
         capacity = 1000000
-    """)))
+    """)
 
     from gated import metrics
     from gated.daemon import build
@@ -61,18 +52,10 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
 
         parts.gate.on_decided[-1] = timed
         latencies = []
-        rng = random.Random(7)
         export = asyncio.get_running_loop().create_task(exporter.run())
         try:
             async with housekeeping(parts.store):
-                for i in range(scans):
-                    kind = i % 3
-                    if kind == 0:
-                        token = f"TK{rng.randrange(tickets):010d}"
-                    elif kind == 1:
-                        token = f"{100 + rng.randrange(masks):03d}{rng.randrange(10**10):010d}"
-                    else:
-                        token = f"NOPE{rng.randrange(10**9)}"
+                for token in mixed_tokens(tickets, masks, scans):
                     await parts.gate.handle(Scan(token=token, reader="front"))
                     latencies.append(parts.gate.last_act_ms)
         finally:

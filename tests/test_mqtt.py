@@ -129,48 +129,64 @@ def own_broker(tmp_path):
         b.stop()
 
 
+def venue_files(folder: Path) -> tuple[Path, Path]:
+    """(key, tickets) of a venue in `folder`, written unless there: the HMAC key and 200 tickets T-0000..."""
+    key, tickets = folder / "venue.key", folder / "tickets.csv"
+    if not key.exists():
+        key.write_text(KEY + "\n")
+        key.chmod(0o600)
+    if not tickets.exists():
+        tickets.write_text("token,name\n" + "".join(f"T-{i:04d},Holder {i}\n" for i in range(200)))
+    return key, tickets
+
+
+def lane_config(folder: Path, name: str, port: int | None, *, key_file: Path, prefix: str, lane_extra: str = "",
+                extra: str = "", mqtt_extra: str = "") -> configmod.Config:
+    """Write and load lane `name`'s config in folder/name: a local backend on venue_files' tickets, a stdin
+    reader, mock pins, its own store; `lane_extra` goes into [lane], `extra` after the store, and [mqtt]
+    (127.0.0.1:port, then `mqtt_extra`) unless `port` is None."""
+    d = folder / name
+    d.mkdir(exist_ok=True)
+    text = f"""
+        [lane]
+        name = "{name}"
+        serial = "S-{name}"
+        debounce_seconds = 0.0
+        {lane_extra}
+        [backend]
+        type = "local"
+        [backend.local]
+        tickets = "{venue_files(folder)[1]}"
+        [reader.front]
+        type = "stdin"
+        [gpio]
+        pin_factory = "mock"
+        [relay]
+        pin = 17
+        pulse_seconds = 0.01
+        [store]
+        path = "{d / 'gated.db'}"
+    """ + extra
+    if port is not None:
+        text += f"""
+        [mqtt]
+        url = "mqtt://127.0.0.1:{port}"
+        hmac_key_file = "{key_file}"
+        topic_prefix = "{prefix}"
+        """ + mqtt_extra
+    path = d / "gated.toml"
+    path.write_text("\n".join(line.strip() for line in text.splitlines()) + "\n")
+    return configmod.load(str(path))
+
+
 @pytest.fixture
 def venue(tmp_path):
     """Write lane configs of one venue (one prefix, one key, one ticket list); returns a maker."""
     prefix = f"gated/test-{uuid.uuid4().hex[:8]}"  # fresh topics and sessions for every test
-    key = tmp_path / "venue.key"
-    key.write_text(KEY + "\n")
-    key.chmod(0o600)
-    tickets = tmp_path / "tickets.csv"
-    tickets.write_text("token,name\n" + "".join(f"T-{i:04d},Holder {i}\n" for i in range(200)))
+    key, _ = venue_files(tmp_path)
 
     def lane(name: str, port: int | None, mqtt_extra: str = "", *, key_file: Path = key) -> configmod.Config:
-        d = tmp_path / name
-        d.mkdir(exist_ok=True)
-        text = f"""
-            [lane]
-            name = "{name}"
-            serial = "S-{name}"
-            debounce_seconds = 0.0
-            [backend]
-            type = "local"
-            [backend.local]
-            tickets = "{tickets}"
-            [reader.front]
-            type = "stdin"
-            [gpio]
-            pin_factory = "mock"
-            [relay]
-            pin = 17
-            pulse_seconds = 0.01
-            [store]
-            path = "{d / 'gated.db'}"
-        """
-        if port is not None:
-            text += f"""
-            [mqtt]
-            url = "mqtt://127.0.0.1:{port}"
-            hmac_key_file = "{key_file}"
-            topic_prefix = "{prefix}"
-            """ + mqtt_extra
-        path = d / "gated.toml"
-        path.write_text("\n".join(line.strip() for line in text.splitlines()) + "\n")
-        return configmod.load(str(path))
+        return lane_config(tmp_path, name, port, key_file=key_file, prefix=prefix, mqtt_extra=mqtt_extra)
 
     lane.prefix = prefix
     return lane
@@ -730,32 +746,38 @@ def test_a_lane_that_stops_cleanly_says_offline_in_its_status(venue, broker):
         watch.close()
 
 
+class Obeyed(list):
+    """An on_mode hook: the modes a lane was told to take, in order; `changed` is set at each."""
+
+    def __init__(self):
+        super().__init__()
+        self.changed = threading.Event()
+
+    def __call__(self, mode: str) -> None:
+        self.append(mode)
+        self.changed.set()
+
+
 def test_a_captured_command_replayed_after_the_lane_restarts_is_refused(venue, broker, caplog):
     caplog.set_level(logging.INFO, logger="gated.mqtt")
     config = venue("lane-r", broker.port, "commands = true\n")
     key = mqtt.VenueKey(KEY)
     topic = f"{venue.prefix}/command/lane-r"
     captured = mqtt.command_message(key, "free", "lane-r")
-    obeyed: list[str] = []
-    changed = threading.Event()
-
-    def on_mode(mode: str) -> None:
-        obeyed.append(mode)
-        changed.set()
-
+    obeyed = Obeyed()
     async def run():
         sender = Subscriber(broker.port, "nothing/here")
         try:
-            async with lanes(config, on_mode=on_mode):
+            async with lanes(config, on_mode=obeyed):
                 sender.publish(topic, captured)
-                assert await asyncio.to_thread(changed.wait, 5)
-            changed.clear()
+                assert await asyncio.to_thread(obeyed.changed.wait, 5)
+            obeyed.changed.clear()
             # The lane restarts (same store); someone who captured the command sends it again, then
             # the operator sends a new one: once that is obeyed, the replay before it was handled.
-            async with lanes(config, on_mode=on_mode):
+            async with lanes(config, on_mode=obeyed):
                 sender.publish(topic, captured)
                 sender.publish(topic, mqtt.command_message(key, "locked", "lane-r"))
-                assert await asyncio.to_thread(changed.wait, 5)
+                assert await asyncio.to_thread(obeyed.changed.wait, 5)
         finally:
             sender.close()
 
@@ -769,17 +791,11 @@ def test_a_flood_of_malformed_messages_through_the_broker_leaves_the_lane_workin
     config = venue("lane-m", broker.port, "commands = true\n")
     junk = [b"[" * 50_000 + b"]" * 50_000, b"[" * 2_000 + b"]" * 2_000,
             b'{"sig":"' + "é".encode() * 64 + b'",' + SIGNED_LIKE + b"}", b"\xff"]
-    obeyed: list[str] = []
-    changed = threading.Event()
-
-    def on_mode(mode: str) -> None:
-        obeyed.append(mode)
-        changed.set()
-
+    obeyed = Obeyed()
     async def run():
         sender = Subscriber(broker.port, "nothing/here")
         try:
-            async with lanes(config, on_mode=on_mode) as (lane,):
+            async with lanes(config, on_mode=obeyed) as (lane,):
                 last = None
                 for i in range(100):
                     topic = f"{venue.prefix}/command/lane-m" if i % 2 else f"{venue.prefix}/admission/lane-x"
@@ -787,7 +803,7 @@ def test_a_flood_of_malformed_messages_through_the_broker_leaves_the_lane_workin
                 last.wait_for_publish(10)
                 sender.publish(f"{venue.prefix}/command/lane-m",
                                mqtt.command_message(mqtt.VenueKey(KEY), "locked", "lane-m"))
-                assert await asyncio.to_thread(changed.wait, 10)
+                assert await asyncio.to_thread(obeyed.changed.wait, 10)
                 assert (await lane.scan("T-0180")).verdict is Verdict.ADMIT  # still deciding
         finally:
             sender.close()

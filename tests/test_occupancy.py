@@ -19,7 +19,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gated import config as configmod
 from gated import doctor, mqtt
 from gated.daemon import Daemon, build
 from gated.model import InputKind, Reason, Scan, ScanMode, Source, Verdict, admit, deny
@@ -28,8 +27,9 @@ from gated.policy.base import Backend
 from gated.policy.decider import Decider
 from gated.store import Store, StoreThread
 from tests.drivers.support import until
-from tests.test_mqtt import KEY, FakeClient, Subscriber, message, wait_until
+from tests.test_mqtt import KEY, FakeClient, Subscriber, message, venue_files, wait_until
 from tests.test_mqtt import broker as broker  # noqa: F401 - a fixture
+from tests.test_mqtt import lane_config as mqtt_lane_config
 from tests.test_mqtt import own_broker as own_broker  # noqa: F401 - a fixture
 
 PASSAGE_PIN = 24
@@ -201,50 +201,15 @@ def test_at_capacity_the_api_is_not_asked_so_the_ticket_is_not_checked_in(tmp_pa
 
 def lane_config(tmp_path: Path, name: str, port: int | None, *, scan_mode: str = "entry", capacity: int = 0,
                 passage: bool = False, reset_at: str = "05:00", prefix: str = "", extra_mqtt: str = ""):
-    tickets = tmp_path / "tickets.csv"
-    if not tickets.exists():
-        tickets.write_text("token,name\n" + "".join(f"T-{i:04d},Holder {i}\n" for i in range(200)))
-    key = tmp_path / "venue.key"
-    if not key.exists():
-        key.write_text(KEY + "\n")
-        key.chmod(0o600)
-    d = tmp_path / name
-    d.mkdir(exist_ok=True)
-    text = f"""
-        [lane]
-        name = "{name}"
-        serial = "S-{name}"
-        scan_mode = "{scan_mode}"
-        debounce_seconds = 0.0
-        [backend]
-        type = "local"
-        [backend.local]
-        tickets = "{tickets}"
-        [reader.front]
-        type = "stdin"
-        [gpio]
-        pin_factory = "mock"
-        [relay]
-        pin = 17
-        pulse_seconds = 0.01
-        [store]
-        path = "{d / 'gated.db'}"
+    extra = f"""
         [occupancy]
         capacity = {capacity}
         reset_at = "{reset_at}"
     """
     if passage:
-        text += f"[input.passage]\npin = {PASSAGE_PIN}\ntimeout_seconds = 0.5\n"
-    if port is not None:
-        text += f"""
-        [mqtt]
-        url = "mqtt://127.0.0.1:{port}"
-        hmac_key_file = "{key}"
-        topic_prefix = "{prefix}"
-        """ + extra_mqtt
-    path = d / "gated.toml"
-    path.write_text("\n".join(line.strip() for line in text.splitlines()) + "\n")
-    return configmod.load(str(path))
+        extra += f"[input.passage]\npin = {PASSAGE_PIN}\ntimeout_seconds = 0.5\n"
+    return mqtt_lane_config(tmp_path, name, port, key_file=venue_files(tmp_path)[0], prefix=prefix,
+                            lane_extra=f'scan_mode = "{scan_mode}"', extra=extra, mqtt_extra=extra_mqtt)
 
 
 class Lane:

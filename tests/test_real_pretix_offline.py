@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -203,16 +204,25 @@ def _parse(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-async def _gated_offline(lane, list_name: str, plan: list[tuple[str, datetime, str]]):
-    """Sync with the server up, then decide each scan with it unreachable, the clock at the scan's time."""
-    parts = await build(lane(list_name, list_name))
+@asynccontextmanager
+async def _offline_lane(lane, list_name: str, name: str):
+    """The parts of lane `name` after a sync with the server up, built again with the server unreachable."""
+    parts = await build(lane(list_name, name))
     try:
         await parts.backend.sync(parts.store)
     finally:
         await parts.close()
-    parts = await build(lane(list_name, list_name, dead=True))
-    out = []
+    parts = await build(lane(list_name, name, dead=True))
     try:
+        yield parts
+    finally:
+        await parts.close()
+
+
+async def _gated_offline(lane, list_name: str, plan: list[tuple[str, datetime, str]]):
+    """Sync with the server up, then decide each scan with it unreachable, the clock at the scan's time."""
+    out = []
+    async with _offline_lane(lane, list_name, list_name) as parts:
         for secret, when, kind in plan:
             parts.gate.scan_mode = ScanMode(kind)
             parts.decider.clock = lambda when=when: when.timestamp()
@@ -220,8 +230,6 @@ async def _gated_offline(lane, list_name: str, plan: list[tuple[str, datetime, s
             out.append((await parts.gate.handle(scan), scan))
         await parts.gate.drain()
         return out
-    finally:
-        await parts.close()
 
 
 async def _upload(config) -> int:
@@ -248,16 +256,8 @@ def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_preti
     srv.checkin(inside[0], "e2e_apb")  # let in by another scanner, before the lane synced
 
     async def run():
-        parts = await build(lane("e2e_apb", "apb"))
-        try:
-            await parts.backend.sync(parts.store)
-        finally:
-            await parts.close()
-        parts = await build(lane("e2e_apb", "apb", dead=True))
-        try:
+        async with _offline_lane(lane, "e2e_apb", "apb") as parts:
             return [await parts.gate.handle(Scan(token=t, reader="front")) for t in (inside[0], fresh[0], fresh[0])]
-        finally:
-            await parts.close()
 
     server_side, first, second = asyncio.run(run())
     assert (server_side.reason, first.reason, second.reason) == (Reason.ALREADY_USED, Reason.OK, Reason.ALREADY_USED)
@@ -267,19 +267,11 @@ def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_preti
     asyncio.run(_upload(lane("e2e_apb", "apb")))
 
     async def exit_and_enter():
-        parts = await build(lane("e2e_apb", "apb"))
-        try:
-            await parts.backend.sync(parts.store)
-        finally:
-            await parts.close()
-        parts = await build(lane("e2e_apb", "apb", dead=True))
-        try:
+        async with _offline_lane(lane, "e2e_apb", "apb") as parts:
             parts.gate.scan_mode = ScanMode.EXIT
             out = [await parts.gate.handle(Scan(token=fresh[0], reader="front"))]
             parts.gate.scan_mode = ScanMode.ENTRY
             return out + [await parts.gate.handle(Scan(token=fresh[0], reader="front")) for _ in range(2)]
-        finally:
-            await parts.close()
 
     leave, back, third = asyncio.run(exit_and_enter())
     assert (leave.reason, back.reason, third.reason, third.backend_code) == (
@@ -317,17 +309,9 @@ def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_p
     when = time.time() - 900
 
     async def offline_scan():
-        parts = await build(lane("e2e_upload", "up"))
-        try:
-            await parts.backend.sync(parts.store)
-        finally:
-            await parts.close()
-        parts = await build(lane("e2e_upload", "up", dead=True))
-        try:
+        async with _offline_lane(lane, "e2e_upload", "up") as parts:
             parts.decider.clock = lambda: when
             return await parts.gate.handle(Scan(token=secret, reader="front", wall=when))
-        finally:
-            await parts.close()
 
     d = asyncio.run(offline_scan())
     assert (d.verdict, d.source) == (Verdict.ADMIT, Source.OFFLINE)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gated_faults_backends as backends  # tests/faults/backends.py, registered by conftest.py
 import pytest
 from gated_faults_gatedrun import GatedRun  # tests/faults/gatedrun.py, registered by conftest.py
 
@@ -114,9 +115,7 @@ def test_a_quoted_newline_in_a_csv_name_stays_inside_its_one_scan_line(local):
 @pytest.fixture
 def pretix(write_config, tmp_path):
     with PretixSim("demo", "democon") as sim:
-        token = tmp_path / "pretix-device.token"
-        token.write_text(sim.device_token() + "\n")
-        token.chmod(0o600)
+        token = backends._secret_file(tmp_path, "pretix-device.token", sim.device_token())
 
         def make(checkin_list: int = 1) -> Path:
             return write_config(f"""
@@ -149,9 +148,7 @@ def test_an_entry_reason_message_with_terminal_escapes_never_reaches_the_termina
     real = sim._decide
     # The server answers in its documented shape; only its words are hostile.
     sim._decide = lambda body, claims: {**real(body, claims), "reasonMessage": "Stop\x1b[2J\x1b]0;owned\x07\r" + FORGED}
-    key = tmp_path / "entry-api.key"
-    key.write_text("EXAMPLE-NOT-A-REAL-KEY-0000\n")
-    key.chmod(0o600)
+    key = backends._secret_file(tmp_path, "entry-api.key", "EXAMPLE-NOT-A-REAL-KEY-0000")
     config = write_config(f"""
         [backend]
         type = "entry"
