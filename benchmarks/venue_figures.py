@@ -42,15 +42,15 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
                                                                         lambda: {"front": True},
                                                                         lambda: (parts.occupancy.venue_total(),
                                                                                  parts.occupancy.capacity)))
-        hook = parts.gate.on_decided[-1]
+        hook = parts.gate.on_logged[-1]  # the metrics' own hook, timed as the scan path runs it
         hook_us: list[float] = []
 
-        def timed(scan, decision) -> None:
+        def timed(decision, ms) -> None:
             started = time.perf_counter()
-            hook(scan, decision)
+            hook(decision, ms)
             hook_us.append((time.perf_counter() - started) * 1e6)
 
-        parts.gate.on_decided[-1] = timed
+        parts.gate.on_logged[-1] = timed
         latencies = []
         export = asyncio.get_running_loop().create_task(exporter.run())
         try:
@@ -62,6 +62,7 @@ def offline_with_metrics(tickets: int, masks: int, scans: int) -> list[Figure]:
             export.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await export
+            await exporter.once()  # a last write, so the file shows every scan whatever the run's length
             exporter.close()
             side.close()
             await parts.close()

@@ -123,3 +123,13 @@ def test_markdown_replaces_only_the_run_in_a_file_that_has_one(modules, tmp_path
     assert text.endswith(harness.END + "\n\nprose after\n")
     assert "| new row | 1 ms | <= 5 ms | pass |" in text and "old row" not in text
     assert text.count(harness.BEGIN) == 1 and text.count(harness.END) == 1
+
+
+def test_the_venue_figure_measures_the_metrics_hook_the_scan_path_runs():
+    """A small real run: the figure times the hook gated.metrics puts on the scan path, and the
+    textfile it exports shows the scans (this broke once when the hook moved)."""
+    from benchmarks.venue_figures import offline_with_metrics
+
+    offline, hook = offline_with_metrics(200, 5, 30)
+    assert offline.ok is not None and "n=30" in offline.value
+    assert hook.ok is None and " 0 scan series" not in hook.value and "scan series written" in hook.value
