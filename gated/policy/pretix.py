@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.signing import VerifyKey
 
 from gated import __version__, reload
 from gated.config import Config
@@ -49,7 +49,7 @@ from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, error_text, json_answer, json_body, pairing_answer, request
 from gated.policy.pretix_rules import CheckIn, Facts, evaluate
-from gated.policy.signatures import load_sig1_keys, verify_sig1
+from gated.policy.pretix_sig1 import load_sig1_keys, verify_sig1
 from gated.schema import Key
 from gated.store import Store, StoreThread
 from gated.timeparse import iso, parse_time
@@ -111,7 +111,7 @@ class PretixBackend(HttpBackend):
         self.positions_name = f"pretix-positions:{self.scope}"
         self.token: str | None = None
         self._store: StoreThread | None = None
-        self._keys: tuple[float, list[Ed25519PublicKey]] = (-1.0, [])
+        self._keys: tuple[float, list[VerifyKey]] = (-1.0, [])
         self._reload_list: dict[str, Any] = {}  # in the reload process: the list's settings (restore_state)
         self.last_reload: dict[str, Any] = {}  # the last full download's result (benchmarks read its peak RSS)
 

@@ -42,7 +42,8 @@ from gated.model import Decision, Reason, Scan, ScanMode, Source, Verdict
 from gated.policy import wallet
 from gated.policy.base import UploadResult
 from gated.policy.http import make_client
-from gated.policy.signatures import decode_ticket, load_sig1_keys, verify_sig1, verify_tibillet
+from gated.policy.pretix_sig1 import decode_ticket, load_sig1_keys, verify_sig1
+from gated.policy.signatures import verify_tibillet
 from gated.simulators.pretix import make_sig1_secret, sig1_public_key
 from gated.simulators.tibillet import make_code
 from gated.tokens import Malformed, normalise

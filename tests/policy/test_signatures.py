@@ -13,14 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gated.model import Reason
-from gated.policy.signatures import (
-    b64decode_any,
-    decode_ticket,
-    load_rsa_public_key,
-    load_sig1_keys,
-    verify_sig1,
-    verify_tibillet,
-)
+from gated.policy.pretix_sig1 import decode_ticket, load_sig1_keys, verify_sig1
+from gated.policy.signatures import b64decode_any, load_rsa_public_key, verify_tibillet
 from gated.simulators.pretix import encode_ticket, make_sig1_secret, sig1_public_key, sign_secret
 from gated.simulators.tibillet import make_code, public_pem
 
@@ -36,6 +30,11 @@ def rsa_keys():
 @pytest.fixture(scope="module")
 def ed_keys():
     return [Ed25519PrivateKey.generate() for _ in range(2)]
+
+
+def sig1_keys(key: Ed25519PrivateKey) -> list:
+    """The key as gated reads it from pretix's `valid_keys`."""
+    return load_sig1_keys([sig1_public_key(key)])
 
 
 def _flip(text: str, at: int) -> str:
@@ -134,47 +133,60 @@ def test_signed_secret_made_like_pretix_verifies_and_decodes_its_payload(ed_keys
 def test_zero_validity_as_real_pretix_writes_it_means_no_limit(ed_keys):
     payload = encode_ticket("abc", 42)
     assert payload.endswith(bytes.fromhex("28003000"))  # both fields written as 0, as pretix 2026.8.0 does
-    check = verify_sig1(sign_secret(ed_keys[0], payload), [ed_keys[0].public_key()])
+    check = verify_sig1(sign_secret(ed_keys[0], payload), sig1_keys(ed_keys[0]))
     assert check.reason is Reason.OK
     assert (check.ticket.valid_from, check.ticket.valid_until) == (None, None)
 
 
 def test_secret_without_validity_fields_has_none(ed_keys):
-    check = verify_sig1(make_sig1_secret(ed_keys[0], 5), [ed_keys[0].public_key()])
+    check = verify_sig1(make_sig1_secret(ed_keys[0], 5), sig1_keys(ed_keys[0]))
     assert check.ticket.valid_from is None and check.ticket.valid_until is None and check.ticket.variation == 0
 
 
 def test_secret_with_one_changed_character_is_an_invalid_signature(ed_keys):
     secret = make_sig1_secret(ed_keys[0], 42)
-    assert verify_sig1(_flip(secret, len(secret) // 2), [ed_keys[0].public_key()]).reason is Reason.INVALID_SIGNATURE
+    assert verify_sig1(_flip(secret, len(secret) // 2), sig1_keys(ed_keys[0])).reason is Reason.INVALID_SIGNATURE
 
 
 def test_secret_with_a_truncated_signature_is_malformed(ed_keys):
     payload = encode_ticket("abc", 42)
     raw = b"\x01" + struct.pack(">HH", len(payload), 64) + payload + ed_keys[0].sign(payload)[:40]
     secret = base64.b64encode(raw).decode()[::-1]
-    check = verify_sig1(secret, [ed_keys[0].public_key()])
+    check = verify_sig1(secret, sig1_keys(ed_keys[0]))
     assert check.reason is Reason.MALFORMED and "cut short" in check.detail
 
 
 def test_secret_signed_by_another_events_key_is_an_invalid_signature(ed_keys):
-    check = verify_sig1(make_sig1_secret(ed_keys[1], 42), [ed_keys[0].public_key()])
+    check = verify_sig1(make_sig1_secret(ed_keys[1], 42), sig1_keys(ed_keys[0]))
     assert check.reason is Reason.INVALID_SIGNATURE
 
 
 def test_random_pretix_secret_is_unknown_offline_not_malformed(ed_keys):
-    check = verify_sig1("az9u4mymhqktrbupmwkvv6xmgds5dk3x", [ed_keys[0].public_key()])
+    check = verify_sig1("az9u4mymhqktrbupmwkvv6xmgds5dk3x", sig1_keys(ed_keys[0]))
     assert check.reason is Reason.UNKNOWN and "cannot be checked offline" in check.detail
 
 
 def test_signature_over_a_garbled_payload_is_malformed_not_admitted(ed_keys):
     secret = sign_secret(ed_keys[0], b"\x12\xff")  # field 2, length-delimited, runs past the end
-    assert verify_sig1(secret, [ed_keys[0].public_key()]).reason is Reason.MALFORMED
+    assert verify_sig1(secret, sig1_keys(ed_keys[0])).reason is Reason.MALFORMED
 
 
 def test_valid_keys_entries_must_be_ed25519(rsa_keys):
     with pytest.raises(ValueError, match="not Ed25519"):
         load_sig1_keys([base64.b64encode(public_pem(rsa_keys[0])).decode()])
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("not base64 at all!", "not base64 of PEM"),
+    (base64.b64encode(b"hello").decode(), "not a PEM public key"),
+    (base64.b64encode(b"-----BEGIN PUBLIC KEY-----\n%%%%\n-----END PUBLIC KEY-----\n").decode(), "body is not base64"),
+    (base64.b64encode(b"-----BEGIN PUBLIC KEY-----\n" + base64.b64encode(bytes(44)) +
+                      b"\n-----END PUBLIC KEY-----\n").decode(), "not Ed25519"),
+    (5, "not text"),
+])
+def test_a_valid_keys_entry_that_is_not_an_ed25519_pem_key_is_refused_saying_why(text, why):
+    with pytest.raises(ValueError, match=why):
+        load_sig1_keys([text])
 
 
 @given(seed=st.text(max_size=12), item=st.integers(0, 2**63 - 1), variation=st.integers(-(2**63), 2**63 - 1),
