@@ -60,6 +60,7 @@ class Reason(StrEnum):
     CLOCK_UNTRUSTED = "clock_untrusted"
     STORE_REPLACED = "store_replaced"  # the store was damaged and replaced: admissions before it are unknown
     REPLAY = "replay"
+    AMBIGUOUS = "ambiguous"  # several tickets match the code (pretix: a ticket and its add-ons on the list)
     REJECTED = "rejected"  # the backend said no with a code we have no better word for
     ERROR = "error"  # gated itself failed (store full, bug): deny, logged as a fault
 

@@ -72,6 +72,8 @@ SLOW_CALL_SECONDS = 30.0  # sync, pairing and uploads are not on a visitor's clo
 MANY = 1_000_000  # "allow multiple entries": no offline anti-passback limit
 MAX_SECRET = 4096  # no scan is longer (the gate refuses longer input as malformed)
 GONE = "gone"  # a downloaded ticket pretix would not find on this list (canceled alone, or another date)
+# What a list-file row holds; a new version downloads every order again (2: the add-ons' secrets).
+ROWS_VERSION = 2
 # A check-in of this lane found again in the server's download: the server's time is the scan's
 # (uploads send it, to the millisecond) or, online, when the redeem arrived, within the deadline.
 SAME_CHECKIN_SECONDS = 5.0
@@ -86,7 +88,7 @@ REASONS = {
     "already_redeemed": Reason.ALREADY_USED,
     "product": Reason.PRODUCT_NOT_ALLOWED,
     "rules": Reason.RULES,
-    "ambiguous": Reason.REJECTED,  # several tickets match the scanned text
+    "ambiguous": Reason.AMBIGUOUS,
     "revoked": Reason.REVOKED,
     "unapproved": Reason.NOT_APPROVED,
     "error": Reason.REJECTED,  # pretix's own internal error, reported as a refusal
@@ -173,7 +175,9 @@ class PretixBackend(HttpBackend):
         if status == "ok":
             if body.get("require_attention"):
                 common["message"] = f"{who} (attention)".strip()
-            return admit(Reason.OK, backend_code="ok", ticket_key=secret, **common)
+            # Under `addon_match` pretix checks in the add-on the scanned ticket carries: count that one.
+            checked = text(position.get("secret"), "position secret", limit=MAX_SECRET)
+            return admit(Reason.OK, backend_code="ok", ticket_key=checked or secret, **common)
         if status == "incomplete":
             return deny(Reason.REJECTED, backend_code="incomplete",
                         **(common | {"message": "pretix asks questions at check-in, which a gate cannot answer"}))
@@ -297,7 +301,8 @@ class PretixBackend(HttpBackend):
                                   f"{self.event!r} (its lists: {ids})")
         lst = found[0]
         kept = {k: lst.get(k) for k in ("id", "name", "all_products", "limit_products", "subevent",
-                                        "allow_multiple_entries", "allow_entry_after_exit", "include_pending")}
+                                        "allow_multiple_entries", "allow_entry_after_exit", "include_pending",
+                                        "addon_match")}
         kept["rules"] = mapping(lst.get("rules"), "check-in list rules")
         gate = await self._gate()
         revoked = await self._sync_secrets(store, "revokedsecrets", "created", self.revoked_name)
@@ -327,7 +332,7 @@ class PretixBackend(HttpBackend):
         (and whenever the list's date changes or its file is unusable), then the orders changed since
         the previous download's `X-Page-Generated`; a check-in or cancellation changes its order.
         """
-        since_key = f"pretix:{self.scope}:orders_since:{self.list_id}:{lst.get('subevent')}"
+        since_key = f"pretix:{self.scope}:orders_since:{self.list_id}:{lst.get('subevent')}:{ROWS_VERSION}"
         usable = await store.call(Store.list_usable, self.positions_name)
         since = await store.call(Store.get, since_key) if usable else None
         if since:
@@ -480,6 +485,12 @@ class PretixBackend(HttpBackend):
             return deny(Reason.REVOKED, backend=self.name, backend_code="revoked",
                         message="secret replaced or canceled in pretix")
         row = store.ticket(self.positions_name, scan.token) if value.get("positions") else None
+        key = scan.token
+        if row is not None and (value.get("list") or {}).get("addon_match"):
+            row = self._addon_match(store, row, value.get("list") or {}, now)
+            if isinstance(row, Decision):
+                return row
+            key = row["token"]
         if row is not None and row["status"] == GONE:
             # Canceled on its own (the order stays paid), or of another date than the list's: never
             # admitted, whatever its signature says.
@@ -504,12 +515,48 @@ class PretixBackend(HttpBackend):
         else:
             why = "not a ticket of this event" if value.get("positions") else check.detail
             return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", message=why)
-        return self._decide(store, scan, scan_mode, now, clock_trusted, ticket, value)
+        return self._decide(store, key, scan_mode, now, clock_trusted, ticket, value)
 
-    def _decide(self, store: Store, scan: Scan, scan_mode: ScanMode, now: float, clock_trusted: bool,
+    def _addon_match(self, store: Store, row: dict[str, Any], lst: dict[str, Any],
+                     now: float) -> dict[str, Any] | Decision:
+        """The row pretix would check in for a scanned ticket on an `addon_match` list, or `ambiguous`.
+
+        pretix's redeem (2026.8.0, step 3): the scanned ticket and its add-ons not canceled, then
+        those of a product on the list, then those valid now; one left is the one; none left, the
+        one that is valid next, or was valid last, or the scanned ticket, is decided (and refused
+        by the checks); several left, `ambiguous`, before any other check.
+        """
+        addons = [r for r in (store.ticket(self.positions_name, s) for s in json.loads(row["data"]).get("addons", ()))
+                  if r is not None and r["status"] != GONE]
+        if not addons:
+            return row
+        every = ([row] if row["status"] != GONE else []) + addons
+        facts = [(r, json.loads(r["data"])) for r in every]
+        left = [(r, d) for r, d in facts
+                if lst.get("all_products", True) or d["item"] in (lst.get("limit_products") or [])]
+        if len(left) > 1:
+            left = [(r, d) for r, d in left
+                    if (d["from"] is None or d["from"] <= now) and (d["until"] is None or d["until"] > now)]
+        if len(left) == 1:
+            return left[0][0]
+        if len(left) > 1:
+            name = row["name"] or ""
+            why = f"{len(left)} tickets match the code (the ticket and its add-ons on this list)"
+            return deny(Reason.AMBIGUOUS, backend=self.name, backend_code="ambiguous", event_id=self.event,
+                        message=cut(f"{name}: {why}") if name else why)
+        upcoming = [(d["from"], r) for r, d in facts if d["from"] is not None and d["from"] > now]
+        if upcoming:
+            return min(upcoming, key=lambda x: x[0])[1]
+        past = [(d["until"], r) for r, d in facts if d["until"] is not None and d["until"] < now]
+        if past:
+            return max(past, key=lambda x: x[0])[1]
+        return every[0]
+
+    def _decide(self, store: Store, key: str, scan_mode: ScanMode, now: float, clock_trusted: bool,
                 t: _Ticket, value: dict[str, Any]) -> Decision:
         """pretix's checks in pretix's order (`perform_checkin` of pretix 2026.8.0), with its reason codes.
 
+        `key` is the secret of the ticket checked in: the scanned one, or its add-on (`_addon_match`).
         Validity windows and rules apply to entries only; an exit is refused only for the order's
         state, a block or the product, as in pretix.
         """
@@ -538,7 +585,7 @@ class PretixBackend(HttpBackend):
         # ticket in, as pretixSCAN asks its operator), so a pending order is unpaid on every list.
         if t.order != "p" and not t.pending_ok:
             return no(Reason.NOT_PAID, "unpaid", "order not paid")
-        checkins = _merge_checkins(t.checkins, store.admission_times(scan.token))
+        checkins = _merge_checkins(t.checkins, store.admission_times(key))
         if entry and lst.get("rules"):
             zone = ZoneInfo(value.get("timezone") or "UTC")
             # A date of a series has its own times, which are not downloaded: a rule on them then
@@ -556,7 +603,7 @@ class PretixBackend(HttpBackend):
             return no(Reason.ALREADY_USED, "already_redeemed")
         # Entries already made were counted here, the server's with this lane's: the decider's own
         # count (this lane's alone) would only repeat it.
-        return admit(Reason.OK, backend=self.name, backend_code="ok", ticket_key=scan.token, event_id=self.event,
+        return admit(Reason.OK, backend=self.name, backend_code="ok", ticket_key=key, event_id=self.event,
                      max_entries=MANY, message=t.name or f"product {t.item}")
 
     # --- upload and annulment ------------------------------------------------------------
@@ -617,15 +664,21 @@ def _position_rows(order: Any, list_id: int, lst: dict[str, Any]) -> list[dict[s
     if not isinstance(order, dict) or order.get("status") not in ("n", "p", "e", "c"):
         return []
     rows = []
-    for p in order.get("positions") or []:
+    positions = order.get("positions") or []
+    addons: dict[int, list[str]] = {}  # a ticket's id -> its add-ons' secrets (pretix's addon_match)
+    for p in positions:
+        if isinstance(p, dict) and isinstance(p.get("addon_to"), int) and isinstance(p.get("secret"), str):
+            addons.setdefault(p["addon_to"], []).append(p["secret"])
+    for p in positions:
         try:
-            rows.append(_position_row(p, order, list_id, lst))
+            rows.append(_position_row(p, order, list_id, lst, addons))
         except (Unreachable, ValueError, TypeError, AttributeError) as e:
             log.debug("pretix order %s: a ticket left out (%s)", cut(str(order.get("code")), ID_LIMIT), e)
     return rows
 
 
-def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, Any]) -> dict[str, Any]:
+def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, Any],
+                  addons: dict[int, list[str]]) -> dict[str, Any]:
     p = mapping(p, "position")
     secret = p.get("secret")
     if not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET:
@@ -647,6 +700,8 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
             "checkins": sorted(checkins)}
     if data["item"] is None:
         raise ValueError("no product")
+    if isinstance(p.get("id"), int) and p["id"] in addons:
+        data["addons"] = [s for s in addons[p["id"]] if 0 < len(s) <= MAX_SECRET]
     return {"token": secret, "ticket_key": secret, "name": text(p.get("attendee_name"), "attendee_name"),
             "status": GONE if gone else order["status"], "data": data}
 

@@ -26,7 +26,12 @@ simulator follows the real server:
   `orders/` honours `modified_since`, and a check-in or annulment changes its order;
 - a device of the `pretixscan` security profile gets 403 "Request denied by device security
   profile." on a single list's detail and on `orderpositions/`;
-- `validFromUnixTime` / `validUntilUnixTime` are written as 0 on tickets without a window.
+- `validFromUnixTime` / `validUntilUnixTime` are written as 0 on tickets without a window;
+- `valid_keys["pretix_sig1"]` is empty on a real event that never made a signed secret; this
+  simulator always offers its key (it makes signed and random secrets side by side).
+
+Not simulated: orders of several tickets, add-ons and `addon_match` (tested against the real server
+only, tests/test_real_pretix_offline.py), questions, reusable media, series.
 
 Long because it serves two APIs (the device API and the legacy pretixdroid API) over one set of
 events, orders and check-ins, so a test can move between them.

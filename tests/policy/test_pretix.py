@@ -16,6 +16,7 @@ from gated import cli
 from gated.daemon import build
 from gated.errors import BackendRejected
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
+from gated.policy.pretix import ROWS_VERSION
 from gated.simulators.base import Response
 from gated.simulators.pretix import PretixdroidSim, PretixSim, make_sig1_secret
 from gated.store import Store
@@ -434,6 +435,34 @@ def test_deltas_download_only_changed_orders_and_take_effect(sim, paired):
     assert orders.query["modified_since"]
 
 
+def test_a_list_downloaded_by_an_older_gated_is_downloaded_whole_again_after_the_upgrade(sim, paired):
+    # Rows of an older gated lack what a newer one decides with (the add-ons' secrets): a delta would
+    # leave every unchanged ticket without it.
+    config = paired()
+    sim.add_position(signed=False)
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+
+            def as_the_older_gated_left_it(store: Store) -> None:  # its key had no rows version
+                with store._write() as conn:
+                    conn.execute("UPDATE kv SET key = ? WHERE key = ?", ("pretix:demo/democon:orders_since:1:None",
+                                 f"pretix:demo/democon:orders_since:1:None:{ROWS_VERSION}"))
+                    assert conn.total_changes
+
+            await parts.store.call(as_the_older_gated_left_it)
+            mark = len(sim.requests)
+            await parts.backend.sync(parts.store)
+            return sim.requests[mark:]
+        finally:
+            await parts.close()
+
+    (orders,) = [r for r in asyncio.run(run()) if r.path.endswith("/orders/")]
+    assert "modified_since" not in orders.query
+
+
 def test_a_whole_download_is_written_by_the_reload_process_page_by_page(sim, paired):
     # In the daemon's own process the rows of every ticket were held until the swap, and parsing
     # 2,000 pages held up scans (benchmarks/README.md, "pretix"): a child process does it now.
@@ -450,7 +479,7 @@ def test_a_whole_download_is_written_by_the_reload_process_page_by_page(sim, pai
                                              time.time(), True)
             # A download that fails on a later page leaves the list in use as it was.
             await parts.store.call(lambda store: store.set(
-                "pretix:demo/democon:orders_since:1:None", ""))
+                f"pretix:demo/democon:orders_since:1:None:{ROWS_VERSION}", ""))
             sim.add_position(signed=False)
             sim.page_size = 1
             original = sim.orders
