@@ -307,7 +307,7 @@ def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_preti
     assert (leave.reason, back.reason, third.reason, third.backend_code) == (
         Reason.OK, Reason.OK, Reason.RULES, "rules")
     assert third.message.endswith("Maximum number of entries exceeded")
-    assert [c["type"] for c in srv.checkins(fresh[1])] == ["entry"]  # the first upload, once
+    assert [c["type"] for c in srv.checkins(fresh[1][0])] == ["entry"]  # the first upload, once
 
 
 def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_offline(real_pretix, lane):
@@ -342,7 +342,7 @@ def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_off
 def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, lane):
     srv = real_pretix
     srv.add_list("e2e_annul")
-    secret, pid = _order(srv, {"random": True})
+    secret, (pid,) = _order(srv, {"random": True})
     config = lane("e2e_annul", "annul", extra="[input.passage]\npin = 24\ntimeout_seconds = 0.05\n")
 
     async def run():
@@ -364,7 +364,7 @@ def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, lane
 def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_pretix, lane):
     srv = real_pretix
     srv.add_list("e2e_upload")
-    secret, pid = _order(srv, {"random": True})
+    secret, (pid,) = _order(srv, {"random": True})
     when = time.time() - 900
 
     async def offline_scan():
@@ -411,7 +411,7 @@ def test_the_next_sync_fetches_only_changed_orders_and_sees_other_scanners_check
     whole, first = asyncio.run(sync_then_decide())
     assert whole and [d.reason for d in first] == [Reason.OK] * 3
     srv.checkin(entered[0], "e2e_delta")  # by another scanner, after the lane's download
-    order = srv.api("GET", srv.ev(f"orderpositions/{canceled[1]}/")).json()["order"]
+    order = srv.api("GET", srv.ev(f"orderpositions/{canceled[1][0]}/")).json()["order"]
     srv.api("POST", srv.ev(f"orders/{order}/mark_canceled/"), json={"send_email": False})
     whole, second = asyncio.run(sync_then_decide())
     assert not whole and [(d.reason, d.backend_code) for d in second] == [

@@ -88,6 +88,34 @@ def status_of(display: str) -> str:
     return STATUSES.get(display.strip().lower(), f"unknown:{display}")
 
 
+def _status_row(item: Any, event_uuid: str | None) -> dict[str, Any] | None:
+    """The list-file row of one `list_tickets` item, or None for an item that names no ticket.
+
+    A field in the wrong shape costs that field, never the download: a name becomes empty, a status
+    that cannot be read is `unknown:…`, which denies offline (a canceled ticket must not pass by its
+    signature because its status came in a shape gated did not expect).
+    """
+    if not isinstance(item, dict):
+        return None
+    try:
+        uuid = ident(item.get("uuid"), "ticket uuid")
+    except Unreachable:
+        return None
+    if uuid is None:
+        return None
+
+    def field(key: str) -> str:
+        try:
+            return text(item.get(key), key, limit=100)
+        except Unreachable:
+            return ""
+
+    status = field("status")
+    name = " ".join(field(k) for k in ("first_name", "last_name")).strip()
+    return {"token": uuid, "ticket_key": uuid, "name": name, "event_id": event_uuid,
+            "status": cut(status_of(status) if status else "unknown:(unreadable)", ID_LIMIT)}
+
+
 def _prefix(path: str) -> str:
     path = path.strip().strip("/")
     return f"/{path}/" if path else "/"
@@ -384,14 +412,7 @@ class TibilletBackend(HttpBackend):
             if not isinstance(body, dict) or not isinstance(body.get("results"), list):
                 raise Unreachable("list_tickets: a page without results")
             pages = integer(body.get("total_pages"), "total_pages", low=0, high=MAX_PAGES) or 0
-            for item in body["results"]:
-                t = mapping(item, "ticket")
-                uuid = ident(t.get("uuid"), "ticket uuid")
-                if uuid is None:
-                    continue
-                name = " ".join(text(t.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
-                rows.append({"token": uuid, "ticket_key": uuid, "name": name, "event_id": self.event_uuid,
-                             "status": cut(status_of(text(t.get("status"), "ticket status", limit=100)), ID_LIMIT)})
+            rows += filter(None, (_status_row(item, self.event_uuid) for item in body["results"]))
             page += 1
         await store.call(Store.load_tickets, self.list_name, rows)
         await store.call(Store.put_data, self.list_name, {"tickets": len(rows)})

@@ -487,8 +487,7 @@ def test_a_whole_download_is_written_by_the_reload_process_page_by_page(sim, pai
             def failing(req):
                 return Response(400, {"detail": "no"}) if req.query.get("page", ["1"])[0] == "3" else original(req)
 
-            sim.orders = failing
-            sim._routes = [(m, p, failing if fn == original else fn) for m, p, fn in sim._routes]
+            sim.replace_route(original, failing)
             with pytest.raises(BackendRejected, match="orders: HTTP 400"):
                 await parts.backend.sync(parts.store)
             kept = await parts.store.call(Store.ticket_count, parts.backend.positions_name)

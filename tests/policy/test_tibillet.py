@@ -360,6 +360,32 @@ def test_downloaded_statuses_deny_canceled_unpaid_inactive_and_scanned_tickets_o
     assert [x["page"] for x in lists] == [1, 2] and all(x["event_uuid"] == sim.event for x in lists)
 
 
+def test_a_listed_ticket_in_an_odd_shape_costs_that_ticket_not_the_download(sim, paired):
+    config = paired()
+    codes = {status: sim.issue(sim.event, "Dee", status, status) for status in (VALID, CANCELED)}
+    odd_name, odd_status = sim.issue(sim.event, "Odd", "Name"), sim.issue(sim.event, "Odd", "Status")
+    original = sim.list_tickets
+
+    def odd(req):
+        answer = original(req)
+        for item in answer.body["results"]:
+            if item["uuid"] == odd_name[0]:
+                item["first_name"] = ["not", "text"]
+            elif item["uuid"] == odd_status[0]:
+                item["status"] = {"display": "Valid"}
+        answer.body["results"] += [17, None, {"uuid": ["x"], "status": "Valid"}, {"status": "Valid"}]
+        return answer
+
+    sim.replace_route(original, odd)
+    decisions = asyncio.run(_sync_then_offline(config, sim, [codes[VALID][1], codes[CANCELED][1], odd_name[1],
+                                                             odd_status[1]]))
+    assert [(d.verdict, d.reason) for d in decisions] == [
+        (Verdict.ADMIT, Reason.OK), (Verdict.DENY, Reason.CANCELED),  # the download was taken
+        (Verdict.ADMIT, Reason.OK),  # a name gated cannot read is left out
+        (Verdict.DENY, Reason.REJECTED)]  # a status gated cannot read never admits
+    assert decisions[2].message == "Name" and "unknown:(unreadable)" in decisions[3].message
+
+
 def test_a_canceled_ticket_may_still_leave_offline(sim, paired):
     config = paired()
     _, code = sim.issue(sim.event, status=CANCELED)
