@@ -173,6 +173,7 @@ class RealPretix:
     items: dict[str, int] = field(default_factory=dict)
     variations: dict[str, int] = field(default_factory=dict)
     lists: dict[str, int] = field(default_factory=dict)
+    dates: dict[str, int] = field(default_factory=dict)  # dates of series (add_series), by name
     organizer: str = ORGANIZER
     event: str = EVENT
     timezone: str = TIMEZONE
@@ -288,11 +289,32 @@ class RealPretix:
                                                       "variations": [v["id"] for v in item.get("variations") or []]})
         return item["id"]
 
-    def add_list(self, name: str, **settings: Any) -> int:
-        """A check-in list of the event; settings as pretix's API names them (rules, include_pending...)."""
+    def add_list(self, name: str, event: str | None = None, **settings: Any) -> int:
+        """A check-in list of the event (or of `event`); settings as pretix's API names them (rules,
+        include_pending...)."""
         body = {"name": name, "all_products": True, "limit_products": []} | settings
-        self.lists[name] = self.api("POST", self.ev("checkinlists/"), json=body).json()["id"]
+        self.lists[name] = self.api("POST", f"events/{event or self.event}/checkinlists/", json=body).json()["id"]
         return self.lists[name]
+
+    def add_series(self, slug: str, admissions: dict[str, datetime]) -> None:
+        """An event series `slug` with the product "Day ticket" and a date for each name in `admissions`,
+        admission at that time, start 30 minutes later (`self.dates[name]` is its id)."""
+        now = datetime.now(UTC)
+        self.api("POST", "events/", json={
+            "name": {"en": "Demo Series"}, "slug": slug, "currency": "EUR", "date_from": iso(now - timedelta(hours=2)),
+            "timezone": self.timezone, "has_subevents": True})
+        item = self.api("POST", f"events/{slug}/items/", json={
+            "name": {"en": "Day ticket"}, "default_price": "10.00", "admission": True, "active": True,
+            "personalized": True}).json()["id"]
+        self.items["Day ticket"] = item
+        for name, admission in admissions.items():
+            date = self.api("POST", f"events/{slug}/subevents/", json={
+                "name": {"en": name}, "active": True, "date_from": iso(admission + timedelta(minutes=30)),
+                "date_admission": iso(admission), "item_price_overrides": [], "variation_price_overrides": [],
+                "meta_data": {}}).json()["id"]
+            self.api("POST", f"events/{slug}/quotas/", json={"name": name, "size": None, "items": [item],
+                                                              "variations": [], "subevent": date})
+            self.dates[name] = date
 
     def set_rules(self, name: str, rules: dict[str, Any]) -> None:
         self.api("PATCH", self.ev(f"checkinlists/{self.lists[name]}/"), json={"rules": rules})
@@ -380,10 +402,10 @@ class RealPretix:
         if answer.get("status") != "ok":
             raise AssertionError(f"server-side check-in refused: {answer}")
 
-    def checkins(self, position: Position | int) -> list[dict[str, Any]]:
+    def checkins(self, position: Position | int, event: str | None = None) -> list[dict[str, Any]]:
         """The position's successful check-ins as pretix lists them (datetime, list, type, gate, device)."""
         pid = position.id if isinstance(position, Position) else position
-        return self.api("GET", self.ev(f"orderpositions/{pid}/")).json()["checkins"]
+        return self.api("GET", f"events/{event or self.event}/orderpositions/{pid}/").json()["checkins"]
 
 
 def iso(t: datetime) -> str:

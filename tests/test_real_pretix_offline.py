@@ -33,7 +33,7 @@ def lane(real_pretix, load_config, tmp_path):
     token.write_text(real_pretix.device_token("north") + "\n")
     token.chmod(0o600)
 
-    def make(list_name: str, name: str = "lane", dead: bool = False, extra: str = ""):
+    def make(list_name: str, name: str = "lane", dead: bool = False, extra: str = "", event: str | None = None):
         url = "http://127.0.0.1:9" if dead else real_pretix.url  # discard port: connection refused
         config = load_config(f"""
             [backend]
@@ -42,7 +42,7 @@ def lane(real_pretix, load_config, tmp_path):
             timeout_seconds = 10.0
             [backend.pretix]
             organizer = "{real_pretix.organizer}"
-            event = "{real_pretix.event}"
+            event = "{event or real_pretix.event}"
             checkin_list = {real_pretix.lists[list_name]}
             token_file = "{token}"
             [offline]
@@ -56,6 +56,9 @@ def lane(real_pretix, load_config, tmp_path):
     return make
 
 
+SERIES = "democon-series"
+
+
 def _order(srv, spec: dict, name: str = "Ada Lovelace") -> tuple[str, list[int]]:
     """(secret, ids of its positions) of a new order of one ticket, and its add-ons, as `spec` says
     (see _scenarios); under `addon_match` pretix checks in an add-on when the ticket is scanned."""
@@ -64,6 +67,8 @@ def _order(srv, spec: dict, name: str = "Ada Lovelace") -> tuple[str, list[int]]
     def position(spec: dict, number: int, addon_to: int | None = None) -> dict:
         item, _, variation = spec.get("product", "Ticket").partition("/")
         pos = {"positionid": number, "item": srv.items[item], "attendee_name": name, "price": "10.00"}
+        if "date" in spec:
+            pos["subevent"] = srv.dates[spec["date"]]
         if addon_to:
             pos["addon_to"] = addon_to
         if variation:
@@ -80,10 +85,12 @@ def _order(srv, spec: dict, name: str = "Ada Lovelace") -> tuple[str, list[int]]
     body = {"email": "ada@example.org", "locale": "en", "sales_channel": "web", "send_email": False,
             "status": "p" if status == "p" else "n", "require_approval": status == "approval",
             "payment_provider": "manual", "positions": positions}
-    order = srv.api("POST", srv.ev("orders/"), json=body).json()
+    event = spec.get("event", srv.event)
+    order = srv.api("POST", f"events/{event}/orders/", json=body).json()
     if status in ("c", "e"):
         verb = "mark_canceled" if status == "c" else "mark_expired"
-        srv.api("POST", srv.ev(f"orders/{order['code']}/{verb}/"), json={"send_email": False} if status == "c" else {})
+        srv.api("POST", f"events/{event}/orders/{order['code']}/{verb}/",
+                json={"send_email": False} if status == "c" else {})
     return order["positions"][0]["secret"], [p["id"] for p in order["positions"]]
 
 
@@ -91,13 +98,16 @@ def _scenarios(srv, now: datetime) -> list[tuple[str, dict, dict, list]]:
     """(list, its settings, tickets {key: spec}, scans [(key, minutes before now, entry|exit)]).
 
     A ticket's spec may hold `history`: check-ins made on the server by another scanner before the
-    lane syncs, as [(minutes before now, entry|exit)].
+    lane syncs, as [(minutes before now, entry|exit)]. A list's settings may name an `event` (the
+    series, SERIES) and a ticket's spec its `event` and `date` in it.
     """
     ticket, vip, workshop = srv.items["Ticket"], srv.items["VIP"], srv.items["Workshop"]
     gold = srv.variations["VIP/Gold"]
     tz_midnight = now.astimezone(__import__("zoneinfo").ZoneInfo(srv.timezone)).replace(
         hour=0, minute=0, second=0, microsecond=0)
     since_midnight = max(int((now - tz_midnight).total_seconds() // 60), 10)  # just after midnight: "today" is short
+    series = {"event": SERIES, "product": "Day ticket", "random": True}
+    after_admission = {"isAfter": [{"var": "now"}, {"buildTime": ["date_admission"]}, None]}
     return [
         ("d_plain", {}, {"a": {}, "b": {"random": True}, "c": {"random": True, "history": [(200, "entry")]},
                          "x": {"unknown": True}},
@@ -167,6 +177,14 @@ def _scenarios(srv, now: datetime) -> list[tuple[str, dict, dict, list]]:
           ("two", 180, "entry"), ("two_expired", 180, "entry"), ("one_valid", 180, "entry"),
           ("one_valid", 170, "entry"), ("none_valid", 180, "entry"), ("none_on_list", 180, "entry"),
           ("unpaid", 180, "entry"), ("plain_vip", 180, "entry"), ("history", 180, "entry")]),
+        # A series: rules on each date's own admission time (pretix's buildTime of the position's date).
+        ("d_series_all", {"event": SERIES, "allow_multiple_entries": True, "rules": after_admission},
+         {"early": series | {"date": "early"}, "mid": series | {"date": "mid"}, "late": series | {"date": "late"}},
+         [("early", 150, "entry"), ("mid", 150, "entry"), ("mid", 100, "entry"), ("late", 100, "entry")]),
+        ("d_series_mid", {"event": SERIES, "subevent": srv.dates["mid"], "allow_multiple_entries": True,
+                          "rules": after_admission},
+         {"early": series | {"date": "early"}, "mid": series | {"date": "mid"}},
+         [("early", 100, "entry"), ("mid", 150, "entry"), ("mid", 100, "entry")]),
         ("d_rules_entry_status", {"allow_multiple_entries": True,
                                   "rules": {"==": [{"var": "entry_status"}, "absent"]}},
          {"a": {"random": True, "history": [(300, "entry")]}},
@@ -180,10 +198,13 @@ def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     scans = lists = disagreements = 0
     report, admitted_offline, codes = [], 0, set()
+    srv.add_series(SERIES, {"early": now - timedelta(minutes=200), "mid": now - timedelta(minutes=120),
+                            "late": now + timedelta(minutes=60)})
     for list_name, settings, tickets, plan in _scenarios(srv, now):
         lists += 1
         plan = sorted(plan, key=lambda scan: -scan[1])  # one lane, one clock: scans in time order
-        srv.add_list(list_name, **({"all_products": True, "limit_products": []} | settings))
+        event = settings.pop("event", None)
+        srv.add_list(list_name, event, **({"all_products": True, "limit_products": []} | settings))
         copies: dict[str, dict[str, tuple[str, int]]] = {"gated": {}, "pretix": {}}
         for side in copies:
             for key, spec in tickets.items():
@@ -194,7 +215,7 @@ def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once
                 for minutes, kind in spec.get("history", ()):
                     srv.checkin(copies[side][key][0], list_name, when=now - timedelta(minutes=minutes), type=kind)
         mine = asyncio.run(_gated_offline(lane, list_name, [(copies["gated"][k][0], now - timedelta(minutes=m), kind)
-                                                            for k, m, kind in plan]))
+                                                            for k, m, kind in plan], event))
         for (key, minutes, kind), (decision, _) in zip(plan, mine, strict=True):
             answer = srv.redeem(copies["pretix"][key][0], list_name, when=now - timedelta(minutes=minutes), type=kind,
                                 device=device)
@@ -208,11 +229,11 @@ def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once
                               f"({answer.get('reason_explanation')}), gated {decision.backend_code!r} "
                               f"{decision.reason} {decision.source} {decision.message!r}")
         # Recovery: the lane's offline check-ins reach pretix once each, with the scan's time.
-        asyncio.run(_upload(lane(list_name, list_name)))
+        asyncio.run(_upload(lane(list_name, list_name, event=event)))
         for key, spec in tickets.items():
             if spec.get("unknown"):
                 continue
-            on_server = [c for pid in copies["gated"][key][1] for c in srv.checkins(pid)
+            on_server = [c for pid in copies["gated"][key][1] for c in srv.checkins(pid, event)
                          if c["list"] == srv.lists[list_name]]
             mine_here = sorted((round(s.wall, 3), str(m)) for (d, s), (k, _, m) in zip(mine, plan, strict=True)
                                if k == key and d.admitted)
@@ -235,24 +256,24 @@ def _parse(text: str) -> float:
 
 
 @asynccontextmanager
-async def _offline_lane(lane, list_name: str, name: str):
+async def _offline_lane(lane, list_name: str, name: str, event: str | None = None):
     """The parts of lane `name` after a sync with the server up, built again with the server unreachable."""
-    parts = await build(lane(list_name, name))
+    parts = await build(lane(list_name, name, event=event))
     try:
         await parts.backend.sync(parts.store)
     finally:
         await parts.close()
-    parts = await build(lane(list_name, name, dead=True))
+    parts = await build(lane(list_name, name, dead=True, event=event))
     try:
         yield parts
     finally:
         await parts.close()
 
 
-async def _gated_offline(lane, list_name: str, plan: list[tuple[str, datetime, str]]):
+async def _gated_offline(lane, list_name: str, plan: list[tuple[str, datetime, str]], event: str | None = None):
     """Sync with the server up, then decide each scan with it unreachable, the clock at the scan's time."""
     out = []
-    async with _offline_lane(lane, list_name, list_name) as parts:
+    async with _offline_lane(lane, list_name, list_name, event) as parts:
         for secret, when, kind in plan:
             parts.gate.scan_mode = ScanMode(kind)
             parts.decider.clock = lambda when=when: when.timestamp()

@@ -111,6 +111,7 @@ class PretixBackend(HttpBackend):
         self.revoked_name = f"pretix-revoked:{self.scope}"
         self.blocked_name = f"pretix-blocked:{self.scope}"
         self.positions_name = f"pretix-positions:{self.scope}"
+        self.dates_name = f"pretix-dates:{self.scope}"  # a series' dates, for rules on their times
         self.token: str | None = None
         self._store: StoreThread | None = None
         self._keys: tuple[float, list[VerifyKey]] = (-1.0, [])
@@ -308,12 +309,23 @@ class PretixBackend(HttpBackend):
         revoked = await self._sync_secrets(store, "revokedsecrets", "created", self.revoked_name)
         blocked = await self._sync_secrets(store, "blockedsecrets", "updated", self.blocked_name)
         tickets, whole = await self._sync_positions(store, kept)
+        series = await self._sync_dates(store, kept) if event.get("has_subevents") and kept["rules"] else 0
         await store.call(Store.put_data, self.offline_name, {
             "keys": keys, "list": kept, "has_subevents": bool(event.get("has_subevents")), "timezone": zone,
             "dates": dates, "gate": gate, "positions": True})
         log.info("pretix offline data refreshed: %d signing key(s), list %s, %d ticket(s) %s, %d revoked and "
-                 "%d blocked secret(s) new", len(keys), self.list_id, tickets, "in all" if whole else "changed",
-                 revoked, blocked, extra={"GATED_EVENT": "sync"})
+                 "%d blocked secret(s) new%s", len(keys), self.list_id, tickets, "in all" if whole else "changed",
+                 revoked, blocked, f", {series} date(s) of the series" if series else "",
+                 extra={"GATED_EVENT": "sync"})
+
+    async def _sync_dates(self, store: StoreThread, lst: dict[str, Any]) -> int:
+        """The times of the series' dates (`subevents/`) that the list's rules may build on
+        (`buildTime` of `date_from`, `date_to`, `date_admission`): the list's own date, or every date."""
+        if lst.get("subevent"):
+            rows = _date_rows(await self._get_json(f"{self.event_path}/subevents/{lst['subevent']}/", "date"))
+        else:
+            rows, _ = await self._get_all(f"{self.event_path}/subevents/", {}, "dates", each=_date_rows)
+        return await store.call(Store.load_tickets, self.dates_name, rows)
 
     async def _gate(self) -> int | None:
         """This device's gate in pretix (the rules' `gate`), from `device/info`; None when it has none."""
@@ -496,7 +508,7 @@ class PretixBackend(HttpBackend):
             # admitted, whatever its signature says.
             lst, facts = value.get("list") or {}, json.loads(row["data"] or "{}")
             if lst.get("subevent") and facts.get("subevent") != lst["subevent"]:
-                return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="product",
+                return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="invalid",
                             message=f"date {facts.get('subevent')}, list is for {lst['subevent']}")
             return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid",
                         message="not a ticket of this event any more")
@@ -506,7 +518,7 @@ class PretixBackend(HttpBackend):
             # Signed, and not (yet) in the download: the signed payload's facts, paid as far as known.
             t, lst = check.ticket, value.get("list") or {}
             if lst.get("subevent") and t.subevent != lst["subevent"]:
-                return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="product",
+                return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="invalid",
                             message=f"date {t.subevent}, list is for {lst['subevent']}")
             blocked = store.ticket(self.blocked_name, scan.token)
             ticket = _Ticket(item=t.item, variation=t.variation or None, subevent=t.subevent or None,
@@ -580,7 +592,7 @@ class PretixBackend(HttpBackend):
         if not lst.get("all_products", True) and t.item not in (lst.get("limit_products") or []):
             return no(Reason.PRODUCT_NOT_ALLOWED, "product", f"product {t.item} not on this list")
         if lst.get("subevent") and t.subevent != lst["subevent"]:
-            return no(Reason.WRONG_EVENT, "product", f"date {t.subevent}, list is for {lst['subevent']}")
+            return no(Reason.WRONG_EVENT, "invalid", f"date {t.subevent}, list is for {lst['subevent']}")
         # gated sends ignore_unpaid: false online (a turnstile cannot ask whether to let an unpaid
         # ticket in, as pretixSCAN asks its operator), so a pending order is unpaid on every list.
         if t.order != "p" and not t.pending_ok:
@@ -588,9 +600,10 @@ class PretixBackend(HttpBackend):
         checkins = _merge_checkins(t.checkins, store.admission_times(key))
         if entry and lst.get("rules"):
             zone = ZoneInfo(value.get("timezone") or "UTC")
-            # A date of a series has its own times, which are not downloaded: a rule on them then
-            # fails to evaluate (a denial), rather than compare against the series' own dates.
-            dates = {} if t.subevent else {k: _moment(v) for k, v in (value.get("dates") or {}).items()}
+            # A date of a series has its own times: a rule on a date not downloaded fails to evaluate
+            # (a denial), rather than compare against the series' own times.
+            dates = {k: _moment(v) for k, v in (self._date_times(store, t.subevent) if t.subevent
+                                                else value.get("dates") or {}).items()}
             result = evaluate(lst["rules"], Facts(
                 now=datetime.fromtimestamp(now, UTC), timezone=zone, product=t.item, variation=t.variation,
                 gate=value.get("gate"), list_id=self.list_id,
@@ -605,6 +618,10 @@ class PretixBackend(HttpBackend):
         # count (this lane's alone) would only repeat it.
         return admit(Reason.OK, backend=self.name, backend_code="ok", ticket_key=key, event_id=self.event,
                      max_entries=MANY, message=t.name or f"product {t.item}")
+
+    def _date_times(self, store: Store, subevent: int) -> dict[str, float | None]:
+        row = store.ticket(self.dates_name, str(subevent))
+        return json.loads(row["data"]) if row is not None else {}
 
     # --- upload and annulment ------------------------------------------------------------
 
@@ -704,6 +721,19 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
         data["addons"] = [s for s in addons[p["id"]] if 0 < len(s) <= MAX_SECRET]
     return {"token": secret, "ticket_key": secret, "name": text(p.get("attendee_name"), "attendee_name"),
             "status": GONE if gone else order["status"], "data": data}
+
+
+def _date_rows(subevent: Any) -> list[dict[str, Any]]:
+    """The list-file row of one date of a series: its id and times; nothing for a date not in pretix's shape."""
+    try:
+        d = mapping(subevent, "date")
+        number = integer(d.get("id"), "date id")
+        times = {k: parse_time(d.get(k)) for k in ("date_from", "date_to", "date_admission")}
+    except (Unreachable, ValueError):
+        return []
+    if number is None:
+        return []
+    return [{"token": str(number), "ticket_key": str(number), "name": "", "status": "date", "data": times}]
 
 
 def _merge_checkins(server: Sequence[tuple[float, str]],

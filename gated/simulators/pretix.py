@@ -12,7 +12,8 @@ serves `/pretixdroid/api/...` as its spec says: `?key=`, form field `secret`, HT
 Where the real pretix (2026.8.0, run by tests/realpretix.py) differs from its documents, this
 simulator follows the real server:
 - redeem checks in `perform_checkin`'s order: canceled, blocked, not approved, validity (entries),
-  product, date, unpaid, rules (entries), already redeemed; `force` passes all of them;
+  product, unpaid, rules (entries), already redeemed; `force` passes all of them; a ticket of
+  another date than the list's is not found (`invalid`, 404), as one canceled on its own;
 - a canceled order answers `unpaid` unless the scanner sends `canceled_supported` (not checked
   against the real server); canceling an order of signed tickets gives its tickets new secrets and
   revokes the old ones (`revoked`). Real pretix does this for every secret of an event whose
@@ -544,7 +545,8 @@ class PretixSim(_QuickStop):
                 return Response(status, out | {"detail": "Not found."})
             return Response(status, out | {"list": excerpt, "position": self._position_json(pos, list_id)})
 
-        if pos is None or pos.canceled:  # a ticket canceled on its own is not on the list any more
+        # A ticket canceled on its own, or of another date than the list's, is not on the list at all.
+        if pos is None or pos.canceled or (lst["subevent"] and pos.subevent != lst["subevent"]):
             return refuse("invalid", 404)
         if revoked is not None and not force:
             return refuse("revoked")
@@ -557,7 +559,6 @@ class PretixSim(_QuickStop):
             (entry and bool(pos.valid_from and moment < pos.valid_from), "invalid_time"),
             (entry and bool(pos.valid_until and moment > pos.valid_until), "invalid_time"),
             (not lst["all_products"] and pos.item not in lst["limit_products"], "product"),
-            (bool(lst["subevent"]) and pos.subevent != lst["subevent"], "product"),
             (pos.order_status != "p" and not pos.valid_if_pending
              and not (body.get("ignore_unpaid") and lst["include_pending"] and pos.order_status == "n"), "unpaid"),
             (entry and bool(lst["rules"]), "rules"),
