@@ -45,7 +45,7 @@ from gated.device import hardware
 from gated.errors import BackendRejected, GatedError, Unreachable
 from gated.logs import clean
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
-from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
+from gated.policy.answer import ID_LIMIT, LONE_SURROGATE, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, error_text, json_answer, json_body, pairing_answer, request
 from gated.policy.pretix_rules import CheckIn, Facts, evaluate
@@ -74,6 +74,9 @@ MAX_SECRET = 4096  # no scan is longer (the gate refuses longer input as malform
 GONE = "gone"  # a downloaded ticket pretix would not find on this list (canceled alone, or another date)
 # What a list-file row holds; a new version downloads every order again (2: the add-ons' secrets).
 ROWS_VERSION = 2
+# Add-ons of one ticket looked at offline (each is one lookup on the scan's path); a ticket with more
+# is not decided offline. pretix's shops sell a handful at most.
+ADDONS_LIMIT = 32
 # A check-in of this lane found again in the server's download: the server's time is the scan's
 # (uploads send it, to the millisecond) or, online, when the redeem arrived, within the deadline.
 SAME_CHECKIN_SECONDS = 5.0
@@ -177,8 +180,10 @@ class PretixBackend(HttpBackend):
             if body.get("require_attention"):
                 common["message"] = f"{who} (attention)".strip()
             # Under `addon_match` pretix checks in the add-on the scanned ticket carries: count that one.
-            checked = text(position.get("secret"), "position secret", limit=MAX_SECRET)
-            return admit(Reason.OK, backend_code="ok", ticket_key=checked or secret, **common)
+            checked = position.get("secret")
+            if not isinstance(checked, str) or not 0 < len(checked) <= MAX_SECRET or LONE_SURROGATE.search(checked):
+                checked = secret  # pretix has checked someone in: an odd field must not undo that here
+            return admit(Reason.OK, backend_code="ok", ticket_key=checked, **common)
         if status == "incomplete":
             return deny(Reason.REJECTED, backend_code="incomplete",
                         **(common | {"message": "pretix asks questions at check-in, which a gate cannot answer"}))
@@ -300,11 +305,7 @@ class PretixBackend(HttpBackend):
             ids = ", ".join(str(x.get("id")) for x in lists if isinstance(x, dict)) or "none"
             raise BackendRejected(f"[backend.pretix] checkin_list = {self.list_id}: not a check-in list of event "
                                   f"{self.event!r} (its lists: {ids})")
-        lst = found[0]
-        kept = {k: lst.get(k) for k in ("id", "name", "all_products", "limit_products", "subevent",
-                                        "allow_multiple_entries", "allow_entry_after_exit", "include_pending",
-                                        "addon_match")}
-        kept["rules"] = mapping(lst.get("rules"), "check-in list rules")
+        kept = _list_settings(found[0])
         gate = await self._gate()
         revoked = await self._sync_secrets(store, "revokedsecrets", "created", self.revoked_name)
         blocked = await self._sync_secrets(store, "blockedsecrets", "updated", self.blocked_name)
@@ -499,7 +500,7 @@ class PretixBackend(HttpBackend):
         row = store.ticket(self.positions_name, scan.token) if value.get("positions") else None
         key = scan.token
         if row is not None and (value.get("list") or {}).get("addon_match"):
-            row = self._addon_match(store, row, value.get("list") or {}, now)
+            row = self._addon_match(store, row, value.get("list") or {}, now, clock_trusted)
             if isinstance(row, Decision):
                 return row
             key = row["token"]
@@ -529,16 +530,26 @@ class PretixBackend(HttpBackend):
             return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", message=why)
         return self._decide(store, key, scan_mode, now, clock_trusted, ticket, value)
 
-    def _addon_match(self, store: Store, row: dict[str, Any], lst: dict[str, Any],
-                     now: float) -> dict[str, Any] | Decision:
+    def _addon_match(self, store: Store, row: dict[str, Any], lst: dict[str, Any], now: float,
+                     clock_trusted: bool) -> dict[str, Any] | Decision:
         """The row pretix would check in for a scanned ticket on an `addon_match` list, or `ambiguous`.
 
         pretix's redeem (2026.8.0, step 3): the scanned ticket and its add-ons not canceled, then
         those of a product on the list, then those valid now; one left is the one; none left, the
         one that is valid next, or was valid last, or the scanned ticket, is decided (and refused
-        by the checks); several left, `ambiguous`, before any other check.
+        by the checks); several left, `ambiguous`, before any other check. Without a trusted clock
+        "valid now" is not known: several of a product on the list are `ambiguous`.
         """
-        addons = [r for r in (store.ticket(self.positions_name, s) for s in json.loads(row["data"]).get("addons", ()))
+        name = row["name"] or ""
+
+        def ambiguous(why: str) -> Decision:
+            return deny(Reason.AMBIGUOUS, backend=self.name, backend_code="ambiguous", event_id=self.event,
+                        message=cut(f"{name}: {why}") if name else why)
+
+        secrets = json.loads(row["data"]).get("addons", ())
+        if len(secrets) > ADDONS_LIMIT:
+            return ambiguous(f"more than {ADDONS_LIMIT} add-ons: not decided offline")
+        addons = [r for r in (store.ticket(self.positions_name, s) for s in secrets)
                   if r is not None and r["status"] != GONE]
         if not addons:
             return row
@@ -546,16 +557,13 @@ class PretixBackend(HttpBackend):
         facts = [(r, json.loads(r["data"])) for r in every]
         left = [(r, d) for r, d in facts
                 if lst.get("all_products", True) or d["item"] in (lst.get("limit_products") or [])]
-        if len(left) > 1:
+        if len(left) > 1 and clock_trusted:
             left = [(r, d) for r, d in left
                     if (d["from"] is None or d["from"] <= now) and (d["until"] is None or d["until"] > now)]
         if len(left) == 1:
             return left[0][0]
         if len(left) > 1:
-            name = row["name"] or ""
-            why = f"{len(left)} tickets match the code (the ticket and its add-ons on this list)"
-            return deny(Reason.AMBIGUOUS, backend=self.name, backend_code="ambiguous", event_id=self.event,
-                        message=cut(f"{name}: {why}") if name else why)
+            return ambiguous(f"{len(left)} tickets match the code (the ticket and its add-ons on this list)")
         upcoming = [(d["from"], r) for r, d in facts if d["from"] is not None and d["from"] > now]
         if upcoming:
             return min(upcoming, key=lambda x: x[0])[1]
@@ -718,9 +726,33 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
     if data["item"] is None:
         raise ValueError("no product")
     if isinstance(p.get("id"), int) and p["id"] in addons:
-        data["addons"] = [s for s in addons[p["id"]] if 0 < len(s) <= MAX_SECRET]
+        data["addons"] = [s for s in addons[p["id"]] if 0 < len(s) <= MAX_SECRET][:ADDONS_LIMIT + 1]
     return {"token": secret, "ticket_key": secret, "name": text(p.get("attendee_name"), "attendee_name"),
             "status": GONE if gone else order["status"], "data": data}
+
+
+def _list_settings(lst: dict[str, Any]) -> dict[str, Any]:
+    """What offline decisions use of a check-in list, each checked: a value of the wrong type (a
+    string for a flag, a product list that is not one) fails the sync, not every scan after it."""
+    def flag(key: str, default: bool) -> bool:
+        value = lst.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise Unreachable(f"check-in list {key} is a {type(value).__name__}, not true or false")
+        return value
+
+    products = lst.get("limit_products")
+    if products is not None and not isinstance(products, list):
+        raise Unreachable(f"check-in list limit_products is a {type(products).__name__}, not a list")
+    return {"id": lst.get("id"), "name": text(lst.get("name"), "check-in list name"),
+            "all_products": flag("all_products", True),
+            "limit_products": [integer(p, "check-in list product") for p in products or []],
+            "subevent": integer(lst.get("subevent"), "check-in list date", low=1),
+            "allow_multiple_entries": flag("allow_multiple_entries", False),
+            "allow_entry_after_exit": flag("allow_entry_after_exit", True),
+            "include_pending": flag("include_pending", False), "addon_match": flag("addon_match", False),
+            "rules": mapping(lst.get("rules"), "check-in list rules")}
 
 
 def _date_rows(subevent: Any) -> list[dict[str, Any]]:

@@ -127,6 +127,8 @@ class Simulator:
 
     def replace_route(self, original: Callable, handler: Callable) -> None:
         """Answer with `handler` where the route `original` (a bound method) answered: a test's odd answer."""
+        if not any(fn == original for _, _, fn in self._routes):
+            raise ValueError(f"{original!r} is not a route of this simulator")
         self._routes = [(m, p, handler if fn == original else fn) for m, p, fn in self._routes]
 
     def _dispatch(self, h: BaseHTTPRequestHandler) -> None:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gated import cli
 from gated.daemon import build
-from gated.errors import BackendRejected
+from gated.errors import BackendRejected, GatedError
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
 from gated.policy.pretix import ROWS_VERSION
 from gated.simulators.base import Response
@@ -448,9 +448,9 @@ def test_a_list_downloaded_by_an_older_gated_is_downloaded_whole_again_after_the
 
             def as_the_older_gated_left_it(store: Store) -> None:  # its key had no rows version
                 with store._write() as conn:
-                    conn.execute("UPDATE kv SET key = ? WHERE key = ?", ("pretix:demo/democon:orders_since:1:None",
-                                 f"pretix:demo/democon:orders_since:1:None:{ROWS_VERSION}"))
-                    assert conn.total_changes
+                    old = "pretix:demo/democon:orders_since:1:None"
+                    renamed = conn.execute("UPDATE kv SET key = ? WHERE key = ?", (old, f"{old}:{ROWS_VERSION}"))
+                    assert renamed.rowcount == 1
 
             await parts.store.call(as_the_older_gated_left_it)
             mark = len(sim.requests)
@@ -672,3 +672,95 @@ def test_a_ticket_canceled_on_its_own_is_refused_online_and_offline_signed_or_no
     assert [(d.verdict, d.reason) for d in offline] == [(Verdict.DENY, Reason.UNKNOWN)] * 2
     online = asyncio.run(_scan(config, *tickets))
     assert [(d.verdict, d.source) for d in online] == [(Verdict.DENY, Source.ONLINE)] * 2
+
+
+# --- odd shapes from the server, add-ons -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("odd", [{"limit_products": "1"}, {"limit_products": [1, "2"]}, {"addon_match": "false"},
+                                 {"all_products": 1}, {"subevent": "1\n2"}, {"subevent": 2**70}, {"rules": []}])
+def test_a_check_in_list_in_an_odd_shape_fails_that_sync_and_the_data_before_it_stays_in_use(sim, paired, odd):
+    config = paired()
+    secret = sim.add_position(signed=False)
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            sim.lists[1].update(odd)
+            with pytest.raises(GatedError, match="check-in list"):
+                await parts.backend.sync(parts.store)
+            return await parts.store.call(parts.backend.decide_offline, Scan(token=secret), ScanMode.ENTRY,
+                                          time.time(), True)
+        finally:
+            await parts.close()
+
+    assert asyncio.run(run()).reason is Reason.OK
+
+
+def test_an_online_answer_naming_its_ticket_oddly_is_still_the_admission_pretix_made(sim, paired):
+    config = paired()
+    secret = sim.add_position(signed=False)
+    original = sim.redeem
+
+    def odd(req):
+        answer = original(req)
+        answer.body["position"]["secret"] = 5  # the checked-in ticket's secret, in no usable shape
+        return answer
+
+    sim.replace_route(original, odd)
+    (d,) = asyncio.run(_scan(config, secret))
+    assert (d.reason, d.source, d.ticket_key) == (Reason.OK, Source.ONLINE, secret)
+
+
+def _order_with_addons(addons: list[dict]) -> dict:
+    """An order as pretix's `orders/` shows it: ticket 1 and its add-ons (item 2 unless said)."""
+    def position(pid: int, item: int, **kw) -> dict:
+        return {"id": pid, "positionid": pid, "item": item, "variation": None, "subevent": None, "addon_to": None,
+                "secret": f"sec{pid:04d}" + "x" * 20, "attendee_name": "Ada", "canceled": False, "blocked": None,
+                "valid_from": None, "valid_until": None, "checkins": []} | kw
+    return {"code": "ABC12", "status": "p", "valid_if_pending": False, "require_approval": False,
+            "positions": [position(1, 1)] + [position(i, **({"item": 2} | a), addon_to=1)
+                                             for i, a in enumerate(addons, 2)]}
+
+
+def _addon_offline(sim, config, order: dict, *, clock_trusted: bool = True):
+    """The scanned ticket (position 1 of `order`) decided offline on a list with `addon_match` for item 2."""
+    from gated.policy.pretix import _position_rows
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            backend = parts.backend
+
+            def with_addons(store: Store) -> None:
+                value, _ = store.get_data(backend.offline_name)
+                value["list"] |= {"addon_match": True, "all_products": False, "limit_products": [2]}
+                store.put_data(backend.offline_name, value)
+                store.load_tickets(backend.positions_name, _position_rows(order, 1, value["list"]))
+
+            await parts.store.call(with_addons)
+            return await parts.store.call(backend.decide_offline, Scan(token=order["positions"][0]["secret"]),
+                                          ScanMode.ENTRY, time.time(), clock_trusted)
+        finally:
+            await parts.close()
+    return asyncio.run(run())
+
+
+def test_on_an_addon_match_list_the_ticket_stands_for_its_one_add_on_on_the_list(sim, paired):
+    d = _addon_offline(sim, paired(), _order_with_addons([{}, {"item": 3}]))
+    assert (d.reason, d.ticket_key) == (Reason.OK, "sec0002" + "x" * 20)  # the add-on is the one checked in
+
+
+def test_two_add_ons_on_the_list_are_ambiguous_unless_only_one_is_valid_by_a_trusted_clock(sim, paired):
+    config = paired()
+    order = _order_with_addons([{"valid_until": "2020-01-01T00:00:00Z"}, {}])
+    assert _addon_offline(sim, config, order).reason is Reason.OK
+    untrusted = _addon_offline(sim, config, order, clock_trusted=False)
+    assert (untrusted.reason, untrusted.backend_code) == (Reason.AMBIGUOUS, "ambiguous")
+
+
+def test_a_ticket_with_more_add_ons_than_gated_looks_at_is_not_decided_offline(sim, paired):
+    d = _addon_offline(sim, paired(), _order_with_addons([{"item": 3}] * 40))
+    assert d.reason is Reason.AMBIGUOUS and "more than 32 add-ons" in d.message
