@@ -50,12 +50,15 @@ def lespass():
 def folder(tmp_path_factory, lespass):
     path = tmp_path_factory.mktemp("real-tibillet")
     (path / "event.pem").write_text(lespass["event"]["public_pem"])
+    (path / "other-event.pem").write_text(lespass["other_event"]["public_pem"])
     return path
 
 
-def _config(lespass, folder: Path, url: str | None = None, extra: str = "") -> Path:
-    """An installer's config: the site's URL only (no path_prefix), the event and its public key."""
-    path = folder / f"gated-{abs(hash((url, extra)))}.toml"
+def _config(lespass, folder: Path, url: str | None = None, extra: str = "", other_key: bool = False) -> Path:
+    """An installer's config: the site's URL only (no path_prefix), the event and its public key (and
+    with `other_key` the other event's too, as a festival's installer may list all its events' keys)."""
+    path = folder / f"gated-{abs(hash((url, extra, other_key)))}.toml"
+    keys = [folder / "other-event.pem", folder / "event.pem"] if other_key else [folder / "event.pem"]
     path.write_text(f"""
 [lane]
 name = "real-tibillet"
@@ -69,7 +72,7 @@ type = "tibillet"
 url = "{url or lespass['base_url']}"
 timeout_seconds = 2.0
 [backend.tibillet]
-public_keys = ["{folder / 'event.pem'}"]
+public_keys = [{", ".join(f'"{k}"' for k in keys)}]
 event_uuid = "{lespass['event']['uuid']}"
 {extra}
 [offline]
@@ -176,6 +179,12 @@ def test_3_offline_signed_codes_and_downloaded_statuses(lespass, folder, capsys)
             (Verdict.DENY, Reason.CANCELED), (Verdict.DENY, Reason.NOT_PAID), (Verdict.DENY, Reason.ALREADY_USED),
             (Verdict.DENY, Reason.INVALID_SIGNATURE), (Verdict.DENY, Reason.INVALID_SIGNATURE)]
         assert all(d.source is Source.OFFLINE for d in decisions)
+
+        print("with the other event's key configured too (synced again), the API unreachable:")
+        asyncio.run(_decide(_config(lespass, folder, other_key=True), [], sync=True))
+        both = asyncio.run(_decide(_config(lespass, folder, url=_dead_url(), other_key=True),
+                                   [("valid #4", t["valid"][3]["qrcode_data"]), codes[6]]))
+        assert [(d.verdict, d.reason) for d in both] == [(Verdict.ADMIT, Reason.OK), (Verdict.DENY, Reason.WRONG_EVENT)]
 
 
 def test_4_upload_after_recovery(lespass, folder, capsys):

@@ -21,6 +21,7 @@ unknown key with HTTP 500 and an HTML page) is named as such in the log, `gated 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +29,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gated.config import Config
 from gated.errors import BackendRejected, Unreachable
@@ -64,6 +66,10 @@ PREFIXES = ("/scan/", "/api/scan/")
 # Answers that mean "no pairing endpoint here" (try the next place): anything else is an answer.
 NOT_HERE = (301, 302, 307, 308, 404, 405)
 PAGE_SIZE = 200  # list_tickets' maximum
+# Codes of the downloaded list checked against the configured keys to learn the lane event's own key
+# (the QR names no event); a few are enough, and a hostile list cannot make a sync verify thousands.
+KEY_PROBES = 5
+MAX_CODE = 4096  # no scan is longer (the gate refuses longer input as malformed)
 MAX_PAGES = 5000  # a million tickets: a total_pages beyond this is not an answer
 
 # TiBillet sends `get_status_display()`, translated by the server's LANGUAGE_CODE (Lespass ships
@@ -134,11 +140,15 @@ class TibilletBackend(HttpBackend):
         self.api_key_file: str = self.options.get("api_key_file", "")
         self.keys: list[RSAPublicKey] = []
         self.key_events: list[str] = []  # the event each key belongs to: its file name without .pem
+        self.key_ids: list[str] = []  # SHA-256 of each key, as the downloaded list's own key is kept
         self.key_problems: list[str] = []
         for path in self.options.get("public_keys", []):
             try:
-                self.keys.append(load_rsa_public_key(Path(path).read_bytes()))
+                key = load_rsa_public_key(Path(path).read_bytes())
+                self.keys.append(key)
                 self.key_events.append(Path(path).stem)
+                self.key_ids.append(hashlib.sha256(key.public_bytes(
+                    Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest())
             except (OSError, ValueError) as e:
                 self.key_problems.append(f"[backend.tibillet] public_keys: {path}: {e}; this event's codes "
                                          "cannot be checked offline")
@@ -394,6 +404,7 @@ class TibilletBackend(HttpBackend):
         if not self.api_key:
             await self._load_credentials()
         rows: list[dict[str, Any]] = []
+        own: dict[str, Any] = {"key": None, "probes": 0}
         page, pages = 1, 1
         while page <= pages:
             response = await self._call("POST", "list_tickets/", timeout=self.slow_seconds, limit=LIST_PAGE_LIMIT,
@@ -413,12 +424,30 @@ class TibilletBackend(HttpBackend):
                 raise Unreachable("list_tickets: a page without results")
             pages = integer(body.get("total_pages"), "total_pages", low=0, high=MAX_PAGES) or 0
             rows += filter(None, (_status_row(item, self.event_uuid) for item in body["results"]))
+            self._find_own_key(body["results"], own)
             page += 1
+        if own["key"] is None and own["probes"]:
+            log.warning("none of [backend.tibillet] public_keys signs the tickets of event %s: offline, its codes "
+                        "are refused as invalid_signature; add this event's public key", self.event_uuid,
+                        extra={"GATED_EVENT": "config_problem"})
         await store.call(Store.load_tickets, self.list_name, rows)
-        await store.call(Store.put_data, self.list_name, {"tickets": len(rows)})
+        await store.call(Store.put_data, self.list_name, {"tickets": len(rows), "key": own["key"]})
         not_valid = sum(1 for r in rows if r["status"] != "valid")
         log.info("TiBillet ticket statuses refreshed: %d ticket(s), %d not admissible", len(rows), not_valid,
                  extra={"GATED_EVENT": "sync"})
+
+    def _find_own_key(self, items: list[Any], own: dict[str, Any]) -> None:
+        """Which configured key signs the lane event's tickets, from their `qrcode_data`: offline, a
+        code signed by another configured key is another event's ticket, which TiBillet refuses online."""
+        for item in items:
+            if own["key"] is not None or own["probes"] >= KEY_PROBES:
+                return
+            code = item.get("qrcode_data") if isinstance(item, dict) else None
+            if isinstance(code, str) and len(code) <= MAX_CODE:
+                own["probes"] += 1
+                check = verify_tibillet(code, self.keys)
+                if check.reason is Reason.OK and check.key_index is not None:
+                    own["key"] = self.key_ids[check.key_index]
 
     def data_age(self, store: Store, now: float) -> float | None:
         # The keys are configuration and cannot go stale; the downloaded statuses can. Without keys
@@ -441,6 +470,13 @@ class TibilletBackend(HttpBackend):
         if check.reason is not Reason.OK:
             return deny(check.reason, backend=self.name, message=check.detail)
         event = self.key_events[check.key_index] if check.key_index is not None else None
+        if self.list_name and scan_mode is ScanMode.ENTRY and check.key_index is not None:
+            data = store.get_data(self.list_name)
+            own = data[0].get("key") if data is not None and isinstance(data[0], dict) else None
+            if own is not None and own != self.key_ids[check.key_index]:
+                return deny(Reason.WRONG_EVENT, backend=self.name, ticket_key=check.uuid, event_id=event,
+                            message=f"a ticket of {event}, signed with its key; this lane admits event "
+                                    f"{self.event_uuid}")
         listed = store.ticket(self.list_name, check.uuid) if self.list_name and check.uuid else None
         if listed is not None and scan_mode is ScanMode.ENTRY and listed["status"] != "valid":
             status = listed["status"]

@@ -49,15 +49,17 @@ def tib(sim, keys, load_config, tmp_path):
     pem = tmp_path / "concert.pem"
     pem.write_bytes(public_pem(keys[0]))
 
-    def make(extra_backend: str = "", extra: str = "", event: str | None = None, url: str | None = None):
+    def make(extra_backend: str = "", extra: str = "", event: str | None = None, url: str | None = None,
+             pems: list | None = None):
         event = sim.event if event is None else event
+        files = ", ".join(f'"{p}"' for p in (pem,) if pems is None) or ", ".join(f'"{p}"' for p in pems)
         config = load_config(f"""
             [backend]
             type = "tibillet"
             url = "{url or sim.url}"
             timeout_seconds = 2.0
             [backend.tibillet]
-            public_keys = ["{pem}"]
+            public_keys = [{files}]
             event_uuid = "{event}"
             {extra_backend}
             {extra}
@@ -384,6 +386,33 @@ def test_a_listed_ticket_in_an_odd_shape_costs_that_ticket_not_the_download(sim,
         (Verdict.ADMIT, Reason.OK),  # a name gated cannot read is left out
         (Verdict.DENY, Reason.REJECTED)]  # a status gated cannot read never admits
     assert decisions[2].message == "Name" and "unknown:(unreadable)" in decisions[3].message
+
+
+def test_a_ticket_of_another_configured_event_is_wrong_event_offline_as_it_is_online(sim, paired, keys, tmp_path):
+    # Both events' keys are configured (the installer's list of the festival's events), the lane admits one.
+    concert, other = tmp_path / "concert.pem", tmp_path / "other-show.pem"
+    other.write_bytes(public_pem(keys[1]))
+    config = paired(pems=[other, concert])
+    _, mine = sim.issue(sim.event)
+    _, theirs = sim.issue(sim.other_event)
+    (online,) = asyncio.run(_scan(config, theirs))
+    entries = asyncio.run(_sync_then_offline(config, sim, [mine, theirs]))
+    (leaving,) = asyncio.run(_sync_then_offline(config, sim, [theirs], mode=ScanMode.EXIT))
+    assert online.reason is Reason.WRONG_EVENT
+    assert [(d.reason, d.source) for d in entries] == [(Reason.OK, Source.OFFLINE),
+                                                       (Reason.WRONG_EVENT, Source.OFFLINE)]
+    assert "a ticket of other-show" in entries[1].message
+    assert leaving.admitted  # TiBillet has no exits: any ticket it knows may leave
+
+
+def test_a_lane_without_its_events_key_says_so_at_sync(sim, paired, keys, tmp_path, caplog):
+    other = tmp_path / "other-show.pem"
+    other.write_bytes(public_pem(keys[1]))
+    config = paired(pems=[other])
+    _, mine = sim.issue(sim.event)
+    (d,) = asyncio.run(_sync_then_offline(config, sim, [mine]))
+    assert d.reason is Reason.INVALID_SIGNATURE
+    assert "none of [backend.tibillet] public_keys signs the tickets of event" in caplog.text
 
 
 def test_a_canceled_ticket_may_still_leave_offline(sim, paired):
