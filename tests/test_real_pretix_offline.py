@@ -61,8 +61,22 @@ SERIES = "democon-series"
 
 def _order(srv, spec: dict, name: str = "Ada Lovelace") -> tuple[str, list[int]]:
     """(secret, ids of its positions) of a new order of one ticket, and its add-ons, as `spec` says
-    (see _scenarios); under `addon_match` pretix checks in an add-on when the ticket is scanned."""
+    (see _scenarios); under `addon_match` pretix checks in an add-on when the ticket is scanned.
+
+    With `medium`, a reusable medium (a barcode card) linked to new orders of its `links` specs:
+    (its identifier, the ids of their positions in the main event)."""
     now = datetime.now(UTC)
+    if "medium" in spec:
+        medium = spec["medium"]
+        made = [_order(srv, link) for link in medium["links"]]
+        identifier = "GATEDCARD" + secrets.token_hex(8).upper()
+        expires = (now + timedelta(minutes=medium["expires"])).isoformat() if "expires" in medium else None
+        srv.api("POST", "reusablemedia/", json={
+            "type": "barcode", "identifier": identifier, "active": medium.get("active", True), "expires": expires,
+            "linked_orderpositions": [ids[0] for _, ids in made], "info": {}})
+        # Ids of the main event's tickets (where the recovery check reads check-ins).
+        return identifier, [i for (_, ids), link in zip(made, medium["links"], strict=True)
+                            if link.get("event", srv.event) == srv.event for i in ids]
 
     def position(spec: dict, number: int, addon_to: int | None = None) -> dict:
         item, _, variation = spec.get("product", "Ticket").partition("/")
@@ -177,6 +191,21 @@ def _scenarios(srv, now: datetime) -> list[tuple[str, dict, dict, list]]:
           ("two", 180, "entry"), ("two_expired", 180, "entry"), ("one_valid", 180, "entry"),
           ("one_valid", 170, "entry"), ("none_valid", 180, "entry"), ("none_on_list", 180, "entry"),
           ("unpaid", 180, "entry"), ("plain_vip", 180, "entry"), ("history", 180, "entry")]),
+        # Reusable media: barcode cards pretix links to tickets (season passes, memberships).
+        ("d_media", {}, {
+            "card": {"medium": {"links": [{"random": True}]}},
+            "family": {"medium": {"links": [{"random": True}, {}]}},
+            "inactive": {"medium": {"links": [{"random": True}], "active": False}},
+            "expired": {"medium": {"links": [{"random": True}], "expires": -1440}},
+            "elsewhere": {"medium": {"links": [series | {"date": "early"}]}},
+            "unpaid": {"medium": {"links": [{"status": "n", "random": True}]}}},
+         [("card", 100, "entry"), ("card", 90, "entry"), ("card", 80, "exit"), ("family", 100, "entry"),
+          ("inactive", 100, "entry"), ("expired", 100, "entry"), ("elsewhere", 100, "entry"),
+          ("unpaid", 100, "entry")]),
+        ("d_media_vip", {"all_products": False, "limit_products": [vip]}, {
+            "family": {"medium": {"links": [{"random": True}, {"product": "VIP/Gold", "random": True}]}},
+            "ticket_only": {"medium": {"links": [{"random": True}]}}},
+         [("family", 100, "entry"), ("family", 90, "entry"), ("ticket_only", 100, "entry")]),
         # A series: rules on each date's own admission time (pretix's buildTime of the position's date).
         ("d_series_all", {"event": SERIES, "allow_multiple_entries": True, "rules": after_admission},
          {"early": series | {"date": "early"}, "mid": series | {"date": "mid"}, "late": series | {"date": "late"}},

@@ -98,6 +98,10 @@ REASONS = {
 }
 
 
+class Forbidden(Unreachable):
+    """pretix answered 403: the device may not read this (its security profile, the event's settings)."""
+
+
 class PretixBackend(HttpBackend):
     name = "pretix"
 
@@ -115,6 +119,8 @@ class PretixBackend(HttpBackend):
         self.blocked_name = f"pretix-blocked:{self.scope}"
         self.positions_name = f"pretix-positions:{self.scope}"
         self.dates_name = f"pretix-dates:{self.scope}"  # a series' dates, for rules on their times
+        self.media_name = f"pretix-media:{self.scope}"  # reusable media (barcode cards linked to tickets)
+        self._media_refused = False
         self.token: str | None = None
         self._store: StoreThread | None = None
         self._keys: tuple[float, list[VerifyKey]] = (-1.0, [])
@@ -146,7 +152,7 @@ class PretixBackend(HttpBackend):
         if response.status_code == 401:
             raise Unreachable("device token refused (HTTP 401); pair again with `gated pair TOKEN`")
         if response.status_code == 403:
-            raise Unreachable(f"HTTP 403: this device may not use organizer {self.organizer!r}, event "
+            raise Forbidden(f"HTTP 403: this device may not use organizer {self.organizer!r}, event "
                               f"{self.event!r} or check-in list {self.list_id} (see the device's settings in pretix)")
         return response
 
@@ -311,12 +317,14 @@ class PretixBackend(HttpBackend):
         blocked = await self._sync_secrets(store, "blockedsecrets", "updated", self.blocked_name)
         tickets, whole = await self._sync_positions(store, kept)
         series = await self._sync_dates(store, kept) if event.get("has_subevents") and kept["rules"] else 0
+        media = await self._sync_media(store)
         await store.call(Store.put_data, self.offline_name, {
             "keys": keys, "list": kept, "has_subevents": bool(event.get("has_subevents")), "timezone": zone,
-            "dates": dates, "gate": gate, "positions": True})
+            "dates": dates, "gate": gate, "positions": True, "media": media is not None})
         log.info("pretix offline data refreshed: %d signing key(s), list %s, %d ticket(s) %s, %d revoked and "
                  "%d blocked secret(s) new%s", len(keys), self.list_id, tickets, "in all" if whole else "changed",
-                 revoked, blocked, f", {series} date(s) of the series" if series else "",
+                 revoked, blocked, (f", {series} date(s) of the series" if series else "")
+                 + (f", {media} reusable medi{'um' if media == 1 else 'a'} new or changed" if media else ""),
                  extra={"GATED_EVENT": "sync"})
 
     async def _sync_dates(self, store: StoreThread, lst: dict[str, Any]) -> int:
@@ -327,6 +335,31 @@ class PretixBackend(HttpBackend):
         else:
             rows, _ = await self._get_all(f"{self.event_path}/subevents/", {}, "dates", each=_date_rows)
         return await store.call(Store.load_tickets, self.dates_name, rows)
+
+    async def _sync_media(self, store: StoreThread) -> int | None:
+        """Reusable media of type barcode (cards pretix links to tickets, e.g. season passes), each
+        with the secrets of its tickets of this event: everything the first time, then those updated
+        since. None when pretix does not let this device read them (an older pretix, a profile)."""
+        since_key = f"pretix:{self.scope}:media_since"
+        since = await store.call(Store.get, since_key) if await store.call(Store.list_usable, self.media_name) else None
+        params = {"type": "barcode", "expand": "linked_orderpositions", "ordering": "-updated"}
+        if since:
+            params["updated_since"] = since
+        try:
+            rows, generated = await self._get_all(f"{self.org_path}/reusablemedia/", params, "reusable media",
+                                                  each=lambda m: _medium_rows(m, self.event))
+        except (Forbidden, BackendRejected) as e:
+            if isinstance(e, BackendRejected) and "HTTP 404" not in str(e):
+                raise
+            if not self._media_refused:
+                self._media_refused = True
+                log.info("pretix does not let this device read reusable media (%s): a card's barcode is decided "
+                         "online only", e, extra={"GATED_EVENT": "offline_limit"})
+            return None
+        await store.call(Store.upsert_tickets if since else Store.load_tickets, self.media_name, rows)
+        if isinstance(generated, str) and 0 < len(generated) <= ID_LIMIT:
+            await store.call(Store.set, since_key, generated)
+        return len(rows)
 
     async def _gate(self) -> int | None:
         """This device's gate in pretix (the rules' `gate`), from `device/info`; None when it has none."""
@@ -499,8 +532,12 @@ class PretixBackend(HttpBackend):
                         message="secret replaced or canceled in pretix")
         row = store.ticket(self.positions_name, scan.token) if value.get("positions") else None
         key = scan.token
-        if row is not None and (value.get("list") or {}).get("addon_match"):
-            row = self._addon_match(store, row, value.get("list") or {}, now, clock_trusted)
+        # Not a ticket's secret: perhaps a reusable medium's barcode (pretix looks for media second).
+        medium = (store.ticket(self.media_name, scan.token) if row is None and not signed and value.get("media")
+                  else None)
+        if medium is not None or (row is not None and (value.get("list") or {}).get("addon_match")):
+            row = (self._medium(store, medium, value.get("list") or {}, now, clock_trusted) if medium is not None
+                   else self._addon_match(store, row, value.get("list") or {}, now, clock_trusted))
             if isinstance(row, Decision):
                 return row
             key = row["token"]
@@ -532,28 +569,54 @@ class PretixBackend(HttpBackend):
 
     def _addon_match(self, store: Store, row: dict[str, Any], lst: dict[str, Any], now: float,
                      clock_trusted: bool) -> dict[str, Any] | Decision:
-        """The row pretix would check in for a scanned ticket on an `addon_match` list, or `ambiguous`.
-
-        pretix's redeem (2026.8.0, step 3): the scanned ticket and its add-ons not canceled, then
-        those of a product on the list, then those valid now; one left is the one; none left, the
-        one that is valid next, or was valid last, or the scanned ticket, is decided (and refused
-        by the checks); several left, `ambiguous`, before any other check. Without a trusted clock
-        "valid now" is not known: several of a product on the list are `ambiguous`.
-        """
-        name = row["name"] or ""
-
-        def ambiguous(why: str) -> Decision:
-            return deny(Reason.AMBIGUOUS, backend=self.name, backend_code="ambiguous", event_id=self.event,
-                        message=cut(f"{name}: {why}") if name else why)
-
+        """The row pretix would check in for a scanned ticket on an `addon_match` list, or `ambiguous`:
+        of the ticket and its add-ons not canceled, the one `_choose` takes."""
         secrets = json.loads(row["data"]).get("addons", ())
         if len(secrets) > ADDONS_LIMIT:
-            return ambiguous(f"more than {ADDONS_LIMIT} add-ons: not decided offline")
-        addons = [r for r in (store.ticket(self.positions_name, s) for s in secrets)
-                  if r is not None and r["status"] != GONE]
+            return self._ambiguous(row["name"], f"more than {ADDONS_LIMIT} add-ons: not decided offline")
+        addons = self._live(store, secrets)
         if not addons:
             return row
         every = ([row] if row["status"] != GONE else []) + addons
+        return self._choose(every, lst, now, clock_trusted, row["name"])
+
+    def _medium(self, store: Store, medium: dict[str, Any], lst: dict[str, Any], now: float,
+                clock_trusted: bool) -> dict[str, Any] | Decision:
+        """The row pretix would check in for a scanned reusable medium (a card whose barcode pretix
+        links to tickets), or why none: inactive or expired, linked to no ticket of this event (as
+        pretix says it: `invalid`), or `ambiguous`. Its linked tickets (and their add-ons on an
+        `addon_match` list) are the candidates of `_choose`."""
+        data = json.loads(medium["data"])
+        expires = data.get("expires")
+        if medium["status"] != "active" or (clock_trusted and expires is not None and expires < now):
+            return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", event_id=self.event,
+                        message="reusable medium not active in pretix" if medium["status"] != "active"
+                        else f"reusable medium expired {iso(expires)}")
+        secrets = data.get("secrets", ())
+        if len(secrets) > ADDONS_LIMIT:
+            return self._ambiguous("", f"more than {ADDONS_LIMIT} tickets on this medium: not decided offline")
+        linked = self._live(store, secrets)
+        if not linked:
+            return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", event_id=self.event,
+                        message="Medium connected to other event")
+        every = list(linked)
+        if lst.get("addon_match"):
+            for row in linked:
+                every += self._live(store, json.loads(row["data"]).get("addons", ())[:ADDONS_LIMIT])
+        return every[0] if len(every) == 1 else self._choose(every, lst, now, clock_trusted, linked[0]["name"])
+
+    def _live(self, store: Store, secrets: Sequence[str]) -> list[dict[str, Any]]:
+        """The downloaded tickets of these secrets that pretix would find (not canceled, this date)."""
+        found = (store.ticket(self.positions_name, s) for s in secrets)
+        return [r for r in found if r is not None and r["status"] != GONE]
+
+    def _choose(self, every: list[dict[str, Any]], lst: dict[str, Any], now: float, clock_trusted: bool,
+                name: str | None) -> dict[str, Any] | Decision:
+        """pretix's redeem (2026.8.0, step 3) when a code matches several tickets: those of a product
+        on the list, then those valid now; one left is the one; none left, the one that is valid next,
+        or was valid last, or the first, is decided (and refused by the checks); several left,
+        `ambiguous`, before any other check. Without a trusted clock "valid now" is not known: several
+        of a product on the list are `ambiguous`."""
         facts = [(r, json.loads(r["data"])) for r in every]
         left = [(r, d) for r, d in facts
                 if lst.get("all_products", True) or d["item"] in (lst.get("limit_products") or [])]
@@ -563,7 +626,7 @@ class PretixBackend(HttpBackend):
         if len(left) == 1:
             return left[0][0]
         if len(left) > 1:
-            return ambiguous(f"{len(left)} tickets match the code (the ticket and its add-ons on this list)")
+            return self._ambiguous(name, f"{len(left)} tickets match the code (on this list)")
         upcoming = [(d["from"], r) for r, d in facts if d["from"] is not None and d["from"] > now]
         if upcoming:
             return min(upcoming, key=lambda x: x[0])[1]
@@ -571,6 +634,10 @@ class PretixBackend(HttpBackend):
         if past:
             return max(past, key=lambda x: x[0])[1]
         return every[0]
+
+    def _ambiguous(self, name: str | None, why: str) -> Decision:
+        return deny(Reason.AMBIGUOUS, backend=self.name, backend_code="ambiguous", event_id=self.event,
+                    message=cut(f"{name}: {why}") if name else why)
 
     def _decide(self, store: Store, key: str, scan_mode: ScanMode, now: float, clock_trusted: bool,
                 t: _Ticket, value: dict[str, Any]) -> Decision:
@@ -729,6 +796,31 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
         data["addons"] = [s for s in addons[p["id"]] if 0 < len(s) <= MAX_SECRET][:ADDONS_LIMIT + 1]
     return {"token": secret, "ticket_key": secret, "name": text(p.get("attendee_name"), "attendee_name"),
             "status": GONE if gone else order["status"], "data": data}
+
+
+def _medium_rows(medium: Any, event: str) -> list[dict[str, Any]]:
+    """The list-file row of one reusable medium: its identifier, whether it is active, when it
+    expires and the secrets of its tickets of `event`; nothing for a medium not in pretix's shape."""
+    try:
+        m = mapping(medium, "reusable medium")
+        identifier = m.get("identifier")
+        if not isinstance(identifier, str) or not 0 < len(identifier) <= MAX_SECRET:
+            return []
+        secrets = []
+        linked = m.get("linked_orderpositions") or []
+        for p in linked if isinstance(linked, list) else []:
+            # Expanded, a ticket of this event; an id alone (pretix hides tickets of events the
+            # device may not read) cannot be checked in here.
+            order = p.get("order") if isinstance(p, dict) else None
+            secret = p.get("secret") if isinstance(p, dict) else None
+            if (isinstance(order, dict) and order.get("event") == event and isinstance(secret, str)
+                    and 0 < len(secret) <= MAX_SECRET):
+                secrets.append(secret)
+        data = {"secrets": secrets[:ADDONS_LIMIT + 1], "expires": parse_time(m.get("expires"))}
+    except (Unreachable, ValueError, TypeError):
+        return []
+    return [{"token": identifier, "ticket_key": identifier, "name": "",
+             "status": "active" if m.get("active") is True else "inactive", "data": data}]
 
 
 def _list_settings(lst: dict[str, Any]) -> dict[str, Any]:

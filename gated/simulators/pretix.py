@@ -32,7 +32,8 @@ simulator follows the real server:
   simulator always offers its key (it makes signed and random secrets side by side).
 
 Not simulated: orders of several tickets, add-ons and `addon_match` (tested against the real server
-only, tests/test_real_pretix_offline.py), questions, reusable media, series.
+only, tests/test_real_pretix_offline.py), questions, series; of reusable media only barcode cards,
+each standing for its first ticket.
 
 Long because it serves two APIs (the device API and the legacy pretixdroid API) over one set of
 events, orders and check-ins, so a test can move between them.
@@ -208,6 +209,7 @@ class PretixSim(_QuickStop):
         self.positions: dict[str, Position] = {}
         self.revoked: list[dict[str, Any]] = []  # {"id", "secret", "created", "_position"}
         self.blocked: list[dict[str, Any]] = []  # {"id", "secret", "blocked", "updated"}
+        self.media: list[dict[str, Any]] = []  # reusable media: {"id", "identifier", "active", "expires", ...}
         self.setup_tokens: dict[str, Device] = {}
         self.checkins: list[Checkin] = []
         self.answers: dict[str, Response] = {}  # nonce -> first answer
@@ -254,6 +256,13 @@ class PretixSim(_QuickStop):
                 pid = next(self._ids)
                 secret = generated_secret(i)
                 self.positions[secret] = Position(pid, f"B{pid:07d}", item, secret, f"Guest {i}")
+
+    def add_medium(self, identifier: str, secrets: list[str], *, active: bool = True,
+                   expires: datetime | None = None) -> None:
+        """A reusable medium of type barcode (a card) linked to the tickets of `secrets`."""
+        with self.lock:
+            self.media.append({"id": next(self._ids), "identifier": identifier, "type": "barcode", "active": active,
+                               "expires": expires, "updated": datetime.now(UTC), "_secrets": list(secrets)})
 
     def revoke(self, secret: str) -> str:
         """The ticket changed in pretix: it gets a new secret, the old one goes on the revocation list."""
@@ -479,6 +488,20 @@ class PretixSim(_QuickStop):
                  for r in rows]
         return self._page(req, items, {"X-Page-Generated": _iso(generated)})
 
+    @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/reusablemedia/")
+    def reusablemedia(self, req: Request) -> Response:
+        kind = req.query.get("type", [None])[0]
+        with self.lock:
+            rows = []
+            for m in self.media:
+                if kind and m["type"] != kind:
+                    continue
+                linked = [self.positions[s] for s in m["_secrets"] if s in self.positions]
+                rows.append(m | {"linked_orderpositions": [
+                    {"id": p.id, "secret": p.secret, "item": p.item, "order": {"code": p.order, "event": self.event}}
+                    for p in linked]})
+            return self._stamped(req, rows, "updated")
+
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/revokedsecrets/")
     def revokedsecrets(self, req: Request) -> Response:
         with self.lock:
@@ -532,6 +555,10 @@ class PretixSim(_QuickStop):
         lst, force, secret = self.lists[list_id], bool(body.get("force")), body["secret"]
         excerpt = {k: lst[k] for k in ("id", "name", "subevent", "include_pending")} | {"event": self.event}
         pos = self.positions.get(secret)
+        if pos is None:  # a reusable medium's barcode stands for its (first) ticket while it is active
+            medium = next((m for m in self.media if m["identifier"] == secret and m["active"]
+                           and (m["expires"] is None or m["expires"] >= datetime.now(UTC))), None)
+            pos = next((self.positions[s] for s in medium["_secrets"] if s in self.positions), None) if medium else None
         revoked = next((r for r in self.revoked if r["secret"] == secret), None)
         if pos is None and revoked is not None:
             pos = next(p for p in self.positions.values() if p.id == revoked["_position"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
 import time
@@ -764,3 +765,80 @@ def test_two_add_ons_on_the_list_are_ambiguous_unless_only_one_is_valid_by_a_tru
 def test_a_ticket_with_more_add_ons_than_gated_looks_at_is_not_decided_offline(sim, paired):
     d = _addon_offline(sim, paired(), _order_with_addons([{"item": 3}] * 40))
     assert d.reason is Reason.AMBIGUOUS and "more than 32 add-ons" in d.message
+
+
+# --- reusable media ---------------------------------------------------------------------------------
+
+
+def _offline_scans(config, sim, tokens, between=None):
+    """Sync, decide `tokens` offline one by one through the gate (each admission recorded), `between()`
+    then a second sync and the same tokens again; returns both rounds' decisions."""
+    async def run():
+        parts = await build(config)
+        try:
+            rounds = []
+            for _ in range(2 if between else 1):
+                await parts.backend.sync(parts.store)
+                sim.fail_status = 503
+                rounds.append([await parts.gate.handle(Scan(token=t, reader="front")) for t in tokens])
+                sim.fail_status = None
+                if between:
+                    between()
+            return rounds
+        finally:
+            sim.fail_status = None
+            await parts.close()
+    return asyncio.run(run())
+
+
+def test_a_reusable_medium_stands_for_its_ticket_offline_and_counts_as_that_ticket(sim, paired):
+    config = paired()
+    ticket = sim.add_position(signed=False)
+    sim.add_medium("CARD-000123", [ticket])
+    (decisions,) = _offline_scans(config, sim, ["CARD-000123", "CARD-000123", ticket])
+    assert [(d.reason, d.source) for d in decisions] == [
+        (Reason.OK, Source.OFFLINE), (Reason.ALREADY_USED, Source.OFFLINE), (Reason.ALREADY_USED, Source.OFFLINE)]
+    assert decisions[0].ticket_key == ticket
+
+
+def test_a_medium_deactivated_or_expired_in_pretix_is_refused_offline_after_the_next_sync(sim, paired):
+    config = paired()
+    ticket, other = sim.add_position(signed=False), sim.add_position(signed=False)
+    sim.add_medium("CARD-1", [ticket])
+    sim.add_medium("CARD-2", [other])
+
+    def change():
+        sim.media[0].update(active=False, updated=datetime.now(UTC))
+        sim.media[1].update(expires=datetime.now(UTC) - timedelta(minutes=1), updated=datetime.now(UTC))
+
+    before, after = _offline_scans(config, sim, ["CARD-1", "CARD-2"], between=change)
+    assert [d.reason for d in before] == [Reason.OK, Reason.OK]
+    assert [(d.reason, d.backend_code) for d in after] == [(Reason.UNKNOWN, "invalid")] * 2
+    assert "not active" in after[0].message and "expired" in after[1].message
+
+
+def test_a_medium_of_two_tickets_on_the_list_is_ambiguous_offline_and_of_none_here_is_unknown(sim, paired):
+    config = paired()
+    one, two = sim.add_position(signed=False), sim.add_position(signed=False)
+    sim.add_medium("FAMILY-7", [one, two])
+    sim.add_medium("ELSEWHERE-8", ["a-ticket-of-another-event"])
+    (decisions,) = _offline_scans(config, sim, ["FAMILY-7", "ELSEWHERE-8"])
+    assert [(d.reason, d.backend_code) for d in decisions] == [(Reason.AMBIGUOUS, "ambiguous"),
+                                                               (Reason.UNKNOWN, "invalid")]
+    assert decisions[1].message == "Medium connected to other event"
+
+
+def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim, paired, caplog):
+    config = paired()
+    ticket = sim.add_position(signed=False)
+    sim.add_medium("CARD-9", [ticket])
+
+    def refused(req):
+        return Response(403, {"detail": "You do not have permission to perform this action."})
+
+    sim.replace_route(sim.reusablemedia, refused)
+    caplog.set_level(logging.INFO, logger="gated")
+    first, second = _offline_scans(config, sim, ["CARD-9", ticket], between=lambda: None)  # two syncs
+    assert [d.reason for d in first] == [Reason.UNKNOWN, Reason.OK]
+    assert [d.reason for d in second] == [Reason.UNKNOWN, Reason.ALREADY_USED]
+    assert caplog.text.count("does not let this device read reusable media") == 1
