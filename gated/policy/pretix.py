@@ -72,8 +72,9 @@ SLOW_CALL_SECONDS = 30.0  # sync, pairing and uploads are not on a visitor's clo
 MANY = 1_000_000  # "allow multiple entries": no offline anti-passback limit
 MAX_SECRET = 4096  # no scan is longer (the gate refuses longer input as malformed)
 GONE = "gone"  # a downloaded ticket pretix would not find on this list (canceled alone, or another date)
-# What a list-file row holds; a new version downloads every order again (2: the add-ons' secrets).
-ROWS_VERSION = 2
+# What a list-file row holds; a new version downloads every order again (2: the add-ons' secrets;
+# 3: a ticket canceled on its own, which a card still finds).
+ROWS_VERSION = 3
 # Add-ons of one ticket looked at offline (each is one lookup on the scan's path); a ticket with more
 # is not decided offline. pretix's shops sell a handful at most.
 ADDONS_LIMIT = 32
@@ -317,7 +318,8 @@ class PretixBackend(HttpBackend):
         blocked = await self._sync_secrets(store, "blockedsecrets", "updated", self.blocked_name)
         tickets, whole = await self._sync_positions(store, kept)
         series = await self._sync_dates(store, kept) if event.get("has_subevents") and kept["rules"] else 0
-        media = await self._sync_media(store)
+        # A ticket given a new secret does not change its card in pretix: new revocations reload every card.
+        media = await self._sync_media(store, whole=revoked > 0)
         await store.call(Store.put_data, self.offline_name, {
             "keys": keys, "list": kept, "has_subevents": bool(event.get("has_subevents")), "timezone": zone,
             "dates": dates, "gate": gate, "positions": True, "media": media is not None})
@@ -336,12 +338,13 @@ class PretixBackend(HttpBackend):
             rows, _ = await self._get_all(f"{self.event_path}/subevents/", {}, "dates", each=_date_rows)
         return await store.call(Store.load_tickets, self.dates_name, rows)
 
-    async def _sync_media(self, store: StoreThread) -> int | None:
+    async def _sync_media(self, store: StoreThread, whole: bool = False) -> int | None:
         """Reusable media of type barcode (cards pretix links to tickets, e.g. season passes), each
         with the secrets of its tickets of this event: everything the first time, then those updated
         since. None when pretix does not let this device read them (an older pretix, a profile)."""
         since_key = f"pretix:{self.scope}:media_since"
-        since = await store.call(Store.get, since_key) if await store.call(Store.list_usable, self.media_name) else None
+        usable = not whole and await store.call(Store.list_usable, self.media_name)
+        since = await store.call(Store.get, since_key) if usable else None
         params = {"type": "barcode", "expand": "linked_orderpositions", "ordering": "-updated"}
         if since:
             params["updated_since"] = since
@@ -522,29 +525,38 @@ class PretixBackend(HttpBackend):
         if self._keys[0] != updated:
             self._keys = (updated, load_sig1_keys(value.get("keys") or []))
         check = verify_sig1(scan.token, self._keys[1])
-        signed = check.reason is not Reason.UNKNOWN
-        if signed and check.reason is not Reason.OK:
-            return deny(check.reason, backend=self.name, message=check.detail)
+        signed = check.reason is Reason.OK
         # A changed or canceled ticket gets a new secret and the old one is revoked: pretix looks for
         # a current secret first, and a revoked one is never current, so this order answers the same.
         if store.ticket(self.revoked_name, scan.token) is not None:
             return deny(Reason.REVOKED, backend=self.name, backend_code="revoked",
                         message="secret replaced or canceled in pretix")
+        lst = value.get("list") or {}
         row = store.ticket(self.positions_name, scan.token) if value.get("positions") else None
-        key = scan.token
         # Not a ticket's secret: perhaps a reusable medium's barcode (pretix looks for media second).
+        # A card's text may look like a damaged signed secret (1 in 100 of pretix's card codes do),
+        # so a failed signature check speaks only when neither is found.
         medium = (store.ticket(self.media_name, scan.token) if row is None and not signed and value.get("media")
                   else None)
-        if medium is not None or (row is not None and (value.get("list") or {}).get("addon_match")):
-            row = (self._medium(store, medium, value.get("list") or {}, now, clock_trusted) if medium is not None
-                   else self._addon_match(store, row, value.get("list") or {}, now, clock_trusted))
+        if row is None and medium is None and check.reason not in (Reason.OK, Reason.UNKNOWN):
+            return deny(check.reason, backend=self.name, message=check.detail)
+        key = scan.token
+        if medium is not None:
+            # The ticket a card stands for is decided by pretix's checks, canceled or not (pretix
+            # finds a card's tickets whatever their state): no "not found" for it below.
+            row = self._medium(store, medium, lst, now, clock_trusted)
+            if isinstance(row, Decision):
+                return row
+            return self._decide(store, row["token"], scan_mode, now, clock_trusted, _Ticket.from_row(row), value)
+        if row is not None and lst.get("addon_match"):
+            row = self._addon_match(store, row, lst, now, clock_trusted)
             if isinstance(row, Decision):
                 return row
             key = row["token"]
         if row is not None and row["status"] == GONE:
             # Canceled on its own (the order stays paid), or of another date than the list's: never
             # admitted, whatever its signature says.
-            lst, facts = value.get("list") or {}, json.loads(row["data"] or "{}")
+            facts = json.loads(row["data"] or "{}")
             if lst.get("subevent") and facts.get("subevent") != lst["subevent"]:
                 return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="invalid",
                             message=f"date {facts.get('subevent')}, list is for {lst['subevent']}")
@@ -554,7 +566,7 @@ class PretixBackend(HttpBackend):
             ticket = _Ticket.from_row(row)
         elif signed:
             # Signed, and not (yet) in the download: the signed payload's facts, paid as far as known.
-            t, lst = check.ticket, value.get("list") or {}
+            t = check.ticket
             if lst.get("subevent") and t.subevent != lst["subevent"]:
                 return deny(Reason.WRONG_EVENT, backend=self.name, backend_code="invalid",
                             message=f"date {t.subevent}, list is for {lst['subevent']}")
@@ -583,27 +595,33 @@ class PretixBackend(HttpBackend):
     def _medium(self, store: Store, medium: dict[str, Any], lst: dict[str, Any], now: float,
                 clock_trusted: bool) -> dict[str, Any] | Decision:
         """The row pretix would check in for a scanned reusable medium (a card whose barcode pretix
-        links to tickets), or why none: inactive or expired, linked to no ticket of this event (as
-        pretix says it: `invalid`), or `ambiguous`. Its linked tickets (and their add-ons on an
-        `addon_match` list) are the candidates of `_choose`."""
+        links to tickets), or why none: inactive or expired (by a trusted clock), linked to no ticket
+        of this event (as pretix says it: `invalid`), or `ambiguous`. Its linked tickets, canceled and
+        other dates included as pretix finds them (and their add-ons on an `addon_match` list), are
+        the candidates of `_choose`; a secret replaced since (revoked) is none of them."""
         data = json.loads(medium["data"])
         expires = data.get("expires")
         if medium["status"] != "active" or (clock_trusted and expires is not None and expires < now):
             return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", event_id=self.event,
                         message="reusable medium not active in pretix" if medium["status"] != "active"
                         else f"reusable medium expired {iso(expires)}")
-        secrets = data.get("secrets", ())
-        if len(secrets) > ADDONS_LIMIT:
-            return self._ambiguous("", f"more than {ADDONS_LIMIT} tickets on this medium: not decided offline")
-        linked = self._live(store, secrets)
-        if not linked:
-            return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", event_id=self.event,
-                        message="Medium connected to other event")
+        linked = self._rows(store, data.get("secrets", ()))
         every = list(linked)
         if lst.get("addon_match"):
             for row in linked:
-                every += self._live(store, json.loads(row["data"]).get("addons", ())[:ADDONS_LIMIT])
+                every += self._rows(store, json.loads(row["data"]).get("addons", ()))
+        if len(every) > ADDONS_LIMIT or len(data.get("secrets", ())) > ADDONS_LIMIT:
+            return self._ambiguous("", f"more than {ADDONS_LIMIT} tickets on this medium: not decided offline")
+        if not linked:
+            return deny(Reason.UNKNOWN, backend=self.name, backend_code="invalid", event_id=self.event,
+                        message="Medium connected to other event")
         return every[0] if len(every) == 1 else self._choose(every, lst, now, clock_trusted, linked[0]["name"])
+
+    def _rows(self, store: Store, secrets: Sequence[str]) -> list[dict[str, Any]]:
+        """The downloaded tickets of these secrets (at most ADDONS_LIMIT + 1 looked up), a revoked one left out."""
+        found = (store.ticket(self.positions_name, s) for s in secrets[:ADDONS_LIMIT + 1]
+                 if store.ticket(self.revoked_name, s) is None)
+        return [r for r in found if r is not None]
 
     def _live(self, store: Store, secrets: Sequence[str]) -> list[dict[str, Any]]:
         """The downloaded tickets of these secrets that pretix would find (not canceled, this date)."""
@@ -654,8 +672,8 @@ class PretixBackend(HttpBackend):
             message = cut(f"{t.name}: {why}") if t.name and why else (why or t.name)
             return deny(reason, backend=self.name, backend_code=code, event_id=self.event, message=message)
 
-        if t.order not in ("p", "n"):
-            return no(Reason.CANCELED, "canceled", "order canceled")
+        if t.order not in ("p", "n") or t.canceled:
+            return no(Reason.CANCELED, "canceled", "order canceled" if t.order not in ("p", "n") else "ticket canceled")
         if t.blocked:
             return no(Reason.BLOCKED, "blocked", "blocked in pretix")
         if t.order == "n" and t.approval:
@@ -667,7 +685,7 @@ class PretixBackend(HttpBackend):
         if not lst.get("all_products", True) and t.item not in (lst.get("limit_products") or []):
             return no(Reason.PRODUCT_NOT_ALLOWED, "product", f"product {t.item} not on this list")
         if lst.get("subevent") and t.subevent != lst["subevent"]:
-            return no(Reason.WRONG_EVENT, "invalid", f"date {t.subevent}, list is for {lst['subevent']}")
+            return no(Reason.WRONG_EVENT, "product", f"date {t.subevent}, list is for {lst['subevent']}")
         # gated sends ignore_unpaid: false online (a turnstile cannot ask whether to let an unpaid
         # ticket in, as pretixSCAN asks its operator), so a pending order is unpaid on every list.
         if t.order != "p" and not t.pending_ok:
@@ -737,6 +755,7 @@ class _Ticket:
     pending_ok: bool = False  # the order's `valid_if_pending`
     approval: bool = False  # the order's `require_approval`
     blocked: bool = False
+    canceled: bool = False  # this ticket alone (reached through a card: pretix finds it, then refuses it)
     valid_from: float | None = None
     valid_until: float | None = None
     checkins: Sequence[tuple[float, str]] = ()  # (time, entry|exit): successful ones on this list
@@ -747,6 +766,7 @@ class _Ticket:
         d = json.loads(row["data"])
         return cls(item=d["item"], variation=d["variation"], subevent=d["subevent"], order=d["order"],
                    pending_ok=d["pending_ok"], approval=d["approval"], blocked=d["blocked"],
+                   canceled=d.get("canceled", False),
                    valid_from=d["from"], valid_until=d["until"], checkins=[tuple(c) for c in d["checkins"]],
                    name=row["name"] or "")
 
@@ -789,7 +809,7 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
             "subevent": subevent, "order": order["status"], "pending_ok": order.get("valid_if_pending") is True,
             "approval": order.get("require_approval") is True, "blocked": bool(p.get("blocked")),
             "from": parse_time(p.get("valid_from")), "until": parse_time(p.get("valid_until")),
-            "checkins": sorted(checkins)}
+            "checkins": sorted(checkins), "canceled": p.get("canceled") is True}
     if data["item"] is None:
         raise ValueError("no product")
     if isinstance(p.get("id"), int) and p["id"] in addons:
@@ -801,11 +821,12 @@ def _position_row(p: Any, order: dict[str, Any], list_id: int, lst: dict[str, An
 def _medium_rows(medium: Any, event: str) -> list[dict[str, Any]]:
     """The list-file row of one reusable medium: its identifier, whether it is active, when it
     expires and the secrets of its tickets of `event`; nothing for a medium not in pretix's shape."""
+    if not isinstance(medium, dict):
+        return []
+    m, identifier = medium, medium.get("identifier")
+    if not isinstance(identifier, str) or not 0 < len(identifier) <= MAX_SECRET:
+        return []
     try:
-        m = mapping(medium, "reusable medium")
-        identifier = m.get("identifier")
-        if not isinstance(identifier, str) or not 0 < len(identifier) <= MAX_SECRET:
-            return []
         secrets = []
         linked = m.get("linked_orderpositions") or []
         for p in linked if isinstance(linked, list) else []:
@@ -818,7 +839,9 @@ def _medium_rows(medium: Any, event: str) -> list[dict[str, Any]]:
                 secrets.append(secret)
         data = {"secrets": secrets[:ADDONS_LIMIT + 1], "expires": parse_time(m.get("expires"))}
     except (Unreachable, ValueError, TypeError):
-        return []
+        # Named, but otherwise unreadable: never active offline (it may be a card just deactivated).
+        return [{"token": identifier, "ticket_key": identifier, "name": "", "status": "inactive",
+                 "data": {"secrets": [], "expires": None}}]
     return [{"token": identifier, "ticket_key": identifier, "name": "",
              "status": "active" if m.get("active") is True else "inactive", "data": data}]
 

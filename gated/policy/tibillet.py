@@ -404,7 +404,7 @@ class TibilletBackend(HttpBackend):
         if not self.api_key:
             await self._load_credentials()
         rows: list[dict[str, Any]] = []
-        own: dict[str, Any] = {"key": None, "probes": 0}
+        own: dict[str, Any] = {"keys": set(), "probes": 0}
         page, pages = 1, 1
         while page <= pages:
             response = await self._call("POST", "list_tickets/", timeout=self.slow_seconds, limit=LIST_PAGE_LIMIT,
@@ -426,28 +426,31 @@ class TibilletBackend(HttpBackend):
             rows += filter(None, (_status_row(item, self.event_uuid) for item in body["results"]))
             self._find_own_key(body["results"], own)
             page += 1
-        if own["key"] is None and own["probes"]:
+        if not own["keys"] and own["probes"]:
             log.warning("none of [backend.tibillet] public_keys signs the tickets of event %s: offline, its codes "
                         "are refused as invalid_signature; add this event's public key", self.event_uuid,
                         extra={"GATED_EVENT": "config_problem"})
         await store.call(Store.load_tickets, self.list_name, rows)
-        await store.call(Store.put_data, self.list_name, {"tickets": len(rows), "key": own["key"]})
+        await store.call(Store.put_data, self.list_name, {"tickets": len(rows), "keys": sorted(own["keys"])})
         not_valid = sum(1 for r in rows if r["status"] != "valid")
         log.info("TiBillet ticket statuses refreshed: %d ticket(s), %d not admissible", len(rows), not_valid,
                  extra={"GATED_EVENT": "sync"})
 
     def _find_own_key(self, items: list[Any], own: dict[str, Any]) -> None:
-        """Which configured key signs the lane event's tickets, from their `qrcode_data`: offline, a
-        code signed by another configured key is another event's ticket, which TiBillet refuses online."""
+        """Which configured keys sign the lane event's tickets, from their `qrcode_data`: offline, a
+        code signed by another configured key is another event's ticket, which TiBillet refuses online.
+
+        A code counts only when it names the ticket it is listed with, and every probe is kept (a key
+        rotated while both keys are configured: both are the event's)."""
         for item in items:
-            if own["key"] is not None or own["probes"] >= KEY_PROBES:
+            if own["probes"] >= KEY_PROBES:
                 return
             code = item.get("qrcode_data") if isinstance(item, dict) else None
             if isinstance(code, str) and len(code) <= MAX_CODE:
                 own["probes"] += 1
                 check = verify_tibillet(code, self.keys)
-                if check.reason is Reason.OK and check.key_index is not None:
-                    own["key"] = self.key_ids[check.key_index]
+                if check.reason is Reason.OK and check.key_index is not None and check.uuid == item.get("uuid"):
+                    own["keys"].add(self.key_ids[check.key_index])
 
     def data_age(self, store: Store, now: float) -> float | None:
         # The keys are configuration and cannot go stale; the downloaded statuses can. Without keys
@@ -470,14 +473,17 @@ class TibilletBackend(HttpBackend):
         if check.reason is not Reason.OK:
             return deny(check.reason, backend=self.name, message=check.detail)
         event = self.key_events[check.key_index] if check.key_index is not None else None
-        if self.list_name and scan_mode is ScanMode.ENTRY and check.key_index is not None:
+        listed = store.ticket(self.list_name, check.uuid) if self.list_name and check.uuid else None
+        if listed is None and self.list_name and scan_mode is ScanMode.ENTRY and check.key_index is not None:
+            # Not in this event's list, and signed by a key that signs none of its listed tickets (of
+            # the keys learned, those still configured: a key replaced since proves nothing).
             data = store.get_data(self.list_name)
-            own = data[0].get("key") if data is not None and isinstance(data[0], dict) else None
-            if own is not None and own != self.key_ids[check.key_index]:
+            own = data[0].get("keys") if data is not None and isinstance(data[0], dict) else None
+            own = {k for k in own if isinstance(k, str)} & set(self.key_ids) if isinstance(own, list) else set()
+            if own and self.key_ids[check.key_index] not in own:
                 return deny(Reason.WRONG_EVENT, backend=self.name, ticket_key=check.uuid, event_id=event,
                             message=f"a ticket of {event}, signed with its key; this lane admits event "
                                     f"{self.event_uuid}")
-        listed = store.ticket(self.list_name, check.uuid) if self.list_name and check.uuid else None
         if listed is not None and scan_mode is ScanMode.ENTRY and listed["status"] != "valid":
             status = listed["status"]
             return deny(STATUS_REASONS.get(status, Reason.REJECTED), backend=self.name, ticket_key=check.uuid,

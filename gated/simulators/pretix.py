@@ -259,10 +259,12 @@ class PretixSim(_QuickStop):
 
     def add_medium(self, identifier: str, secrets: list[str], *, active: bool = True,
                    expires: datetime | None = None) -> None:
-        """A reusable medium of type barcode (a card) linked to the tickets of `secrets`."""
+        """A reusable medium of type barcode (a card) linked to the tickets of `secrets` (by their ids, as
+        pretix links them: a ticket given a new secret stays on its card)."""
         with self.lock:
+            ids = [self.positions[s].id if s in self.positions else -1 for s in secrets]  # -1: another event's
             self.media.append({"id": next(self._ids), "identifier": identifier, "type": "barcode", "active": active,
-                               "expires": expires, "updated": datetime.now(UTC), "_secrets": list(secrets)})
+                               "expires": expires, "updated": datetime.now(UTC), "_positions": ids})
 
     def revoke(self, secret: str) -> str:
         """The ticket changed in pretix: it gets a new secret, the old one goes on the revocation list."""
@@ -496,7 +498,8 @@ class PretixSim(_QuickStop):
             for m in self.media:
                 if kind and m["type"] != kind:
                     continue
-                linked = [self.positions[s] for s in m["_secrets"] if s in self.positions]
+                by_id = {p.id: p for p in self.positions.values()}
+                linked = [by_id[i] for i in m["_positions"] if i in by_id]
                 rows.append(m | {"linked_orderpositions": [
                     {"id": p.id, "secret": p.secret, "item": p.item, "order": {"code": p.order, "event": self.event}}
                     for p in linked]})
@@ -558,7 +561,8 @@ class PretixSim(_QuickStop):
         if pos is None:  # a reusable medium's barcode stands for its (first) ticket while it is active
             medium = next((m for m in self.media if m["identifier"] == secret and m["active"]
                            and (m["expires"] is None or m["expires"] >= datetime.now(UTC))), None)
-            pos = next((self.positions[s] for s in medium["_secrets"] if s in self.positions), None) if medium else None
+            by_id = {p.id: p for p in self.positions.values()}
+            pos = next((by_id[i] for i in medium["_positions"] if i in by_id), None) if medium else None
         revoked = next((r for r in self.revoked if r["secret"] == secret), None)
         if pos is None and revoked is not None:
             pos = next(p for p in self.positions.values() if p.id == revoked["_position"])

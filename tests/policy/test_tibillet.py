@@ -405,6 +405,47 @@ def test_a_ticket_of_another_configured_event_is_wrong_event_offline_as_it_is_on
     assert leaving.admitted  # TiBillet has no exits: any ticket it knows may leave
 
 
+def test_a_listed_code_of_another_ticket_teaches_nothing_and_the_events_tickets_still_pass(sim, paired, keys,
+                                                                                             tmp_path):
+    other = tmp_path / "other-show.pem"
+    other.write_bytes(public_pem(keys[1]))
+    config = paired(pems=[other, tmp_path / "concert.pem"])
+    _, mine = sim.issue(sim.event)
+    sim.issue(sim.event)
+    _, foreign = sim.issue(sim.other_event)
+    original = sim.list_tickets
+
+    def odd(req):  # a list whose first entry carries another event's code under its own uuid
+        answer = original(req)
+        answer.body["results"][0]["qrcode_data"] = foreign
+        return answer
+
+    sim.replace_route(original, odd)
+    decisions = asyncio.run(_sync_then_offline(config, sim, [mine, foreign]))
+    assert [d.reason for d in decisions] == [Reason.OK, Reason.WRONG_EVENT]
+
+
+def test_a_key_replaced_after_the_last_sync_does_not_make_every_ticket_another_events(sim, paired, keys, tmp_path):
+    config = paired()
+    sim.issue(sim.event)
+    asyncio.run(_sync_then_offline(config, sim, []))  # learns the event's key
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sim.events[sim.event] = (sim.events[sim.event][0], new_key)  # the event's key rotated in TiBillet
+    (tmp_path / "concert.pem").write_bytes(public_pem(new_key))  # and on the gate; no sync since
+    _, fresh = sim.issue(sim.event)
+
+    async def offline():
+        parts = await build(config)
+        try:
+            sim.fail_status = 503
+            return await parts.gate.handle(Scan(token=fresh, reader="front"))
+        finally:
+            sim.fail_status = None
+            await parts.close()
+
+    assert asyncio.run(offline()).reason is Reason.OK
+
+
 def test_a_lane_without_its_events_key_says_so_at_sync(sim, paired, keys, tmp_path, caplog):
     other = tmp_path / "other-show.pem"
     other.write_bytes(public_pem(keys[1]))
