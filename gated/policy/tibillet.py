@@ -39,6 +39,7 @@ from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
 from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, api_message, json_answer, json_body, pairing_answer, request
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
+from gated.policy.tibillet_statuses import STATUS_REASONS, status_of, status_row
 from gated.schema import Key
 from gated.store import Store, StoreThread
 
@@ -72,54 +73,8 @@ KEY_PROBES = 5
 MAX_CODE = 4096  # no scan is longer (the gate refuses longer input as malformed)
 MAX_PAGES = 5000  # a million tickets: a total_pages beyond this is not an answer
 
-# TiBillet sends `get_status_display()`, translated by the server's LANGUAGE_CODE (Lespass ships
-# English and French, French by default). Only "valid and not scanned" may enter.
-STATUSES = {
-    "valid and not scanned": "valid", "valide et non scanné": "valid",
-    "valid and scanned": "scanned", "valide et scanné": "scanned",
-    "canceled": "canceled", "annulé": "canceled",
-    "created": "unpaid", "créé": "unpaid",
-    "inactive": "inactive",
-}
-STATUS_REASONS = {"scanned": Reason.ALREADY_USED, "canceled": Reason.CANCELED, "unpaid": Reason.NOT_PAID,
-                  "inactive": Reason.REJECTED}
-
-
 class KeyRefused(Unreachable):
     """TiBillet refused the API key: deciding offline, but the fix is `gated pair`, not waiting."""
-
-
-def status_of(display: str) -> str:
-    """The status word gated uses for a TiBillet status text; "unknown:<text>" for one it does not know."""
-    return STATUSES.get(display.strip().lower(), f"unknown:{display}")
-
-
-def _status_row(item: Any, event_uuid: str | None) -> dict[str, Any] | None:
-    """The list-file row of one `list_tickets` item, or None for an item that names no ticket.
-
-    A field in the wrong shape costs that field, never the download: a name becomes empty, a status
-    that cannot be read is `unknown:…`, which denies offline (a canceled ticket must not pass by its
-    signature because its status came in a shape gated did not expect).
-    """
-    if not isinstance(item, dict):
-        return None
-    try:
-        uuid = ident(item.get("uuid"), "ticket uuid")
-    except Unreachable:
-        return None
-    if uuid is None:
-        return None
-
-    def field(key: str) -> str:
-        try:
-            return text(item.get(key), key, limit=100)
-        except Unreachable:
-            return ""
-
-    status = field("status")
-    name = " ".join(field(k) for k in ("first_name", "last_name")).strip()
-    return {"token": uuid, "ticket_key": uuid, "name": name, "event_id": event_uuid,
-            "status": cut(status_of(status) if status else "unknown:(unreadable)", ID_LIMIT)}
 
 
 def _prefix(path: str) -> str:
@@ -423,7 +378,7 @@ class TibilletBackend(HttpBackend):
             if not isinstance(body, dict) or not isinstance(body.get("results"), list):
                 raise Unreachable("list_tickets: a page without results")
             pages = integer(body.get("total_pages"), "total_pages", low=0, high=MAX_PAGES) or 0
-            rows += filter(None, (_status_row(item, self.event_uuid) for item in body["results"]))
+            rows += filter(None, (status_row(item, self.event_uuid) for item in body["results"]))
             self._find_own_key(body["results"], own)
             page += 1
         if not own["keys"] and own["probes"]:
