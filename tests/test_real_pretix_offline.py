@@ -389,6 +389,31 @@ def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_off
                                                                       "already_redeemed")
 
 
+def test_a_card_whose_only_ticket_was_canceled_alone_is_refused_offline_as_online(real_pretix, lane):
+    """pretix's media API leaves canceled tickets off a card, its redeem finds them: pretix says
+    `canceled`, gated offline `invalid` ("Medium connected to other event"). Both refuse."""
+    srv = real_pretix
+    srv.add_list("e2e_card")
+    ticket = {"item": srv.items["Ticket"], "attendee_name": "Ada", "price": "10.00"}
+    order = srv.api("POST", srv.ev("orders/"), json={
+        "email": "ada@example.org", "locale": "en", "sales_channel": "web", "send_email": False, "status": "p",
+        "payment_provider": "manual", "positions": [ticket | {"positionid": 1}, ticket | {"positionid": 2}]}).json()
+    canceled = order["positions"][0]["id"]
+    srv.api("DELETE", srv.ev(f"orderpositions/{canceled}/"), expect=(204,))  # this ticket alone; the order stays paid
+    card = "GATEDCARD" + secrets.token_hex(8).upper()
+    srv.api("POST", "reusablemedia/", json={"type": "barcode", "identifier": card, "active": True, "expires": None,
+                                           "linked_orderpositions": [canceled], "info": {}})
+
+    async def offline():
+        async with _offline_lane(lane, "e2e_card", "card") as parts:
+            return await parts.gate.handle(Scan(token=card, reader="front"))
+
+    mine = asyncio.run(offline())
+    theirs = srv.redeem(card, "e2e_card", device=srv.device_token("north"))
+    assert theirs["status"] == "error" and theirs["reason"] == "canceled"
+    assert (mine.verdict, mine.source, mine.backend_code) == (Verdict.DENY, Source.OFFLINE, "invalid")
+
+
 def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, lane):
     srv = real_pretix
     srv.add_list("e2e_annul")
