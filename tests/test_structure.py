@@ -1,6 +1,6 @@
 """The shape of the package: imports point one way (no cycle), and no module grows long without a reason.
 
-docs/design.md's module map says which way imports go; these tests keep the code to it.
+docs/design.md's module map says which way imports go; these tests keep the code to its rules.
 """
 
 from __future__ import annotations
@@ -129,6 +129,16 @@ def test_no_import_cycle_among_gateds_modules() -> None:
     graph = {name: _imports(name, path) for name, path in MODULES.items()}
     cycles = [" -> ".join(cycle) for cycle in _cycles(graph)]
     assert not cycles, "import cycles (move what both sides need into a module both import): " + "; ".join(cycles)
+
+
+def test_imports_point_the_way_docs_design_says() -> None:
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    importers = {m: {n for n, found in graph.items() if m in found} for m in MODULES}
+    assert graph["gated.model"] == graph["gated.errors"] == set()
+    assert graph["gated.tokens"] <= {"gated.logs"}
+    assert not any(m.startswith("gated.policy") for m in importers["gated.drivers.gpio"])
+    assert importers["gated.cli"] == {"gated.__main__"}
+    assert importers["gated.daemon"] <= {"gated.__main__", "gated.cli"}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
