@@ -18,8 +18,10 @@ from pathlib import Path
 
 from benchmarks.common import (
     Figure,
+    decide_mix,
     latency_text,
     line,
+    paced,
     pct,
     rss_mb,
     secret_file,
@@ -133,42 +135,23 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
         first_reload = dict(parts.backend.last_reload)
 
         rng = random.Random(7)
-        admitted: list[str] = []
-        decide = []
-        for i in range(scans):
-            kind = i % 3
-            if kind == 0 or not admitted:
-                token = generated_barcode("CM", rng.randrange(barcodes), True)  # valid, mostly first entry
-            elif kind == 1:
-                token = rng.choice(admitted)  # second entry: counted locally, denied 50
-            else:
-                token = f"NOPE{rng.randrange(10**9)}"  # unknown: 40
-            decision = await parts.gate.handle(Scan(token=token, reader="front"))
-            if decision.admitted:
-                admitted.append(token)
-            decide.append(parts.gate.last_act_ms)
 
-        async def paced(until: asyncio.Task | None, n: int) -> tuple[list[float], list[float]]:
-            # A busy lane, not a flood: what runs beside it is what is measured.
-            acted, committed = [], []
-            while (until is None and len(acted) < n) or (until is not None and not until.done()):
-                token = generated_barcode("CM", rng.randrange(barcodes), True)
-                await parts.gate.handle(Scan(token=token, reader="front"))
-                acted.append(parts.gate.last_act_ms)
-                committed.append(parts.gate.last_commit_ms)
-                await asyncio.sleep(0.02)
-            return acted, committed
+        def valid() -> str:
+            return generated_barcode("CM", rng.randrange(barcodes), True)
+
+        # second entries are counted locally, denied 50; unknown codes 40
+        decide = await decide_mix(parts.gate, scans, valid, lambda: f"NOPE{rng.randrange(10**9)}", rng)
 
         steal = _steal_ms()
         started = time.perf_counter()
-        paced_ms, _ = await paced(None, scans // 2)
+        paced_ms, _ = await paced(parts.gate, valid, n=scans // 2)
         paced_steal = (_steal_ms() - steal) / (time.perf_counter() - started)
         steal = _steal_ms()
         started = time.perf_counter()
         during, commits = [], []
         for _ in range(reloads):  # one reload gives ~250 scans: its p99 is their third slowest
             reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
-            acted, committed = await paced(reload, 0)
+            acted, committed = await paced(parts.gate, valid, reload)
             await reload
             during += acted
             commits += committed
@@ -177,7 +160,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
         set_idle(sim_pid, False)
         try:
             reload = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store, full=True))
-            competing, _ = await paced(reload, 0)
+            competing, _ = await paced(parts.gate, valid, reload)
             await reload
         finally:
             set_idle(sim_pid, True)

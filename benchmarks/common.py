@@ -1,4 +1,5 @@
-"""Helpers shared by the figure modules: percentiles, result rows, temporary configs, subprocesses."""
+"""Helpers shared by the figure modules: percentiles, result rows, temporary configs, subprocesses,
+the scan mixes the backends' figures measure."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -14,12 +16,13 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gated.pipeline import Gate
     from gated.store import StoreThread
 
 
@@ -190,3 +193,42 @@ def set_idle(pid: int, idle: bool) -> None:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
             os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+
+
+async def decide_mix(gate: Gate, scans: int, valid: Callable[[], str], unknown: Callable[[], str],
+                     rng: random.Random) -> list[float]:
+    """`scans` decisions, a third each a valid token (mostly a first entry), a second entry of one
+    admitted before and an unknown token; returns each one's scan -> relay command in ms."""
+    from gated.model import Scan
+
+    admitted: list[str] = []
+    decide = []
+    for i in range(scans):
+        kind = i % 3
+        if kind == 0 or not admitted:
+            token = valid()
+        elif kind == 1:
+            token = rng.choice(admitted)
+        else:
+            token = unknown()
+        decision = await gate.handle(Scan(token=token, reader="front"))
+        if decision.admitted:
+            admitted.append(token)
+        decide.append(gate.last_act_ms)
+    return decide
+
+
+async def paced(gate: Gate, valid: Callable[[], str], until: asyncio.Task | None = None,
+                n: int = 0) -> tuple[list[float], list[float]]:
+    """A scan of `valid()` every 20 ms, `n` of them or until `until` is done; returns each one's
+    scan -> relay command and durable commit in ms. A busy lane, not a flood: what runs beside it
+    is what is measured."""
+    from gated.model import Scan
+
+    acted, committed = [], []
+    while (until is None and len(acted) < n) or (until is not None and not until.done()):
+        await gate.handle(Scan(token=valid(), reader="front"))
+        acted.append(gate.last_act_ms)
+        committed.append(gate.last_commit_ms)
+        await asyncio.sleep(0.02)
+    return acted, committed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import Figure, latency_text, line, pct, secret_file, workdir, write_config
+from benchmarks.common import Figure, latency_text, line, paced, pct, secret_file, workdir, write_config
 from gated import config as configmod
 from gated.model import Scan, ScanMode, Source, deny
 from gated.simulators.entry import DEFAULT_API_KEY, EntrySimulator
@@ -281,14 +281,10 @@ def upload_during_scans(n: int) -> list[Figure]:
                 await parts.backend.sync(parts.store)
                 await parts.store.call(_fill, n, event)
                 rng = random.Random(7)
-                acted: list[float] = []
                 async with housekeeping(parts.store):
                     started = time.perf_counter()
                     drain = asyncio.get_running_loop().create_task(Uploader(parts.backend, parts.store).drain())
-                    while not drain.done():
-                        await parts.gate.handle(Scan(token=f"390{rng.randrange(10**10):010d}", reader="front"))
-                        acted.append(parts.gate.last_act_ms)
-                        await asyncio.sleep(0.02)
+                    acted, _ = await paced(parts.gate, lambda: f"390{rng.randrange(10**10):010d}", drain)
                     sent = await drain
                     seconds = time.perf_counter() - started
                 pending = (await parts.store.call(Store.queue_stats)).pending

@@ -21,8 +21,10 @@ import time
 
 from benchmarks.common import (
     Figure,
+    decide_mix,
     latency_text,
     line,
+    paced,
     pct,
     rss_mb,
     secret_file,
@@ -98,7 +100,6 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
 
     from gated import config as configmod
     from gated.daemon import Parts
-    from gated.model import Scan
     from gated.store import Store, StoreThread
 
     logging.getLogger("gated").setLevel(logging.WARNING)
@@ -133,37 +134,19 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
         loaded = await sync_store.call(Store.ticket_count, parts.backend.positions_name)
 
         rng = random.Random(7)
-        admitted: list[str] = []
-        decide = []
-        for i in range(scans):
-            kind = i % 3
-            if kind == 0 or not admitted:
-                secret = generated_secret(rng.randrange(tickets))  # in the list, mostly a first entry
-            elif kind == 1:
-                secret = rng.choice(admitted)  # a second entry: already used
-            else:
-                secret = f"nope{rng.randrange(10**12):032d}"  # not a ticket of the event
-            decision = await parts.gate.handle(Scan(token=secret, reader="front"))
-            if decision.admitted:
-                admitted.append(secret)
-            decide.append(parts.gate.last_act_ms)
 
-        async def paced(until: asyncio.Task | None, n: int) -> tuple[list[float], list[float]]:
-            acted, committed = [], []
-            while (until is None and len(acted) < n) or (until is not None and not until.done()):
-                await parts.gate.handle(Scan(token=generated_secret(rng.randrange(tickets)), reader="front"))
-                acted.append(parts.gate.last_act_ms)
-                committed.append(parts.gate.last_commit_ms)
-                await asyncio.sleep(0.02)
-            return acted, committed
+        def valid() -> str:
+            return generated_secret(rng.randrange(tickets))
 
-        paced_ms, _ = await paced(None, scans // 2)
+        decide = await decide_mix(parts.gate, scans, valid, lambda: f"nope{rng.randrange(10**12):032d}", rng)
+
+        paced_ms, _ = await paced(parts.gate, valid, n=scans // 2)
         during, commits = [], []
         started = time.perf_counter()
         for _ in range(syncs):
             await sync_store.call(forget_since)
             sync = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store))
-            acted, committed = await paced(sync, 0)
+            acted, committed = await paced(parts.gate, valid, sync)
             await sync
             during += acted
             commits += committed
