@@ -20,12 +20,12 @@ from benchmarks.common import (
     Figure,
     decide_mix,
     latency_text,
-    line,
     paced,
     pct,
     rss_mb,
     secret_file,
     set_idle,
+    show,
     with_sync_store,
     workdir,
     write_config,
@@ -203,9 +203,7 @@ def main() -> int:
         url, sim_pid, barcodes, scans, uploads, reloads = args.child
         print(json.dumps(child(url, int(sim_pid), int(barcodes), int(scans), int(uploads), int(reloads))))
         return 0
-    for fig in figures(args.quick):
-        print(line(fig), flush=True)
-    return 0
+    return show(figures(args.quick))
 
 
 if __name__ == "__main__":

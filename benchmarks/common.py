@@ -62,6 +62,16 @@ def line(fig: Figure) -> str:
     return f"  {fig.verdict:4}  {fig.name}: {fig.value}  [target {fig.target}]"
 
 
+def show(rows: Iterable[Figure]) -> int:
+    """Print each row as it is measured, for a figure module run alone; returns its exit status, 1 if
+    any row says FAIL, as `python -m benchmarks` does."""
+    failed = False
+    for fig in rows:
+        print(line(fig), flush=True)
+        failed |= fig.ok is False
+    return int(failed)
+
+
 def pct(values: Iterable[float], p: float) -> float:
     data = sorted(values)
     if not data:

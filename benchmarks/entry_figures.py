@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import Figure, latency_text, line, paced, pct, secret_file, workdir, write_config
+from benchmarks.common import Figure, latency_text, paced, pct, secret_file, show, workdir, write_config
 from gated import config as configmod
 from gated.model import Scan, ScanMode, Source, deny
 from gated.simulators.entry import DEFAULT_API_KEY, EntrySimulator
@@ -347,5 +347,4 @@ def figures(quick: bool) -> Iterator[Figure]:
 if __name__ == "__main__":
     import sys
 
-    for fig in figures("--quick" in sys.argv):
-        print(line(fig), flush=True)
+    sys.exit(show(figures("--quick" in sys.argv)))

@@ -23,12 +23,12 @@ from benchmarks.common import (
     Figure,
     decide_mix,
     latency_text,
-    line,
     paced,
     pct,
     rss_mb,
     secret_file,
     set_idle,
+    show,
     with_sync_store,
     workdir,
     write_config,
@@ -267,10 +267,7 @@ def main() -> int:
         print(json.dumps(child(url, token, int(tickets), int(scans), int(syncs))))
         return 0
     chosen = {"sync": sync_figures, "online": online_figures}
-    for fn in [chosen[args.only]] if args.only else chosen.values():
-        for fig in fn(args.quick):
-            print(line(fig), flush=True)
-    return 0
+    return show(fig for fn in ([chosen[args.only]] if args.only else chosen.values()) for fig in fn(args.quick))
 
 
 if __name__ == "__main__":

@@ -133,3 +133,12 @@ def test_the_venue_figure_measures_the_metrics_hook_the_scan_path_runs():
     offline, hook = offline_with_metrics(200, 5, 30)
     assert offline.ok is not None and "n=30" in offline.value
     assert hook.ok is None and " 0 scan series" not in hook.value and "scan series written" in hook.value
+
+
+def test_a_figure_module_run_alone_prints_each_row_and_exits_one_on_a_fail(capsys):
+    from benchmarks.common import show
+
+    assert show([Figure("a", "1 ms", "<= 5 ms", True), Figure("b", "context")]) == 0
+    assert show([Figure("a", "6 ms", "<= 5 ms", False), Figure("b", "context")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "  FAIL  a: 6 ms  [target <= 5 ms]" and len(out) == 4
