@@ -23,6 +23,7 @@ from benchmarks.common import (
     paced,
     pct,
     rss_mb,
+    run_child,
     secret_file,
     set_idle,
     show,
@@ -48,21 +49,12 @@ def start_simulator(barcodes: int) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[0]
 
 
-def measure(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloads: int) -> dict:
-    """Run the child measurement in a fresh interpreter; returns its JSON result."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.cm_figures", "--child", url, str(sim_pid), str(barcodes),
-                          str(scans), str(uploads), str(reloads)], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"cm_figures child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def figures(quick: bool) -> list[Figure]:
     barcodes, scans, uploads = 100_000, (300 if quick else 3000), (2000 if quick else 10_000)
     reloads = 1 if quick else 3
     sim, url = start_simulator(barcodes)
     try:
-        r = measure(url, sim.pid, barcodes, scans, uploads, reloads)
+        r = run_child("benchmarks.cm_figures", url, sim.pid, barcodes, scans, uploads, reloads, timeout=600)
     finally:
         sim.terminate()
         sim.wait(10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -164,6 +165,16 @@ def start_daemon(config: Path, notify_path: str, **popen) -> tuple[subprocess.Po
         msg = sock.recv(4096).decode()
         if "READY=1" in msg:
             return proc, time.perf_counter() - started
+
+
+def run_child(module: str, *args: object, timeout: float) -> dict:
+    """`python -m MODULE --child ARGS…` in a fresh interpreter, so its peak RSS is gated's side alone;
+    returns the JSON it prints last."""
+    out = subprocess.run([sys.executable, "-m", module, "--child", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rss_mb(pid: int) -> float:

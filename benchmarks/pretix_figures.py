@@ -26,6 +26,7 @@ from benchmarks.common import (
     paced,
     pct,
     rss_mb,
+    run_child,
     secret_file,
     set_idle,
     show,
@@ -65,14 +66,10 @@ def sync_figures(quick: bool) -> list[Figure]:
     scans, syncs = (300 if quick else 3000), (1 if quick else 3)
     sim, url, token = start_simulator(TICKETS)
     try:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.pretix_figures", "--child", url, token,
-                              str(TICKETS), str(scans), str(syncs)], capture_output=True, text=True, timeout=900)
+        r = run_child("benchmarks.pretix_figures", url, token, TICKETS, scans, syncs, timeout=900)
     finally:
         sim.terminate()
         sim.wait(10)
-    if out.returncode != 0:
-        raise RuntimeError(f"pretix_figures child failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
     return [
         Figure(f"pretix sync of {TICKETS:,} tickets (orders/, pages of 50, into the list file)",
                f"{r['sync_s']:.1f} s ({r['loaded']:,} loaded)", "<= 10 s",
