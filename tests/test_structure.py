@@ -6,6 +6,7 @@ docs/design.md's module map says which way imports go; these tests keep the code
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,23 @@ def test_imports_point_the_way_docs_design_says() -> None:
     assert not any(m.startswith("gated.policy") for m in importers["gated.drivers.gpio"])
     assert importers["gated.cli"] == {"gated.__main__"}
     assert importers["gated.daemon"] <= {"gated.__main__", "gated.cli"}
+
+
+def test_the_module_map_of_docs_design_names_every_module() -> None:
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    rows = {row.split("|")[1]: row for row in section.splitlines() if row.startswith("| `gated/")}
+    missing = []
+    for path in MODULES.values():
+        where = path.relative_to(PACKAGE.parent)
+        if len(where.parts) == 2:  # gated/NAME.py: named in the first column
+            if path.stem not in ("__init__", "__main__") and f"`{where}`" not in "".join(rows):
+                missing.append(str(where))
+        elif where.parts[1] in ("policy", "store") and path.stem != "__init__":  # rows that name their files
+            row = next(r for first, r in rows.items() if f"`gated/{where.parts[1]}/`" in first)
+            if not re.search(rf"`{path.stem}(\.py|`|\.)", row):
+                missing.append(str(where))
+    assert not missing, f"docs/design.md's module map does not name {missing}"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
