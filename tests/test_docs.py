@@ -101,7 +101,6 @@ def test_readme_commands_table_lists_every_command_and_no_other():
     assert listed == set(cli.build_parser()._subparsers._group_actions[0].choices)
 
 
-
 def test_nothing_in_the_repository_cites_a_design_file_outside_it():
     cited = []
     for path in ROOT.rglob("*"):

@@ -564,9 +564,6 @@ def test_any_api_answer_is_a_verdict_an_upload_outcome_or_unreachable_never_a_cr
     fuzz(st.lists(_answer(templates), min_size=1, max_size=4 if operation == "sync" else 1), check)
 
 
-
-
-
 # --- the whole scan path: reader text -> normalise -> decide -> store -> outputs -> log ----------------
 
 # What readers hand over: any text (a serial engine decodes with surrogateescape, so invalid bytes
