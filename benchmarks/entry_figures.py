@@ -125,10 +125,13 @@ def dead_server(n: int) -> list[Figure]:
                 assert d.source is Source.OFFLINE
             for _ in range(3):  # open the breaker
                 await parts.gate.handle(Scan(token="3901300000000", reader="front"))
+            # A refused connection costs little, so scans that still asked would pass this figure too.
+            assert parts.decider.breaker.is_open, "the breaker did not open"
             for i in range(max(n * 20, 200)):
                 await parts.gate.handle(Scan(token=f"39014{i:08d}", reader="front"))
                 open_ms.append(parts.gate.last_act_ms)
                 commit_ms.append(parts.gate.last_commit_ms)
+            assert parts.decider.breaker.is_open, "the breaker closed while the server was down"
         finally:
             await parts.close()
         return refused, stalled, open_ms, commit_ms

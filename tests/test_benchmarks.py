@@ -1,7 +1,8 @@
 """The benchmark harness tells the truth: verdicts, the summary, broken figures and the Markdown run.
 
-No real figure runs here: fake figure modules are put in `sys.modules` and named in
-`FIGURE_MODULES`, so these tests take milliseconds and say nothing about performance.
+Fake figure modules are put in `sys.modules` and named in `FIGURE_MODULES`, so these tests take
+milliseconds and say nothing about performance; the two small real runs at the end check that a
+figure measures what it names.
 """
 
 from __future__ import annotations
@@ -142,3 +143,13 @@ def test_a_figure_module_run_alone_prints_each_row_and_exits_one_on_a_fail(capsy
     assert show([Figure("a", "6 ms", "<= 5 ms", False), Figure("b", "context")]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "  FAIL  a: 6 ms  [target <= 5 ms]" and len(out) == 4
+
+
+def test_the_breaker_open_figure_refuses_to_measure_when_the_breaker_never_opens(monkeypatch):
+    """A refused connection is fast: scans that still asked the API would pass "breaker open" unmeasured."""
+    from benchmarks.entry_figures import dead_server
+    from gated.policy.breaker import Breaker
+
+    monkeypatch.setattr(Breaker, "record", lambda self, ok, elapsed, now: False)
+    with pytest.raises(AssertionError, match="the breaker did not open"):
+        dead_server(1)
