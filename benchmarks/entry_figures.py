@@ -195,6 +195,8 @@ def hanging_burst(bursts: int) -> list[Figure]:
                 parts.decider.breaker.close()  # each burst meets the API hanging with the breaker closed
                 sim.stall.set()
                 decided, acted = await burst(daemon, b * size)
+                # Proof the burst met a hanging API: answered scans would pass this figure unmeasured.
+                assert parts.decider.breaker.is_open, "the breaker did not open: the API was not hanging"
                 sim.stall.clear()  # the held requests end; their clients have long gone
                 verdict_ms += decided
                 acted_ms += acted

@@ -1,7 +1,7 @@
 """The benchmark harness tells the truth: verdicts, the summary, broken figures and the Markdown run.
 
 Fake figure modules are put in `sys.modules` and named in `FIGURE_MODULES`, so these tests take
-milliseconds and say nothing about performance; the two small real runs at the end check that a
+milliseconds and say nothing about performance; the few small real runs at the end check that a
 figure measures what it names.
 """
 
@@ -153,3 +153,19 @@ def test_the_breaker_open_figure_refuses_to_measure_when_the_breaker_never_opens
     monkeypatch.setattr(Breaker, "record", lambda self, ok, elapsed, now: False)
     with pytest.raises(AssertionError, match="the breaker did not open"):
         dead_server(1)
+
+
+def test_the_hanging_burst_figure_refuses_to_measure_an_api_that_answers(monkeypatch):
+    from benchmarks.entry_figures import hanging_burst
+    from gated.simulators.entry import EntrySimulator
+
+    real_start = EntrySimulator.start
+
+    def never_stalls(self):
+        started = real_start(self)
+        self.stall.set = lambda: None
+        return started
+
+    monkeypatch.setattr(EntrySimulator, "start", never_stalls)
+    with pytest.raises(AssertionError, match="the API was not hanging"):
+        hanging_burst(1)
