@@ -142,9 +142,12 @@ def child(url: str, token: str, tickets: int, scans: int, syncs: int) -> dict:
         started = time.perf_counter()
         for _ in range(syncs):
             await sync_store.call(forget_since)
+            parts.backend.last_reload = {}
             sync = asyncio.get_running_loop().create_task(parts.backend.sync(sync_store))
             acted, committed = await paced(parts.gate, valid, sync)
             await sync
+            # A sync of the changes alone is over in a moment: scans beside it would pass unmeasured.
+            assert parts.backend.last_reload.get("tickets", 0) >= tickets, "the sync was not a full download"
             during += acted
             commits += committed
         resync_s = (time.perf_counter() - started) / syncs

@@ -169,3 +169,22 @@ def test_the_hanging_burst_figure_refuses_to_measure_an_api_that_answers(monkeyp
     monkeypatch.setattr(EntrySimulator, "start", never_stalls)
     with pytest.raises(AssertionError, match="the API was not hanging"):
         hanging_burst(1)
+
+
+def test_the_scans_during_a_pretix_sync_figure_refuses_a_sync_of_the_changes_alone(monkeypatch):
+    from benchmarks.pretix_figures import child, start_simulator
+    from gated.store import Store
+
+    real_get = Store.get
+
+    def since_remembered(self, key, *args, **kw):  # as if forgetting the last download failed
+        return "2026-01-01T00:00:00Z" if ":orders_since:" in key else real_get(self, key, *args, **kw)
+
+    monkeypatch.setattr(Store, "get", since_remembered)
+    sim, url, token = start_simulator(200)
+    try:
+        with pytest.raises(AssertionError, match="the sync was not a full download"):
+            child(url, token, 200, 30, 1)
+    finally:
+        sim.terminate()
+        sim.wait(10)
