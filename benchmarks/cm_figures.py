@@ -61,7 +61,8 @@ def figures(quick: bool) -> list[Figure]:
     upload_target = uploads / 100_000 * 30  # docs/design.md: 100,000 queued scans within 30 s
     return [
         Figure(f"CM.com sync of {barcodes:,} barcodes (full download, pages of 500, into SQLite)",
-               f"{r['ingest_s']:.1f} s", "<= 10 s", r["ingest_s"] <= 10),
+               f"{r['ingest_s']:.1f} s ({r['loaded']:,} loaded)", "<= 10 s",
+               r["ingest_s"] <= 10 and r["loaded"] >= barcodes),
         Figure("  peak RSS of gated during that sync",
                f"{r['peak_rss_mb']:.1f} MB (before it {r['rss_before_mb']:.1f} MB)", "<= 50 MB",
                r["peak_rss_mb"] <= 50),
@@ -125,6 +126,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
         ingest = time.perf_counter() - started
         peak = peak_rss_mb()  # VmHWM: this process's own, which ru_maxrss is not
         first_reload = dict(parts.backend.last_reload)
+        loaded = await sync_store.call(parts.backend.offline_count)
 
         rng = random.Random(7)
 
@@ -162,7 +164,7 @@ def child(url: str, sim_pid: int, barcodes: int, scans: int, uploads: int, reloa
         started = time.perf_counter()
         uploaded = await Uploader(parts.backend, parts.store).drain()
         upload_s = time.perf_counter() - started
-        return {"ingest_s": ingest, "rss_before_mb": before, "peak_rss_mb": peak, "decide_ms": decide,
+        return {"ingest_s": ingest, "loaded": loaded, "rss_before_mb": before, "peak_rss_mb": peak, "decide_ms": decide,
                 "paced_ms": paced_ms, "paced_steal": paced_steal, "reload_steal": reload_steal,
                 "during_reload_ms": during, "commits": commits, "competing_ms": competing,
                 "first_reload": first_reload, "reload_s": reload_s, "upload_s": upload_s, "uploaded": uploaded}

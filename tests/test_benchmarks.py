@@ -188,3 +188,23 @@ def test_the_scans_during_a_pretix_sync_figure_refuses_a_sync_of_the_changes_alo
     finally:
         sim.terminate()
         sim.wait(10)
+
+
+def test_a_cm_sync_that_loaded_less_than_it_was_given_fails_however_fast(monkeypatch):
+    import benchmarks.cm_figures as cm
+
+    class Sim:
+        pid = 0
+
+        def terminate(self): ...
+
+        def wait(self, timeout): ...
+
+    measured = {"ingest_s": 0.5, "loaded": 99_999, "rss_before_mb": 40.0, "peak_rss_mb": 41.0,
+                "first_reload": {"peak_rss_mb": 45.0, "written_mb": 30.0}, "decide_ms": [1.0], "paced_ms": [1.0],
+                "paced_steal": 0.0, "during_reload_ms": [1.0], "reload_s": 5.0, "commits": [0.5],
+                "reload_steal": 0.0, "competing_ms": [1.0], "upload_s": 0.1, "uploaded": 2000}
+    monkeypatch.setattr(cm, "start_simulator", lambda barcodes: (Sim(), "http://127.0.0.1:9"))
+    monkeypatch.setattr(cm, "run_child", lambda *args, timeout: measured)
+    sync = cm.figures(quick=True)[0]
+    assert sync.verdict == "FAIL" and "99,999 loaded" in sync.value
