@@ -558,3 +558,12 @@ def test_tibillet_without_event_uuid_warns_that_entries_are_refused(tibillet, ma
     _, make = tibillet
     c = line(run_checks(make(event_uuid=""), machine)[0], "ticket statuses")
     assert c.status == WARN and "event_uuid" in c.fix
+
+
+def test_the_screen_escapes_what_a_server_put_into_a_detail():
+    from gated.doctor import Check, render
+
+    forged = "credentials refused (HTTP 401: \x1b[2J\nOK    backend  all fine\u202e)"
+    screen = render([Check("backend", FAIL, forged, "ask \x9b31m the venue")], None, "gated.toml")
+    assert "\x1b" not in screen and "\x9b" not in screen and "\u202e" not in screen
+    assert "\\x1b[2J\\x0aOK" in screen and screen.count("\n") == 3  # title, check, its fix, summary

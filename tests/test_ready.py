@@ -392,3 +392,12 @@ def test_the_reader_and_store_checks_run_off_the_event_loop(lane, system, capsys
     monkeypatch.setattr(ready, "_store", store_check)
     run(lane(), system, capsys)
     assert threads and threading.get_ident() not in threads.values()
+
+
+def test_the_screen_escapes_what_a_server_put_into_a_detail(lane):
+    config = configmod.load(lane(load=False))
+    forged = ready.Result("ticket count", False, "not compared: the API said \x1b[2J\nok    ticket count  fine",
+                          "ask \x9b31m the venue")
+    screen = ready.render([forged], config)
+    assert "\x1b" not in screen and "\x9b" not in screen
+    assert "\\x1b[2J\\x0aok" in screen and screen.count("\n") == 2  # head, check, its fix
