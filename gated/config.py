@@ -140,14 +140,16 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _check_metrics(section: Section) -> list[str]:
+    problems = []
     try:
         if section.get("listen"):
             parse_listen(section["listen"])
     except ValueError as e:
-        return [f"[metrics] listen = {fmt(section['listen'])}: {e}."]
+        problems.append(f"[metrics] listen = {fmt(section['listen'])}: {e}.")
     if section.get("textfile") and not section["textfile"].endswith(".prom"):
-        return [f"[metrics] textfile = {fmt(section['textfile'])}: node_exporter reads only files named *.prom."]
-    return []
+        problems.append(f"[metrics] textfile = {fmt(section['textfile'])}: node_exporter reads only files named "
+                        "*.prom.")
+    return problems
 
 
 # [occupancy]: people inside across the venue's lanes and a capacity stop (gated.occupancy).
