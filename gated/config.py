@@ -264,7 +264,8 @@ FIXED = {
 }
 # Fixed sections a file may leave out; their Config field is then None.
 OPTIONAL = ("buzzer", "mqtt", "metrics", "occupancy")
-# Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
+
+
 def _check_lane(section: Section) -> list[str]:
     """The name is the first word of every log line and part of MQTT topics: one short printable word."""
     name = section.get("name")
@@ -274,6 +275,7 @@ def _check_lane(section: Section) -> list[str]:
     return []
 
 
+# Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
 CHECKS: dict[str, Callable[[Section], list[str]]] = {
     "lane": _check_lane,
     "mqtt": _check_mqtt,

@@ -37,8 +37,9 @@ def _secrets(config: Config) -> list[str]:
     from gated.secrets import secret_file
 
     out: list[str] = []
+    known = schemas()  # imports every backend and reader module's schema: once, not once a section
     for section in config.sections():
-        schema = _schema_of(section, schemas())
+        schema = _schema_of(section, known)
         for name, value in section.items():
             key = schema.get(name)
             if key is None or key.kind != "secret" or not value:
