@@ -542,6 +542,9 @@ def accept_new_store(config_path: str | None = None) -> int:
     except ConfigError as e:
         print(configmod.report(e), file=sys.stderr)
         return 2
+    if not Path(config.store.path).exists():  # do not create a store (as root) only to find nothing in it
+        print(f"no store at {config.store.path}: nothing to confirm")
+        return 0
     try:
         store = Store(config.store.path)
         try:

@@ -491,6 +491,15 @@ def test_a_replaced_store_warns_what_was_lost_until_the_technician_accepts_it(ga
     assert "store" not in statuses(run_checks(path, machine)[0])
 
 
+def test_accepting_a_new_store_where_there_is_none_creates_none(gate, capsys):
+    path = gate()
+    store_path = Path(configmod.load(path).store.path)
+    assert not store_path.exists()
+    assert cli.main(["doctor", "--config", path, "--accept-new-store"]) == 0
+    assert "nothing to confirm" in capsys.readouterr().out
+    assert not store_path.exists()
+
+
 # --- TiBillet ---------------------------------------------------------------------------------
 
 TIBILLET = """
