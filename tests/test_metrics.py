@@ -110,7 +110,8 @@ def test_every_metrics_problem_is_reported_at_once(load_config):
     assert [p.split(" =")[0] for p in e.value.problems] == ["[metrics] listen", "[metrics] textfile"]
 
 
-def test_the_example_documents_metrics():
+def test_the_metrics_keys_are_the_designs():
+    # A contract (docs/design.md): renaming a key breaks installers' files. test_docs checks the example.
     assert {"textfile", "listen", "interval_seconds"} == set(configmod.METRICS)
 
 
