@@ -140,14 +140,16 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _check_metrics(section: Section) -> list[str]:
+    problems = []
     try:
         if section.get("listen"):
             parse_listen(section["listen"])
     except ValueError as e:
-        return [f"[metrics] listen = {fmt(section['listen'])}: {e}."]
+        problems.append(f"[metrics] listen = {fmt(section['listen'])}: {e}.")
     if section.get("textfile") and not section["textfile"].endswith(".prom"):
-        return [f"[metrics] textfile = {fmt(section['textfile'])}: node_exporter reads only files named *.prom."]
-    return []
+        problems.append(f"[metrics] textfile = {fmt(section['textfile'])}: node_exporter reads only files named "
+                        "*.prom.")
+    return problems
 
 
 # [occupancy]: people inside across the venue's lanes and a capacity stop (gated.occupancy).
@@ -262,16 +264,24 @@ FIXED = {
 }
 # Fixed sections a file may leave out; their Config field is then None.
 OPTIONAL = ("buzzer", "mqtt", "metrics", "occupancy")
-# Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
+
+
 def _check_lane(section: Section) -> list[str]:
-    """The name is the first word of every log line and part of MQTT topics: one short printable word."""
+    """The name is the first word of every log line and part of MQTT topics: one short printable word.
+    The serial goes to the ticket APIs in HTTP headers (Entry's upload Filename), which carry ASCII only."""
+    problems = []
     name = section.get("name")
     if isinstance(name, str) and not (0 < len(name) <= 64 and name.isprintable() and name.split() == [name]):
-        return [f"[lane] name = {fmt(name)}: 1 to 64 printable characters without spaces, e.g. \"north-3\" "
-                "(it is the first word of every log line)."]
-    return []
+        problems.append(f"[lane] name = {fmt(name)}: 1 to 64 printable characters without spaces, e.g. \"north-3\" "
+                        "(it is the first word of every log line).")
+    serial = section.get("serial")
+    if isinstance(serial, str) and serial and not (len(serial) <= 64 and serial.isascii() and serial.isprintable()):
+        problems.append(f"[lane] serial = {fmt(serial)}: at most 64 printable ASCII characters, e.g. \"PI-0001\" "
+                        "(it is sent to the ticket API in HTTP headers).")
+    return problems
 
 
+# Rules across the keys of one fixed section, like a reader module's `check`: section -> problems.
 CHECKS: dict[str, Callable[[Section], list[str]]] = {
     "lane": _check_lane,
     "mqtt": _check_mqtt,

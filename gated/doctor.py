@@ -29,6 +29,7 @@ from gated import config as configmod
 from gated import preflight
 from gated.config import Config
 from gated.errors import BackendRejected, ConfigError, GatedError, StoreError, Unreachable
+from gated.logs import MAX_MESSAGE, clean
 from gated.progress import Progress
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -541,6 +542,9 @@ def accept_new_store(config_path: str | None = None) -> int:
     except ConfigError as e:
         print(configmod.report(e), file=sys.stderr)
         return 2
+    if not Path(config.store.path).exists():  # do not create a store (as root) only to find nothing in it
+        print(f"no store at {config.store.path}: nothing to confirm")
+        return 0
     try:
         store = Store(config.store.path)
         try:
@@ -549,7 +553,7 @@ def accept_new_store(config_path: str | None = None) -> int:
             store.close()
             keep_owner(config.store.path)
     except StoreError as e:
-        print(f"gated: {e}", file=sys.stderr)
+        print(f"gated: {clean(e)}", file=sys.stderr)
         return 1
     if info is None:
         print(f"{config.store.path} replaced no damaged store: nothing to confirm")
@@ -679,9 +683,11 @@ def render(checks: list[Check], config: Config | None, path: str, color: bool = 
     lines = [title]
     for c in checks:
         status = f"{paint.get(c.status, '')}{c.status:<4}{reset}"
-        lines.append(f"{status}  {c.name:<{width}}  {c.detail}")
+        # Details carry the words of servers, devices and files (an API's refusal, a device name):
+        # escaped here, where they reach the terminal, so none can forge a line or drive the screen.
+        lines.append(f"{status}  {c.name:<{width}}  {clean(c.detail, MAX_MESSAGE)}")
         if c.fix and c.status != OK:
-            lines.append(f"{'':4}  {'':<{width}}  -> {c.fix}")
+            lines.append(f"{'':4}  {'':<{width}}  -> {clean(c.fix, MAX_MESSAGE)}")
     fails = sum(c.status == FAIL for c in checks)
     warns = sum(c.status == WARN for c in checks)
     if fails:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from gated import __version__
 from gated.config import parse_mqtt_url
 from gated.errors import ConfigError, GatedError, StoreError
+from gated.logs import clean
 from gated.occupancy import HEARTBEAT_SECONDS, REMEMBER_KEY, Counts, Occupancy, valid_counts
 from gated.schema import Section
 from gated.secrets import read_secret
@@ -69,10 +70,8 @@ class BadMessage(GatedError, ValueError):
 
 
 def shown(value: Any, limit: int = 60) -> str:
-    """Text from a message or topic as it may appear in a log line: cut, and escaped to printable ASCII."""
-    text = value if isinstance(value, str) else repr(value)
-    cut = text[:limit].encode("unicode_escape").decode("ascii")
-    return cut + "…" if len(text) > limit else cut
+    """A value from a message or topic as a log line may quote it: the log's own escaping (logs.clean), short."""
+    return clean(value if isinstance(value, str) else repr(value), limit)
 
 
 # --- topics (the [mqtt] keys and their rules: gated.config) ----------------------------------

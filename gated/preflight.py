@@ -2,7 +2,8 @@
 
 systemd runs `gated check` as ExecStartPre: whatever it passes must start, or the unit loops on
 restarts. So it asks the functions start-up asks (the backend's constructor, secrets.secret_file,
-mqtt.read_venue_key, the ticket list reader), and predicts the store's open from the path alone.
+mqtt.read_venue_key and read_secret for [mqtt], the ticket list reader), and predicts the store's
+open from the path alone.
 It reads files as the user it runs as (the service user under systemd, or root), never writes.
 """
 
@@ -37,8 +38,9 @@ def _secrets(config: Config) -> list[str]:
     from gated.secrets import secret_file
 
     out: list[str] = []
+    known = schemas()  # imports every backend and reader module's schema: once, not once a section
     for section in config.sections():
-        schema = _schema_of(section, schemas())
+        schema = _schema_of(section, known)
         for name, value in section.items():
             key = schema.get(name)
             if key is None or key.kind != "secret" or not value:
@@ -47,13 +49,23 @@ def _secrets(config: Config) -> list[str]:
                 secret_file(value, f"{section.where} {name}")
             except ConfigError as e:
                 out += e.problems
-    if config.mqtt is not None and config.mqtt.get("hmac_key_file"):
+    mqtt = config.mqtt
+    if mqtt is not None:
         from gated.mqtt import read_venue_key
+        from gated.secrets import read_secret
 
-        try:
-            read_venue_key(config.mqtt.hmac_key_file)  # also refuses a key too short to sign with
-        except ConfigError as e:
-            out += e.problems
+        # The lane link reads these at start, contents too: a venue key too short to sign with, a
+        # password file of blanks or not UTF-8 would pass the look above and stop `gated run`.
+        reads = []
+        if mqtt.get("hmac_key_file"):
+            reads.append(lambda: read_venue_key(mqtt.hmac_key_file))
+        if mqtt.get("password_file"):
+            reads.append(lambda: read_secret(mqtt.password_file, "[mqtt] password_file"))
+        for read in reads:
+            try:
+                read()
+            except ConfigError as e:
+                out += e.problems
     return out
 
 

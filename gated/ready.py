@@ -22,6 +22,7 @@ from gated import doctor
 from gated.config import Config
 from gated.doctor import FAIL, OK, System, ago
 from gated.errors import ConfigError, GatedError, StoreError, Unreachable
+from gated.logs import MAX_MESSAGE, clean
 
 UPLOAD_LIMIT = 600.0  # a scan waiting longer than this for upload means uploads are not getting through
 OUTPUTS_TESTED = "outputs:tested"  # the store's kv: {"boot_id", "at"} of the last full `gated outputs test`
@@ -263,10 +264,10 @@ def render(results: list[Result], config: Config) -> str:
             f"gated ready: lane {config.lane.name} is NOT READY ({len(failed)} of {len(results)} checks failed)")
     width = max(len(r.check) for r in results)
     lines = [head]
-    for r in results:
-        lines.append(f"{'ok' if r.ok else 'FAIL':<4}  {r.check:<{width}}  {r.detail}")
+    for r in results:  # details carry servers' and devices' words: escaped as doctor.render does
+        lines.append(f"{'ok' if r.ok else 'FAIL':<4}  {r.check:<{width}}  {clean(r.detail, MAX_MESSAGE)}")
         if not r.ok and r.fix:
-            lines.append(f"{'':4}  {'':<{width}}  -> {r.fix}")
+            lines.append(f"{'':4}  {'':<{width}}  -> {clean(r.fix, MAX_MESSAGE)}")
     return "\n".join(lines)
 
 
@@ -280,7 +281,7 @@ def main(config_path: str | None = None, as_json: bool = False, system: System |
         print(configmod.report(e), file=sys.stderr)
         return 2
     except GatedError as e:  # a backend that cannot be built from this config
-        print(f"gated: {e}", file=sys.stderr)
+        print(f"gated: {clean(e)}", file=sys.stderr)
         return 2
     if as_json:
         print(json.dumps([r.as_json() for r in results], indent=1))

@@ -161,6 +161,21 @@ def test_check_refuses_a_venue_key_too_short_to_sign_with(write_config, tmp_path
     assert r.returncode == 2 and "the key has 5 characters; use at least 16" in r.stderr
 
 
+@pytest.mark.parametrize("content", [b"\n \n", b"\xff\xfe"], ids=["blank", "not UTF-8"])
+def test_check_refuses_an_mqtt_password_file_run_would_refuse(write_config, tmp_path, content):
+    key, password = tmp_path / "venue.key", tmp_path / "mqtt.password"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    password.write_bytes(content)
+    key.chmod(0o600)
+    password.chmod(0o600)
+    config = write_config(SECRETS["mqtt"][0].format(key=key) + f'username = "lane-1"\npassword_file = "{password}"\n')
+    said = f'[mqtt] password_file = "{password}": ' + ("the file is empty." if content.isspace() else "not UTF-8 text.")
+    r = gated("check", config)
+    assert r.returncode == 2 and f"  {said}" in r.stderr, r.stderr
+    run = gated("run", config)
+    assert run.returncode == 2 and said in run.stderr
+
+
 def _store_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "state").mkdir()

@@ -280,3 +280,11 @@ def test_a_lane_name_that_would_break_the_log_line_is_a_config_error(load_config
     with pytest.raises(ConfigError) as e:
         load_config(f'[lane]\nname = "{name}"\n[reader.front]\ntype = "stdin"\n', base="")
     assert any("[lane] name" in p and "printable characters without spaces" in p for p in e.value.problems)
+
+
+@pytest.mark.parametrize("serial", ["PI-é01", "PI\\n0001", "S" * 65])
+def test_a_lane_serial_no_http_header_can_carry_is_a_config_error(load_config, serial):
+    # Entry's uploads name the lane's serial in a header: a non-ASCII one failed every upload.
+    with pytest.raises(ConfigError) as e:
+        load_config(f'[lane]\nserial = "{serial}"\n[reader.front]\ntype = "stdin"\n', base="")
+    assert any("[lane] serial" in p and "printable ASCII" in p for p in e.value.problems)

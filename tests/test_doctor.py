@@ -406,9 +406,14 @@ def test_offline_data_is_ok_after_a_sync_and_stale_past_max_age(entry, machine):
     sync(path)
     c = line(run_checks(path, machine)[0], "offline data")
     assert c.status == OK and "old (limit 10 min)" in c.detail
+    assert_stale_an_hour_later(path, machine, "offline data")
+
+
+def assert_stale_an_hour_later(path, machine, check):
+    """An hour on, past the 10 min of [offline] max_age_seconds, the check warns that the data is stale."""
     later = time.time() + 3600
     machine.clock = lambda: later
-    c = line(run_checks(path, machine)[0], "offline data")
+    c = line(run_checks(path, machine)[0], check)
     assert c.status == WARN and "older than [offline] max_age_seconds" in c.detail
 
 
@@ -486,6 +491,15 @@ def test_a_replaced_store_warns_what_was_lost_until_the_technician_accepts_it(ga
     assert "store" not in statuses(run_checks(path, machine)[0])
 
 
+def test_accepting_a_new_store_where_there_is_none_creates_none(gate, capsys):
+    path = gate()
+    store_path = Path(configmod.load(path).store.path)
+    assert not store_path.exists()
+    assert cli.main(["doctor", "--config", path, "--accept-new-store"]) == 0
+    assert "nothing to confirm" in capsys.readouterr().out
+    assert not store_path.exists()
+
+
 # --- TiBillet ---------------------------------------------------------------------------------
 
 TIBILLET = """
@@ -548,13 +562,19 @@ def test_tibillet_ticket_statuses_show_their_age_once_downloaded(tibillet, machi
     sync(path)
     c = line(run_checks(path, machine)[0], "ticket statuses")
     assert c.status == OK and "1 ticket(s) from list_tickets" in c.detail
-    later = time.time() + 3600
-    machine.clock = lambda: later
-    c = line(run_checks(path, machine)[0], "ticket statuses")
-    assert c.status == WARN and "older than [offline] max_age_seconds" in c.detail
+    assert_stale_an_hour_later(path, machine, "ticket statuses")
 
 
 def test_tibillet_without_event_uuid_warns_that_entries_are_refused(tibillet, machine):
     _, make = tibillet
     c = line(run_checks(make(event_uuid=""), machine)[0], "ticket statuses")
     assert c.status == WARN and "event_uuid" in c.fix
+
+
+def test_the_screen_escapes_what_a_server_put_into_a_detail():
+    from gated.doctor import Check, render
+
+    forged = "credentials refused (HTTP 401: \x1b[2J\nOK    backend  all fine\u202e)"
+    screen = render([Check("backend", FAIL, forged, "ask \x9b31m the venue")], None, "gated.toml")
+    assert "\x1b" not in screen and "\x9b" not in screen and "\u202e" not in screen
+    assert "\\x1b[2J\\x0aOK" in screen and screen.count("\n") == 3  # title, check, its fix, summary

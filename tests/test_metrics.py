@@ -104,7 +104,14 @@ def test_metrics_config_problems_name_the_key(load_config, table, message):
     assert any(message in p for p in e.value.problems), e.value.problems
 
 
-def test_the_example_documents_metrics():
+def test_every_metrics_problem_is_reported_at_once(load_config):
+    with pytest.raises(ConfigError) as e:
+        load_config('[metrics]\nlisten = "localhost"\ntextfile = "/var/lib/node-exporter/gated.txt"\n')
+    assert [p.split(" =")[0] for p in e.value.problems] == ["[metrics] listen", "[metrics] textfile"]
+
+
+def test_the_metrics_keys_are_the_designs():
+    # A contract (docs/design.md): renaming a key breaks installers' files. test_docs checks the example.
     assert {"textfile", "listen", "interval_seconds"} == set(configmod.METRICS)
 
 

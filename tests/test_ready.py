@@ -305,17 +305,6 @@ def cm_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
     sim.stop()
 
 
-def test_the_offline_count_must_match_the_apis_count(cm_lane, system, capsys):
-    sim, path = cm_lane
-    code, checks = run(path, system, capsys)
-    assert code == 0, checks
-    assert checks["ticket count"]["detail"] == "5 tickets, as the API says"
-    sim.add_barcode(sim.service, "CM-NEW")  # sold after the last sync
-    code, checks = run(path, system, capsys)
-    assert code == 1 and failed(checks) == ["ticket count"]
-    assert "5 tickets here, the API says 6: the offline data is incomplete" in checks["ticket count"]["detail"]
-
-
 @pytest.fixture
 def pretix_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
     sim = PretixSim("demo", "democon").start()
@@ -344,15 +333,22 @@ def pretix_lane(lane, write_config, tmp_path, pty_port):  # noqa: F811
     sim.stop()
 
 
-def test_pretix_downloaded_tickets_are_counted_as_pretix_counts_its_list(pretix_lane, system, capsys):
-    sim, path = pretix_lane
+# pretix_lane holds 4 tickets its list admits, and one of another product and one canceled, which
+# pretix does not count: the downloaded tickets are counted as pretix counts its list.
+@pytest.mark.parametrize(("lane_fixture", "counted", "sell"), [
+    ("cm_lane", 5, lambda sim: sim.add_barcode(sim.service, "CM-NEW")),
+    ("pretix_lane", 4, lambda sim: sim.add_position(1)),
+], ids=["cm", "pretix"])
+def test_the_offline_count_must_match_the_apis_count(request, lane_fixture, counted, sell, system, capsys):
+    sim, path = request.getfixturevalue(lane_fixture)
     code, checks = run(path, system, capsys)
     assert code == 0, checks
-    assert checks["ticket count"]["detail"] == "4 tickets, as the API says"
-    sim.add_position(1)  # sold after the last sync
+    assert checks["ticket count"]["detail"] == f"{counted} tickets, as the API says"
+    sell(sim)  # sold after the last sync
     code, checks = run(path, system, capsys)
     assert code == 1 and failed(checks) == ["ticket count"]
-    assert "4 tickets here, the API says 5" in checks["ticket count"]["detail"]
+    assert (f"{counted} tickets here, the API says {counted + 1}: the offline data is incomplete"
+            in checks["ticket count"]["detail"])
 
 
 def test_a_sync_older_than_twice_the_interval_fails(cm_lane, system, capsys):
@@ -392,3 +388,12 @@ def test_the_reader_and_store_checks_run_off_the_event_loop(lane, system, capsys
     monkeypatch.setattr(ready, "_store", store_check)
     run(lane(), system, capsys)
     assert threads and threading.get_ident() not in threads.values()
+
+
+def test_the_screen_escapes_what_a_server_put_into_a_detail(lane):
+    config = configmod.load(lane(load=False))
+    forged = ready.Result("ticket count", False, "not compared: the API said \x1b[2J\nok    ticket count  fine",
+                          "ask \x9b31m the venue")
+    screen = ready.render([forged], config)
+    assert "\x1b" not in screen and "\x9b" not in screen
+    assert "\\x1b[2J\\x0aok" in screen and screen.count("\n") == 2  # head, check, its fix
