@@ -306,6 +306,16 @@ def test_lookup_shows_the_ticket_without_scanning_it(sim, paired, capsys):
     assert code not in out
 
 
+def test_lookup_prints_the_servers_words_escaped(sim, paired, capsys):
+    # A name from the server reaches the terminal: an escape sequence in it must not act there.
+    config = paired()
+    _, code = sim.issue(sim.event, "Cy\x1b]0;owned\x07", "Young\nforged line", VALID)
+    assert cli.main(["lookup", "--config", config.path, code]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\nforged line" not in out
+    assert "first_name: Cy\\x1b]0;owned\\x07" in out
+
+
 # --- offline -----------------------------------------------------------------------------------
 
 
