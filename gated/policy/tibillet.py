@@ -232,6 +232,10 @@ class TibilletBackend(HttpBackend):
         if code == 400 and "event uuid" in lowered:
             # The server wants the event named: a setting, not this visitor's ticket.
             raise Unreachable("TiBillet wants the event: set [backend.tibillet] event_uuid")
+        if code not in (400, 404, 406):
+            # TiBillet refuses a ticket with these three; any other (429 throttled, 413 from a proxy)
+            # is about the request, not the ticket.
+            raise Unreachable(f"HTTP {code}{': ' + said if said else ''}")
         if "error" not in body and "detail" not in body:
             raise Unreachable(f"HTTP {code} without TiBillet's error field")
         common = dict(source=Source.ONLINE, backend=self.name, backend_code=cut(f"{code} {said}".strip(), ID_LIMIT),
@@ -242,9 +246,7 @@ class TibilletBackend(HttpBackend):
             return deny(Reason.WRONG_EVENT, **common)
         if code == 400 and "signature" in lowered:
             return deny(Reason.INVALID_SIGNATURE, **common)
-        if code in (400, 406):
-            return deny(Reason.MALFORMED, **common)
-        return deny(Reason.REJECTED, **common)
+        return deny(Reason.MALFORMED, **common)  # 400 or 406
 
     async def probe(self) -> None:
         """The health check: `check_api_scan/` (TiBillet), or `test_api/` where only the documents' exists."""

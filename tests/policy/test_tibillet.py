@@ -19,6 +19,7 @@ from gated import cli
 from gated.daemon import build
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
 from gated.policy.tibillet import KeyRefused
+from gated.simulators.base import Response
 from gated.simulators.tibillet import CANCELED, CREATED, INACTIVE, SCANNED, VALID, TibilletSim, make_code, public_pem
 from gated.store import Store
 from gated.upload import Uploader
@@ -295,6 +296,19 @@ def test_without_event_uuid_entries_are_decided_offline_naming_the_key_to_set(si
     config = paired(event="")
     (d,) = asyncio.run(_scan(config, sim.issue(sim.event)[1]))
     assert d.source is Source.OFFLINE and d.admitted and "event_uuid" in d.detail and sim.scans == []
+
+
+@pytest.mark.parametrize("status", [405, 409, 413, 429])
+def test_a_4xx_that_is_not_about_the_ticket_decides_offline(sim, paired, status):
+    # Only 400/404/406 are TiBillet's words about a ticket; a throttled or refused request is
+    # DRF's ({"detail": ...}) and says nothing of it: the valid ticket must not be refused online.
+    config = paired()
+    _, code = sim.issue(sim.event)
+    original = sim.check_ticket
+    sim.replace_route(original, lambda req: Response(status, {"detail": "Request was throttled."}))
+    (d,) = asyncio.run(_scan(config, code))
+    assert (d.verdict, d.source) == (Verdict.ADMIT, Source.OFFLINE) and f"HTTP {status}" in d.detail
+    assert sim.scans == []
 
 
 def test_lookup_shows_the_ticket_without_scanning_it(sim, paired, capsys):
