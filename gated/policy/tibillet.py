@@ -232,12 +232,7 @@ class TibilletBackend(HttpBackend):
         if code == 400 and "event uuid" in lowered:
             # The server wants the event named: a setting, not this visitor's ticket.
             raise Unreachable("TiBillet wants the event: set [backend.tibillet] event_uuid")
-        if code not in (400, 404, 406):
-            # TiBillet refuses a ticket with these three; any other (429 throttled, 413 from a proxy)
-            # is about the request, not the ticket.
-            raise Unreachable(f"HTTP {code}{': ' + said if said else ''}")
-        if "error" not in body and "detail" not in body:
-            raise Unreachable(f"HTTP {code} without TiBillet's error field")
+        _must_be_refusal(code, said, body)
         common = dict(source=Source.ONLINE, backend=self.name, backend_code=cut(f"{code} {said}".strip(), ID_LIMIT),
                       message=said)
         if code == 404:
@@ -472,8 +467,7 @@ class TibilletBackend(HttpBackend):
         """True: scan it now; None: the server counts it already (our earlier replay); else why never."""
         body, ticket, said, _, _, _ = _scan_answer(response)  # no answer (a proxy's page): retried, not parked
         if response.status_code != 200:
-            if "error" not in body:
-                raise Unreachable(f"HTTP {response.status_code} without TiBillet's error field")
+            _must_be_refusal(response.status_code, said, body)
             return f"HTTP {response.status_code}: {said}"
         display = text(ticket.get("status"), "ticket status", limit=100)
         if body.get("success") is not True or not display:
@@ -501,6 +495,8 @@ class TibilletBackend(HttpBackend):
             raise Unreachable("TiBillet wants the event: set [backend.tibillet] event_uuid")  # kept, not parked
         if response.status_code == 200 and "already" in said.lower():
             return self._scanned_by(ticket.get("scanned_by"))
+        if response.status_code != 200:
+            _must_be_refusal(response.status_code, said, body)
         return f"HTTP {response.status_code}: {said}"
 
 
@@ -528,6 +524,16 @@ def _scan_answer(response: httpx.Response) -> _ScanAnswer:
         raise Unreachable("ticket uuid is not text")
     who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
     return _ScanAnswer(body, ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event"))
+
+
+def _must_be_refusal(code: int, said: str, body: dict[str, Any]) -> None:
+    """Unreachable unless a non-200 answer is TiBillet refusing the ticket: 400, 404 or 406 with its
+    error field. Any other (429 throttled, 413 from a proxy) is about the request: decide offline,
+    replay later; never a deny, never parked."""
+    if code not in (400, 404, 406):
+        raise Unreachable(f"HTTP {code}{': ' + said if said else ''}")
+    if "error" not in body and "detail" not in body:
+        raise Unreachable(f"HTTP {code} without TiBillet's error field")
 
 
 def _said_in(body: Any) -> str:

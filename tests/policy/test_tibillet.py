@@ -624,6 +624,21 @@ def test_ticket_scanned_meanwhile_by_another_device_is_parked_not_dropped(sim, p
     assert "another device" in row["upload_error"] and code not in row["upload_error"]
 
 
+@pytest.mark.parametrize("route, body", [("check_ticket", {"error": "Slow down"}),
+                                         ("ticket", {"detail": "Request was throttled."})])
+def test_a_throttled_replay_waits_instead_of_being_parked(sim, paired, route, body):
+    # An offline admission parked for a 429 would never reach TiBillet's count.
+    config = paired()
+    _, code = sim.issue(sim.event)
+    original = getattr(sim, route)
+
+    def throttle_then_answer():
+        sim.replace_route(original, lambda req: Response(429, body))
+
+    _, (first, _, stats), _ = asyncio.run(_offline_then_upload(config, sim, [code], between=throttle_then_answer))
+    assert (first, stats.pending, stats.parked) == (0, 1, 0) and sim.scans == []
+
+
 def test_uploads_without_event_uuid_wait_instead_of_being_parked(sim, paired):
     config = paired(event="")
     _, code = sim.issue(sim.event)
