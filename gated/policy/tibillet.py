@@ -37,7 +37,16 @@ from gated.logs import clean
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, api_message, json_answer, json_body, pairing_answer, request
+from gated.policy.http import (
+    LIST_PAGE_LIMIT,
+    HttpBackend,
+    api_message,
+    error_text,
+    json_answer,
+    json_body,
+    pairing_answer,
+    request,
+)
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.policy.tibillet_statuses import STATUS_REASONS, status_of, status_row
 from gated.schema import Key
@@ -279,7 +288,7 @@ class TibilletBackend(HttpBackend):
         response = await self._post("check_ticket/", token)
         body = json_body(response)
         if response.status_code != 200 or not isinstance(body, dict):
-            return [cut(f"HTTP {response.status_code}: {body}")]
+            return [f"HTTP {response.status_code}: {error_text(response, _said_in, body)}"]  # never the body
         t = mapping(body.get("ticket"), "ticket")
         lines = [f"{k}: {t.get(k)}" for k in ("uuid", "status", "is_scanned", "event", "first_name", "last_name",
                                               "product", "price", "scanned_by")]

@@ -330,6 +330,17 @@ def test_lookup_prints_the_servers_words_escaped(sim, paired, capsys):
     assert "first_name: Cy\\x1b]0;owned\\x07" in out
 
 
+def test_lookup_of_a_refused_code_prints_the_servers_words_not_its_body(sim, paired, capsys):
+    # An error answer may echo what was sent; the token must not reach the terminal through it.
+    config = paired()
+    _, code = sim.issue(sim.event)
+    sim.replace_route(sim.check_ticket, lambda req: Response(400, {"error": "Invalid QR code format",
+                                                                   "qrcode_data": req.json()["qrcode_data"]}))
+    assert cli.main(["lookup", "--config", config.path, code]) == 0
+    out = capsys.readouterr().out
+    assert "HTTP 400: Invalid QR code format" in out and code not in out
+
+
 # --- offline -----------------------------------------------------------------------------------
 
 
