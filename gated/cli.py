@@ -164,6 +164,7 @@ async def _with_backend(config, work):
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
+    from gated import logs
     from gated.store import Store
     from gated.tokens import redact
 
@@ -181,9 +182,9 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         except (GatedError, StoreError) as e:
             print(f"ticket API: not available ({e})")
         else:
-            if online is not None:
+            if online is not None:  # the server's words reach the terminal: escaped, as in every log line
                 print("ticket API:")
-                print("\n".join(f"  {line}" for line in online))
+                print("\n".join(f"  {logs.clean(line)}" for line in online))
     store = Store(config.store.path)
     try:
         ticket = store.ticket(config.backend.type, args.token)
@@ -191,7 +192,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
             print(f"{redact(args.token)}: not in the offline ticket data of backend {config.backend.type}")
         else:
             shown = {k: v for k, v in ticket.items() if k not in ("backend", "token", "data") and v is not None}
-            print(f"{redact(args.token)}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+            print(f"{redact(args.token)}: " + logs.clean(", ".join(f"{k}={v}" for k, v in shown.items())))
         history = store.history(args.token)
         print(f"scans recorded here: {len(history)}")
         for h in history:

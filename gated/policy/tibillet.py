@@ -37,7 +37,16 @@ from gated.logs import clean
 from gated.model import Decision, Reason, Scan, ScanMode, Source, admit, deny
 from gated.policy.answer import ID_LIMIT, cut, ident, integer, mapping, text
 from gated.policy.base import Backend, UploadResult
-from gated.policy.http import LIST_PAGE_LIMIT, HttpBackend, api_message, json_answer, json_body, pairing_answer, request
+from gated.policy.http import (
+    LIST_PAGE_LIMIT,
+    HttpBackend,
+    api_message,
+    error_text,
+    json_answer,
+    json_body,
+    pairing_answer,
+    request,
+)
 from gated.policy.signatures import load_rsa_public_key, verify_tibillet
 from gated.policy.tibillet_statuses import STATUS_REASONS, status_of, status_row
 from gated.schema import Key
@@ -232,8 +241,7 @@ class TibilletBackend(HttpBackend):
         if code == 400 and "event uuid" in lowered:
             # The server wants the event named: a setting, not this visitor's ticket.
             raise Unreachable("TiBillet wants the event: set [backend.tibillet] event_uuid")
-        if "error" not in body and "detail" not in body:
-            raise Unreachable(f"HTTP {code} without TiBillet's error field")
+        _must_be_refusal(code, said, body)
         common = dict(source=Source.ONLINE, backend=self.name, backend_code=cut(f"{code} {said}".strip(), ID_LIMIT),
                       message=said)
         if code == 404:
@@ -242,9 +250,7 @@ class TibilletBackend(HttpBackend):
             return deny(Reason.WRONG_EVENT, **common)
         if code == 400 and "signature" in lowered:
             return deny(Reason.INVALID_SIGNATURE, **common)
-        if code in (400, 406):
-            return deny(Reason.MALFORMED, **common)
-        return deny(Reason.REJECTED, **common)
+        return deny(Reason.MALFORMED, **common)  # 400 or 406
 
     async def probe(self) -> None:
         """The health check: `check_api_scan/` (TiBillet), or `test_api/` where only the documents' exists."""
@@ -282,7 +288,7 @@ class TibilletBackend(HttpBackend):
         response = await self._post("check_ticket/", token)
         body = json_body(response)
         if response.status_code != 200 or not isinstance(body, dict):
-            return [cut(f"HTTP {response.status_code}: {body}")]
+            return [f"HTTP {response.status_code}: {error_text(response, _said_in, body)}"]  # never the body
         t = mapping(body.get("ticket"), "ticket")
         lines = [f"{k}: {t.get(k)}" for k in ("uuid", "status", "is_scanned", "event", "first_name", "last_name",
                                               "product", "price", "scanned_by")]
@@ -470,8 +476,7 @@ class TibilletBackend(HttpBackend):
         """True: scan it now; None: the server counts it already (our earlier replay); else why never."""
         body, ticket, said, _, _, _ = _scan_answer(response)  # no answer (a proxy's page): retried, not parked
         if response.status_code != 200:
-            if "error" not in body:
-                raise Unreachable(f"HTTP {response.status_code} without TiBillet's error field")
+            _must_be_refusal(response.status_code, said, body)
             return f"HTTP {response.status_code}: {said}"
         display = text(ticket.get("status"), "ticket status", limit=100)
         if body.get("success") is not True or not display:
@@ -499,6 +504,8 @@ class TibilletBackend(HttpBackend):
             raise Unreachable("TiBillet wants the event: set [backend.tibillet] event_uuid")  # kept, not parked
         if response.status_code == 200 and "already" in said.lower():
             return self._scanned_by(ticket.get("scanned_by"))
+        if response.status_code != 200:
+            _must_be_refusal(response.status_code, said, body)
         return f"HTTP {response.status_code}: {said}"
 
 
@@ -526,6 +533,16 @@ def _scan_answer(response: httpx.Response) -> _ScanAnswer:
         raise Unreachable("ticket uuid is not text")
     who = " ".join(text(ticket.get(k), k, limit=100) for k in ("first_name", "last_name")).strip()
     return _ScanAnswer(body, ticket, said, ident(uuid, "ticket uuid"), who, ident(ticket.get("event"), "ticket event"))
+
+
+def _must_be_refusal(code: int, said: str, body: dict[str, Any]) -> None:
+    """Unreachable unless a non-200 answer is TiBillet refusing the ticket: 400, 404 or 406 with its
+    error field. Any other (429 throttled, 413 from a proxy) is about the request: decide offline,
+    replay later; never a deny, never parked."""
+    if code not in (400, 404, 406):
+        raise Unreachable(f"HTTP {code}{': ' + said if said else ''}")
+    if "error" not in body and "detail" not in body:
+        raise Unreachable(f"HTTP {code} without TiBillet's error field")
 
 
 def _said_in(body: Any) -> str:

@@ -19,6 +19,7 @@ from gated import cli
 from gated.daemon import build
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
 from gated.policy.tibillet import KeyRefused
+from gated.simulators.base import Response
 from gated.simulators.tibillet import CANCELED, CREATED, INACTIVE, SCANNED, VALID, TibilletSim, make_code, public_pem
 from gated.store import Store
 from gated.upload import Uploader
@@ -297,6 +298,19 @@ def test_without_event_uuid_entries_are_decided_offline_naming_the_key_to_set(si
     assert d.source is Source.OFFLINE and d.admitted and "event_uuid" in d.detail and sim.scans == []
 
 
+@pytest.mark.parametrize("status", [405, 409, 413, 429])
+def test_a_4xx_that_is_not_about_the_ticket_decides_offline(sim, paired, status):
+    # Only 400/404/406 are TiBillet's words about a ticket; a throttled or refused request is
+    # DRF's ({"detail": ...}) and says nothing of it: the valid ticket must not be refused online.
+    config = paired()
+    _, code = sim.issue(sim.event)
+    original = sim.check_ticket
+    sim.replace_route(original, lambda req: Response(status, {"detail": "Request was throttled."}))
+    (d,) = asyncio.run(_scan(config, code))
+    assert (d.verdict, d.source) == (Verdict.ADMIT, Source.OFFLINE) and f"HTTP {status}" in d.detail
+    assert sim.scans == []
+
+
 def test_lookup_shows_the_ticket_without_scanning_it(sim, paired, capsys):
     config = paired()
     _, code = sim.issue(sim.event, "Cy", "Young", CANCELED)
@@ -304,6 +318,27 @@ def test_lookup_shows_the_ticket_without_scanning_it(sim, paired, capsys):
     out = capsys.readouterr().out
     assert "first_name: Cy" in out and "status: Canceled" in out and sim.scans == []
     assert code not in out
+
+
+def test_lookup_prints_the_servers_words_escaped(sim, paired, capsys):
+    # A name from the server reaches the terminal: an escape sequence in it must not act there.
+    config = paired()
+    _, code = sim.issue(sim.event, "Cy\x1b]0;owned\x07", "Young\nforged line", VALID)
+    assert cli.main(["lookup", "--config", config.path, code]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\nforged line" not in out
+    assert "first_name: Cy\\x1b]0;owned\\x07" in out
+
+
+def test_lookup_of_a_refused_code_prints_the_servers_words_not_its_body(sim, paired, capsys):
+    # An error answer may echo what was sent; the token must not reach the terminal through it.
+    config = paired()
+    _, code = sim.issue(sim.event)
+    sim.replace_route(sim.check_ticket, lambda req: Response(400, {"error": "Invalid QR code format",
+                                                                   "qrcode_data": req.json()["qrcode_data"]}))
+    assert cli.main(["lookup", "--config", config.path, code]) == 0
+    out = capsys.readouterr().out
+    assert "HTTP 400: Invalid QR code format" in out and code not in out
 
 
 # --- offline -----------------------------------------------------------------------------------
@@ -598,6 +633,21 @@ def test_ticket_scanned_meanwhile_by_another_device_is_parked_not_dropped(sim, p
     finally:
         store.close()
     assert "another device" in row["upload_error"] and code not in row["upload_error"]
+
+
+@pytest.mark.parametrize("route, body", [("check_ticket", {"error": "Slow down"}),
+                                         ("ticket", {"detail": "Request was throttled."})])
+def test_a_throttled_replay_waits_instead_of_being_parked(sim, paired, route, body):
+    # An offline admission parked for a 429 would never reach TiBillet's count.
+    config = paired()
+    _, code = sim.issue(sim.event)
+    original = getattr(sim, route)
+
+    def throttle_then_answer():
+        sim.replace_route(original, lambda req: Response(429, body))
+
+    _, (first, _, stats), _ = asyncio.run(_offline_then_upload(config, sim, [code], between=throttle_then_answer))
+    assert (first, stats.pending, stats.parked) == (0, 1, 0) and sim.scans == []
 
 
 def test_uploads_without_event_uuid_wait_instead_of_being_parked(sim, paired):
