@@ -242,11 +242,16 @@ class PretixBackend(HttpBackend):
         if response.status_code != 200 or not isinstance(body, dict):
             return [f"HTTP {response.status_code}: {error_text(response, _words, body)}"]
         lines = [f"{body.get('count', 0)} match(es) on check-in list {self.list_id}"]
-        for p in body.get("results", [])[:10]:
-            entries = sum(1 for c in p.get("checkins", []) if c.get("type", "entry") == "entry")
+        results = body.get("results")
+        tickets = [p for p in results if isinstance(p, dict)] if isinstance(results, list) else []
+        for p in tickets[:10]:
+            checkins = p.get("checkins")
+            entries = sum(1 for c in checkins if isinstance(c, dict) and c.get("type", "entry") == "entry") \
+                if isinstance(checkins, list) else 0
             lines.append(f"order {p.get('order')}-{p.get('positionid')}: item {p.get('item')}, "
-                         f"{p.get('attendee_name') or '-'}, {entries} entry check-in(s), secret {redact(p['secret'])}")
-        return lines
+                         f"{p.get('attendee_name') or '-'}, {entries} entry check-in(s), "
+                         f"secret {redact(str(p.get('secret')))}")
+        return [clean(line) for line in lines]  # names from the server reach the terminal
 
     # --- pairing -------------------------------------------------------------------------
 

@@ -590,6 +590,20 @@ def test_lookup_searches_the_check_in_list(sim, paired, capsys):
     assert "1 match(es) on check-in list 1" in out and "Grace Hopper" in out and secret not in out
 
 
+def test_lookup_shows_the_servers_words_on_their_own_line_and_skips_what_is_not_a_ticket(sim, paired, capsys):
+    # An attendee name is anyone's input: it must not write a line of its own (or terminal escapes)
+    # into the operator's output, and a result of another shape must not end the command in a traceback.
+    config = paired()
+    secret = sim.add_position(1, "Grace\n  ticket API: 0 match(es)\x1b[2J")
+    real_page = sim._page
+    sim._page = lambda req, items: real_page(req, [*items, "not a ticket", {"secret": 7}])
+    assert cli.main(["lookup", "--config", config.path, secret]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    (line,) = [x for x in out.splitlines() if "Grace" in x]
+    assert "Grace\\x0a  ticket API: 0 match(es)\\x1b[2J" in line and secret not in out
+
+
 # --- pretixdroid (legacy) -----------------------------------------------------------------------
 
 
