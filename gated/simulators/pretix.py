@@ -495,10 +495,10 @@ class PretixSim(_QuickStop):
         kind = req.query.get("type", [None])[0]
         with self.lock:
             rows = []
+            by_id = {p.id: p for p in self.positions.values()}
             for m in self.media:
                 if kind and m["type"] != kind:
                     continue
-                by_id = {p.id: p for p in self.positions.values()}
                 linked = [by_id[i] for i in m["_positions"] if i in by_id]
                 rows.append(m | {"linked_orderpositions": [
                     {"id": p.id, "secret": p.secret, "item": p.item, "order": {"code": p.order, "event": self.event}}
@@ -561,8 +561,9 @@ class PretixSim(_QuickStop):
         if pos is None:  # a reusable medium's barcode stands for its (first) ticket while it is active
             medium = next((m for m in self.media if m["identifier"] == secret and m["active"]
                            and (m["expires"] is None or m["expires"] >= datetime.now(UTC))), None)
-            by_id = {p.id: p for p in self.positions.values()}
-            pos = next((by_id[i] for i in medium["_positions"] if i in by_id), None) if medium else None
+            if medium is not None:
+                by_id = {p.id: p for p in self.positions.values()}
+                pos = next((by_id[i] for i in medium["_positions"] if i in by_id), None)
         revoked = next((r for r in self.revoked if r["secret"] == secret), None)
         if pos is None and revoked is not None:
             pos = next(p for p in self.positions.values() if p.id == revoked["_position"])
