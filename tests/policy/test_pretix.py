@@ -216,15 +216,20 @@ def test_refused_device_token_decides_offline_and_says_to_pair_again(sim, paired
 # --- offline data -------------------------------------------------------------------------------
 
 
+async def _decided(parts, *tokens, mode=ScanMode.ENTRY, now=None):
+    """Decide each token from the offline data of `parts` (the store's own thread, as the decider does)."""
+    return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), mode, now or time.time(), True)
+            for t in tokens]
+
+
 def _offline(config, *tokens, now=None):
-    """Decide each token from the synced offline data (the store's own thread, as the decider does)."""
+    """Decide each token from the synced offline data."""
 
     async def run():
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                           now or time.time(), True) for t in tokens]
+            return await _decided(parts, *tokens, now=now)
         finally:
             await parts.close()
     return asyncio.run(run())
@@ -292,15 +297,13 @@ def test_revocations_are_fetched_as_deltas_across_pages_and_unblocking_takes_eff
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            first = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                            time.time(), True) for t in olds + [blocked]]
+            first = await _decided(parts, *olds, blocked)
             for s in olds[3:]:
                 sim.revoke(s)
             sim.block(blocked, False)
             mark = len(sim.requests)
             await parts.backend.sync(parts.store)
-            second = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                             time.time(), True) for t in olds + [blocked]]
+            second = await _decided(parts, *olds, blocked)
             return first, second, sim.requests[mark:]
         finally:
             await parts.close()
@@ -368,8 +371,7 @@ def test_exit_scans_offline_skip_validity_and_entry_limits_but_not_the_order_sta
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.EXIT,
-                                           time.time(), True) for t in (late, late, canceled)]
+            return await _decided(parts, late, late, canceled, mode=ScanMode.EXIT)
         finally:
             await parts.close()
 
@@ -416,15 +418,13 @@ def test_deltas_download_only_changed_orders_and_take_effect(sim, paired):
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            before = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                             time.time(), True) for t in secrets[:2]]
+            before = await _decided(parts, *secrets[:2])
             sim.change(secrets[0], order_status="c")
             sim.checkins.append(_server_checkin(sim, secrets[1], "entry", minutes_ago=1))
             sim.positions[secrets[1]].modified = datetime.now(UTC)
             mark = len(sim.requests)
             await parts.backend.sync(parts.store)
-            after = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                            time.time(), True) for t in secrets[:3]]
+            after = await _decided(parts, *secrets[:3])
             return before, after, sim.requests[mark:]
         finally:
             await parts.close()
@@ -476,8 +476,7 @@ def test_a_whole_download_is_written_by_the_reload_process_page_by_page(sim, pai
         try:
             await parts.backend.sync(parts.store)
             result = dict(parts.backend.last_reload)
-            decided = await parts.store.call(parts.backend.decide_offline, Scan(token=secrets[4]), ScanMode.ENTRY,
-                                             time.time(), True)
+            (decided,) = await _decided(parts, secrets[4])
             # A download that fails on a later page leaves the list in use as it was.
             await parts.store.call(lambda store: store.set(
                 f"pretix:demo/democon:orders_since:1:None:{ROWS_VERSION}", ""))
@@ -705,8 +704,8 @@ def test_a_check_in_list_in_an_odd_shape_fails_that_sync_and_the_data_before_it_
             sim.lists[1].update(odd)
             with pytest.raises(GatedError, match="check-in list"):
                 await parts.backend.sync(parts.store)
-            return await parts.store.call(parts.backend.decide_offline, Scan(token=secret), ScanMode.ENTRY,
-                                          time.time(), True)
+            (decided,) = await _decided(parts, secret)
+            return decided
         finally:
             await parts.close()
 
