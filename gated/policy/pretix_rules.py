@@ -116,7 +116,7 @@ def evaluate(rules: Any, facts: Facts) -> RuleResult:
         return RuleResult(False, _explain(rules, _Env(facts, clock=facts.clock)))
     except CannotEvaluate as e:
         return RuleResult(False, f"gated cannot evaluate this rule offline: {e}", unsupported=True)
-    except (_Failed, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
+    except (_Failed, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
         return RuleResult(False, EVALUATION_FAILED)
 
 

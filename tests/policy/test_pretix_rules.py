@@ -219,6 +219,16 @@ def test_a_rule_that_fails_to_evaluate_denies_as_pretix_does():
     assert (result.allowed, result.explanation, result.unsupported) == (False, EVALUATION_FAILED, False)
 
 
+def test_a_rule_nested_deeper_than_python_evaluates_denies_as_pretix_does():
+    # pretix denies when its evaluation raises, whatever the error; escaping here, a RecursionError
+    # would leave the decider without a decision.
+    rule: dict = {"==": [{"var": "product"}, 1]}
+    for _ in range(2000):
+        rule = {"and": [rule, True]}
+    result = evaluate(rule, facts())
+    assert (result.allowed, result.explanation, result.unsupported) == (False, EVALUATION_FAILED, False)
+
+
 # --- the same scans, decided by real pretix online and by this module -----------------------------
 #
 # Each scenario makes a check-in list with rules (and multiple entries allowed, so pretix's answer
