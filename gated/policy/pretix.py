@@ -103,6 +103,10 @@ class Forbidden(Unreachable):
     """pretix answered 403: the device may not read this (its security profile, the event's settings)."""
 
 
+class NotFound(BackendRejected):
+    """pretix answered 404 for a list resource: this pretix has none (an older version)."""
+
+
 class PretixBackend(HttpBackend):
     name = "pretix"
 
@@ -356,9 +360,7 @@ class PretixBackend(HttpBackend):
         try:
             rows, generated = await self._get_all(f"{self.org_path}/reusablemedia/", params, "reusable media",
                                                   each=lambda m: _medium_rows(m, self.event))
-        except (Forbidden, BackendRejected) as e:
-            if isinstance(e, BackendRejected) and "HTTP 404" not in str(e):
-                raise
+        except (Forbidden, NotFound) as e:
             if not self._media_refused:
                 self._media_refused = True
                 log.info("pretix does not let this device read reusable media (%s): a card's barcode is decided "
@@ -483,7 +485,7 @@ class PretixBackend(HttpBackend):
         """One page of a list resource: (its results, the next page's path or None, X-Page-Generated)."""
         response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
-            raise BackendRejected(f"{what}: HTTP {response.status_code}")
+            raise (NotFound if response.status_code == 404 else BackendRejected)(f"{what}: HTTP {response.status_code}")
         generated = response.headers.get("X-Page-Generated")
         body = await json_answer(response)
         found = body.get("results") if isinstance(body, dict) else None

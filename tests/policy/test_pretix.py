@@ -841,13 +841,14 @@ def test_a_medium_of_two_tickets_on_the_list_is_ambiguous_offline_and_of_none_he
     assert decisions[1].message == "Medium connected to other event"
 
 
-def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim, paired, caplog):
+@pytest.mark.parametrize("status", [403, 404])  # a device's profile; a pretix without reusable media
+def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim, paired, caplog, status):
     config = paired()
     ticket = sim.add_position(signed=False)
     sim.add_medium("CARD-9", [ticket])
 
     def refused(req):
-        return Response(403, {"detail": "You do not have permission to perform this action."})
+        return Response(status, {"detail": "You do not have permission to perform this action."})
 
     sim.replace_route(sim.reusablemedia, refused)
     caplog.set_level(logging.INFO, logger="gated")
@@ -855,6 +856,20 @@ def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim,
     assert [d.reason for d in first] == [Reason.UNKNOWN, Reason.OK]
     assert [d.reason for d in second] == [Reason.UNKNOWN, Reason.ALREADY_USED]
     assert caplog.text.count("does not let this device read reusable media") == 1
+
+
+def test_a_failing_media_download_fails_the_sync(sim, paired):
+    config = paired()
+    sim.replace_route(sim.reusablemedia, lambda req: Response(400, {"detail": "Bad request"}))
+
+    async def run():
+        parts = await build(config)
+        try:
+            with pytest.raises(BackendRejected, match="reusable media: HTTP 400"):
+                await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+    asyncio.run(run())
 
 
 def test_a_card_whose_code_looks_like_a_damaged_signed_secret_is_still_found(sim, paired):
