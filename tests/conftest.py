@@ -123,8 +123,8 @@ def real_pretix(tmp_path_factory):
 
 
 @pytest.fixture
-def pretix_lane(real_pretix, load_config, tmp_path: Path):
-    """Configs of one lane for the real server: `pretix_lane(list_name, name)` is paired as gate north
+def real_pretix_lane(real_pretix, load_config, tmp_path: Path):
+    """Configs of one lane for the real server: `real_pretix_lane(list_name, name)` is paired as gate north
     and has its own store `name`.db; `paired=False` leaves it to `gated pair`; `dead=True` is the same
     lane and store finding nothing listening (the server is unreachable)."""
 

@@ -36,8 +36,8 @@ async def _offline(config, *tokens):
         await parts.close()
 
 
-def test_gated_pairs_with_a_setup_token_of_the_real_server_once(real_pretix, pretix_lane, capsys):
-    config = pretix_lane(paired=False)
+def test_gated_pairs_with_a_setup_token_of_the_real_server_once(real_pretix, real_pretix_lane, capsys):
+    config = real_pretix_lane(paired=False)
     token = real_pretix.setup_token()
     assert cli.main(["pair", "--config", config.path, token]) == 0
     out = capsys.readouterr().out
@@ -50,12 +50,12 @@ def test_gated_pairs_with_a_setup_token_of_the_real_server_once(real_pretix, pre
     assert (d.verdict, d.source) == (Verdict.ADMIT, Source.ONLINE)
 
 
-def test_online_verdicts_for_every_order_state_are_what_gated_reports(real_pretix, pretix_lane):
+def test_online_verdicts_for_every_order_state_are_what_gated_reports(real_pretix, real_pretix_lane):
     srv = real_pretix
     paid, pending, canceled = srv.order("p", name="Grace Hopper"), srv.order("n"), srv.order("c")
     expired = srv.order("p", valid_until=datetime.now(UTC) - timedelta(hours=1))
     early = srv.order("p", valid_from=datetime.now(UTC) + timedelta(hours=1))
-    decisions = asyncio.run(_online(pretix_lane(), paid.secret, paid.secret, pending.secret, canceled.secret,
+    decisions = asyncio.run(_online(real_pretix_lane(), paid.secret, paid.secret, pending.secret, canceled.secret,
                                     "no-such-ticket-secret", expired.secret, early.secret))
     assert [(d.verdict, d.reason, d.backend_code) for d in decisions] == [
         (Verdict.ADMIT, Reason.OK, "ok"),
@@ -73,23 +73,23 @@ def test_online_verdicts_for_every_order_state_are_what_gated_reports(real_preti
     assert ck["type"] == "entry" and ck["gate"] == srv.gate_id("north")
 
 
-def test_pending_order_is_refused_even_on_an_include_pending_list(real_pretix, pretix_lane):
+def test_pending_order_is_refused_even_on_an_include_pending_list(real_pretix, real_pretix_lane):
     # pretix admits a pending order on such a list only when the scanner sends ignore_unpaid
     # (pretixSCAN asks its operator first); gated sends false, so pretix refuses.
-    (d,) = asyncio.run(_online(pretix_lane("pending"), real_pretix.order("n").secret))
+    (d,) = asyncio.run(_online(real_pretix_lane("pending"), real_pretix.order("n").secret))
     assert (d.reason, d.backend_code) == (Reason.NOT_PAID, "unpaid")
 
 
-def test_product_limit_and_rules_refusals_carry_pretixs_words(real_pretix, pretix_lane):
+def test_product_limit_and_rules_refusals_carry_pretixs_words(real_pretix, real_pretix_lane):
     ticket = real_pretix.order("p", "Ticket", name="Alan Turing")
-    (product,) = asyncio.run(_online(pretix_lane("vip_only"), ticket.secret))
-    (rules,) = asyncio.run(_online(pretix_lane("tickets_rules"), real_pretix.order("p", "VIP", variation="Gold",
+    (product,) = asyncio.run(_online(real_pretix_lane("vip_only"), ticket.secret))
+    (rules,) = asyncio.run(_online(real_pretix_lane("tickets_rules"), real_pretix.order("p", "VIP", variation="Gold",
                                                                                     name="Ada").secret))
     assert (product.reason, product.backend_code) == (Reason.PRODUCT_NOT_ALLOWED, "product")
     assert (rules.reason, rules.message) == (Reason.RULES, "Ada: Ticket type not allowed")
 
 
-def test_signed_tickets_made_by_real_pretix_are_admitted_offline(real_pretix, pretix_lane):
+def test_signed_tickets_made_by_real_pretix_are_admitted_offline(real_pretix, real_pretix_lane):
     srv = real_pretix
     plain = srv.order("p")  # no validity window: pretix writes validFrom/validUntil = 0
     window = srv.order("p", valid_from=datetime.now(UTC) - timedelta(hours=1),
@@ -97,7 +97,7 @@ def test_signed_tickets_made_by_real_pretix_are_admitted_offline(real_pretix, pr
     expired = srv.order("p", valid_until=datetime.now(UTC) - timedelta(hours=1))
     canceled = srv.order("c")
     random_secret = srv.order("p", secret="gatedrandomsecret0000000000000001")
-    decisions = asyncio.run(_offline(pretix_lane(), plain.secret, window.secret, expired.secret, canceled.secret,
+    decisions = asyncio.run(_offline(real_pretix_lane(), plain.secret, window.secret, expired.secret, canceled.secret,
                                      random_secret.secret))
     # A random secret is decided from the downloaded tickets (issue #19), not refused as unknown.
     assert [d.reason for d in decisions] == [Reason.OK, Reason.OK, Reason.EXPIRED, Reason.REVOKED, Reason.OK]
