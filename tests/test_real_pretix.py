@@ -124,3 +124,24 @@ def test_what_a_pretixscan_device_may_read_for_offline_data(real_pretix):
         position.secret, srv.items["VIP"], srv.variations["VIP/Silver"], "p")
     assert [(c["list"], c["type"]) for c in p["checkins"]] == [(lid, "entry")]
     assert p["valid_from"] is None and p["valid_until"] is None and p["blocked"] is None
+
+
+def test_the_downloaded_tickets_are_counted_as_pretix_counts_each_list(real_pretix, real_pretix_lane):
+    """`gated ready` compares gated's count of the downloaded tickets with the list's `position_count`."""
+    srv = real_pretix
+    srv.order("n", valid_if_pending=True)
+    srv.order("n")
+    srv.order("c")
+    srv.order("p", "VIP", variation="Gold")
+
+    async def counts(config):
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            return await parts.store.call(parts.backend.offline_count), await parts.backend.ticket_count()
+        finally:
+            await parts.close()
+
+    for name in ("plain", "pending", "vip_only"):
+        local, pretix = asyncio.run(counts(real_pretix_lane(name, name)))
+        assert local == pretix, name

@@ -223,7 +223,8 @@ class PretixBackend(HttpBackend):
 
     def offline_count(self, store: Store) -> int | None:
         """The downloaded tickets pretix counts in `position_count`: on this list (product, date), not
-        canceled, the order paid (or pending on an `include_pending` list). None before a download."""
+        canceled, the order paid, or pending on an `include_pending` list or `valid_if_pending`
+        (pretix 2026.8.0's `CheckinList.positions`). None before a download."""
         data = store.get_data(self.offline_name)
         if data is None or not data[0].get("positions"):
             return None
@@ -232,10 +233,11 @@ class PretixBackend(HttpBackend):
         products = None if lst.get("all_products", True) else set(lst.get("limit_products") or [])
         count = 0
         for status, facts in store.ticket_rows(self.positions_name):
-            if status not in orders or not facts:
+            if status not in ("p", "n") or not facts:
                 continue
-            item = json.loads(facts).get("item")
-            count += products is None or item in products
+            ticket = json.loads(facts)
+            if status in orders or ticket.get("pending_ok"):
+                count += products is None or ticket.get("item") in products
         return count
 
     async def lookup(self, token: str) -> list[str] | None:
