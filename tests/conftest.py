@@ -120,3 +120,37 @@ def real_pretix(tmp_path_factory):
 
     with running(tmp_path_factory.mktemp("realpretix")) as server:
         yield server
+
+
+@pytest.fixture
+def real_pretix_lane(real_pretix, load_config, tmp_path: Path):
+    """Configs of one lane for the real server: `real_pretix_lane(list_name, name)` is paired as gate north
+    and has its own store `name`.db; `paired=False` leaves it to `gated pair`; `dead=True` is the same
+    lane and store finding nothing listening (the server is unreachable)."""
+
+    def make(list_name: str = "plain", name: str = "lane", *, paired: bool = True, dead: bool = False,
+             extra: str = "", event: str | None = None) -> configmod.Config:
+        token = tmp_path / "device.token"
+        if paired:
+            token.write_text(real_pretix.device_token("north") + "\n")
+            token.chmod(0o600)
+        url = "http://127.0.0.1:9" if dead else real_pretix.url  # discard port: connection refused
+        config = load_config(f"""
+            [backend]
+            type = "pretix"
+            url = "{url}"
+            timeout_seconds = 10.0
+            [backend.pretix]
+            organizer = "{real_pretix.organizer}"
+            event = "{event or real_pretix.event}"
+            checkin_list = {real_pretix.lists[list_name]}
+            token_file = "{token if paired else ''}"
+            [offline]
+            fallback = "deny"
+            [store]
+            path = "{tmp_path / (name + '.db')}"
+            {extra}
+        """, name=f"{name}{'-dead' if dead else ''}.toml")
+        config.lane["debounce_seconds"] = 0.0
+        return config
+    return make

@@ -359,7 +359,7 @@ class RealPretix:
 
     def order(self, status: str = "p", item: str = "Ticket", *, variation: str | None = None,
               valid_from: datetime | None = None, valid_until: datetime | None = None,
-              secret: str | None = None, name: str = "Ada Lovelace") -> Position:
+              secret: str | None = None, name: str = "Ada Lovelace", valid_if_pending: bool = False) -> Position:
         """An order of one position: status "p" paid, "n" pending, "c" canceled (made paid, then canceled).
 
         `secret` gives the position a random secret of our choosing instead of a signed one.
@@ -374,7 +374,8 @@ class RealPretix:
         if secret is not None:
             pos["secret"] = secret
         body = {"email": "ada@example.org", "locale": "en", "sales_channel": "web", "send_email": False,
-                "status": "n" if status == "n" else "p", "payment_provider": "manual", "positions": [pos]}
+                "status": "n" if status == "n" else "p", "payment_provider": "manual", "positions": [pos],
+                "valid_if_pending": valid_if_pending}
         order = self.api("POST", self.ev("orders/"), json=body).json()
         if status == "c":
             self.api("POST", self.ev(f"orders/{order['code']}/mark_canceled/"), json={"send_email": False})

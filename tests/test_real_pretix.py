@@ -11,40 +11,9 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from gated import cli
 from gated.daemon import build
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
-
-
-@pytest.fixture
-def gate_config(real_pretix, load_config, tmp_path):
-    """A lane config for the real server; with `paired=True` it carries a device token of gate north."""
-
-    def make(list_name: str = "plain", paired: bool = True):
-        token_file = ""
-        if paired:
-            path = tmp_path / "device.token"
-            path.write_text(real_pretix.device_token("north") + "\n")
-            path.chmod(0o600)
-            token_file = str(path)
-        config = load_config(f"""
-            [backend]
-            type = "pretix"
-            url = "{real_pretix.url}"
-            timeout_seconds = 10.0
-            [backend.pretix]
-            organizer = "{real_pretix.organizer}"
-            event = "{real_pretix.event}"
-            checkin_list = {real_pretix.lists[list_name]}
-            token_file = "{token_file}"
-            [offline]
-            fallback = "deny"
-        """)
-        config.lane["debounce_seconds"] = 0.0
-        return config
-    return make
 
 
 async def _online(config, *tokens):
@@ -67,8 +36,8 @@ async def _offline(config, *tokens):
         await parts.close()
 
 
-def test_gated_pairs_with_a_setup_token_of_the_real_server_once(real_pretix, gate_config, capsys):
-    config = gate_config(paired=False)
+def test_gated_pairs_with_a_setup_token_of_the_real_server_once(real_pretix, real_pretix_lane, capsys):
+    config = real_pretix_lane(paired=False)
     token = real_pretix.setup_token()
     assert cli.main(["pair", "--config", config.path, token]) == 0
     out = capsys.readouterr().out
@@ -81,12 +50,12 @@ def test_gated_pairs_with_a_setup_token_of_the_real_server_once(real_pretix, gat
     assert (d.verdict, d.source) == (Verdict.ADMIT, Source.ONLINE)
 
 
-def test_online_verdicts_for_every_order_state_are_what_gated_reports(real_pretix, gate_config):
+def test_online_verdicts_for_every_order_state_are_what_gated_reports(real_pretix, real_pretix_lane):
     srv = real_pretix
     paid, pending, canceled = srv.order("p", name="Grace Hopper"), srv.order("n"), srv.order("c")
     expired = srv.order("p", valid_until=datetime.now(UTC) - timedelta(hours=1))
     early = srv.order("p", valid_from=datetime.now(UTC) + timedelta(hours=1))
-    decisions = asyncio.run(_online(gate_config(), paid.secret, paid.secret, pending.secret, canceled.secret,
+    decisions = asyncio.run(_online(real_pretix_lane(), paid.secret, paid.secret, pending.secret, canceled.secret,
                                     "no-such-ticket-secret", expired.secret, early.secret))
     assert [(d.verdict, d.reason, d.backend_code) for d in decisions] == [
         (Verdict.ADMIT, Reason.OK, "ok"),
@@ -104,23 +73,23 @@ def test_online_verdicts_for_every_order_state_are_what_gated_reports(real_preti
     assert ck["type"] == "entry" and ck["gate"] == srv.gate_id("north")
 
 
-def test_pending_order_is_refused_even_on_an_include_pending_list(real_pretix, gate_config):
+def test_pending_order_is_refused_even_on_an_include_pending_list(real_pretix, real_pretix_lane):
     # pretix admits a pending order on such a list only when the scanner sends ignore_unpaid
     # (pretixSCAN asks its operator first); gated sends false, so pretix refuses.
-    (d,) = asyncio.run(_online(gate_config("pending"), real_pretix.order("n").secret))
+    (d,) = asyncio.run(_online(real_pretix_lane("pending"), real_pretix.order("n").secret))
     assert (d.reason, d.backend_code) == (Reason.NOT_PAID, "unpaid")
 
 
-def test_product_limit_and_rules_refusals_carry_pretixs_words(real_pretix, gate_config):
+def test_product_limit_and_rules_refusals_carry_pretixs_words(real_pretix, real_pretix_lane):
     ticket = real_pretix.order("p", "Ticket", name="Alan Turing")
-    (product,) = asyncio.run(_online(gate_config("vip_only"), ticket.secret))
-    (rules,) = asyncio.run(_online(gate_config("tickets_rules"), real_pretix.order("p", "VIP", variation="Gold",
+    (product,) = asyncio.run(_online(real_pretix_lane("vip_only"), ticket.secret))
+    (rules,) = asyncio.run(_online(real_pretix_lane("tickets_rules"), real_pretix.order("p", "VIP", variation="Gold",
                                                                                     name="Ada").secret))
     assert (product.reason, product.backend_code) == (Reason.PRODUCT_NOT_ALLOWED, "product")
     assert (rules.reason, rules.message) == (Reason.RULES, "Ada: Ticket type not allowed")
 
 
-def test_signed_tickets_made_by_real_pretix_are_admitted_offline(real_pretix, gate_config):
+def test_signed_tickets_made_by_real_pretix_are_admitted_offline(real_pretix, real_pretix_lane):
     srv = real_pretix
     plain = srv.order("p")  # no validity window: pretix writes validFrom/validUntil = 0
     window = srv.order("p", valid_from=datetime.now(UTC) - timedelta(hours=1),
@@ -128,7 +97,7 @@ def test_signed_tickets_made_by_real_pretix_are_admitted_offline(real_pretix, ga
     expired = srv.order("p", valid_until=datetime.now(UTC) - timedelta(hours=1))
     canceled = srv.order("c")
     random_secret = srv.order("p", secret="gatedrandomsecret0000000000000001")
-    decisions = asyncio.run(_offline(gate_config(), plain.secret, window.secret, expired.secret, canceled.secret,
+    decisions = asyncio.run(_offline(real_pretix_lane(), plain.secret, window.secret, expired.secret, canceled.secret,
                                      random_secret.secret))
     # A random secret is decided from the downloaded tickets (issue #19), not refused as unknown.
     assert [d.reason for d in decisions] == [Reason.OK, Reason.OK, Reason.EXPIRED, Reason.REVOKED, Reason.OK]
@@ -155,3 +124,24 @@ def test_what_a_pretixscan_device_may_read_for_offline_data(real_pretix):
         position.secret, srv.items["VIP"], srv.variations["VIP/Silver"], "p")
     assert [(c["list"], c["type"]) for c in p["checkins"]] == [(lid, "entry")]
     assert p["valid_from"] is None and p["valid_until"] is None and p["blocked"] is None
+
+
+def test_the_downloaded_tickets_are_counted_as_pretix_counts_each_list(real_pretix, real_pretix_lane):
+    """`gated ready` compares gated's count of the downloaded tickets with the list's `position_count`."""
+    srv = real_pretix
+    srv.order("n", valid_if_pending=True)
+    srv.order("n")
+    srv.order("c")
+    srv.order("p", "VIP", variation="Gold")
+
+    async def counts(config):
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            return await parts.store.call(parts.backend.offline_count), await parts.backend.ticket_count()
+        finally:
+            await parts.close()
+
+    for name in ("plain", "pending", "vip_only"):
+        local, pretix = asyncio.run(counts(real_pretix_lane(name, name)))
+        assert local == pretix, name

@@ -17,44 +17,10 @@ import time
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from gated.daemon import build
 from gated.model import Reason, Scan, ScanMode, Source, Verdict
 from gated.store import Store
 from gated.upload import Uploader
-
-
-@pytest.fixture
-def lane(real_pretix, load_config, tmp_path):
-    """Configs of one lane (device of gate north): `lane(list_name, name)` reaches pretix, and with
-    `dead=True` the same lane and store find nothing listening (the server is unreachable)."""
-    token = tmp_path / "device.token"
-    token.write_text(real_pretix.device_token("north") + "\n")
-    token.chmod(0o600)
-
-    def make(list_name: str, name: str = "lane", dead: bool = False, extra: str = "", event: str | None = None):
-        url = "http://127.0.0.1:9" if dead else real_pretix.url  # discard port: connection refused
-        config = load_config(f"""
-            [backend]
-            type = "pretix"
-            url = "{url}"
-            timeout_seconds = 10.0
-            [backend.pretix]
-            organizer = "{real_pretix.organizer}"
-            event = "{event or real_pretix.event}"
-            checkin_list = {real_pretix.lists[list_name]}
-            token_file = "{token}"
-            [offline]
-            fallback = "deny"
-            [store]
-            path = "{tmp_path / (name + '.db')}"
-            {extra}
-        """, name=f"{name}{'-dead' if dead else ''}.toml")
-        config.lane["debounce_seconds"] = 0.0
-        return config
-    return make
-
 
 SERIES = "democon-series"
 
@@ -221,7 +187,8 @@ def _scenarios(srv, now: datetime) -> list[tuple[str, dict, dict, list]]:
     ]
 
 
-def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once_after_recovery(real_pretix, lane):
+def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once_after_recovery(
+        real_pretix, real_pretix_lane):
     srv = real_pretix
     device = srv.device_token("north")
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -243,8 +210,9 @@ def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once
                 copies[side][key] = _order(srv, spec)
                 for minutes, kind in spec.get("history", ()):
                     srv.checkin(copies[side][key][0], list_name, when=now - timedelta(minutes=minutes), type=kind)
-        mine = asyncio.run(_gated_offline(lane, list_name, [(copies["gated"][k][0], now - timedelta(minutes=m), kind)
-                                                            for k, m, kind in plan], event))
+        mine = asyncio.run(_gated_offline(real_pretix_lane, list_name,
+                                          [(copies["gated"][k][0], now - timedelta(minutes=m), kind)
+                                           for k, m, kind in plan], event))
         for (key, minutes, kind), (decision, _) in zip(plan, mine, strict=True):
             answer = srv.redeem(copies["pretix"][key][0], list_name, when=now - timedelta(minutes=minutes), type=kind,
                                 device=device)
@@ -258,7 +226,7 @@ def test_offline_verdicts_agree_with_real_pretix_scan_for_scan_and_reach_it_once
                               f"({answer.get('reason_explanation')}), gated {decision.backend_code!r} "
                               f"{decision.reason} {decision.source} {decision.message!r}")
         # Recovery: the lane's offline check-ins reach pretix once each, with the scan's time.
-        asyncio.run(_upload(lane(list_name, list_name, event=event)))
+        asyncio.run(_upload(real_pretix_lane(list_name, list_name, event=event)))
         for key, spec in tickets.items():
             if spec.get("unknown"):
                 continue
@@ -328,7 +296,7 @@ async def _upload(config) -> int:
 # --- end to end ---------------------------------------------------------------------------------
 
 
-def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_pretix, lane):
+def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_pretix, real_pretix_lane):
     srv = real_pretix
     # pretix's defaults (entry after exit allowed), and at most two entries by the list's rules.
     srv.add_list("e2e_apb", rules={"<": [{"var": "entries_number"}, 2]})
@@ -336,7 +304,7 @@ def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_preti
     srv.checkin(inside[0], "e2e_apb")  # let in by another scanner, before the lane synced
 
     async def run():
-        async with _offline_lane(lane, "e2e_apb", "apb") as parts:
+        async with _offline_lane(real_pretix_lane, "e2e_apb", "apb") as parts:
             return [await parts.gate.handle(Scan(token=t, reader="front")) for t in (inside[0], fresh[0], fresh[0])]
 
     server_side, first, second = asyncio.run(run())
@@ -344,10 +312,10 @@ def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_preti
     assert all(d.source is Source.OFFLINE for d in (server_side, first, second))
     # After the upload and a new sync the lane's own check-in is in the download too: counted once, not
     # twice, so after an exit the ticket may enter a second time, and a third entry is refused by the rules.
-    asyncio.run(_upload(lane("e2e_apb", "apb")))
+    asyncio.run(_upload(real_pretix_lane("e2e_apb", "apb")))
 
     async def exit_and_enter():
-        async with _offline_lane(lane, "e2e_apb", "apb") as parts:
+        async with _offline_lane(real_pretix_lane, "e2e_apb", "apb") as parts:
             parts.gate.scan_mode = ScanMode.EXIT
             out = [await parts.gate.handle(Scan(token=fresh[0], reader="front"))]
             parts.gate.scan_mode = ScanMode.ENTRY
@@ -360,7 +328,7 @@ def test_anti_passback_counts_the_servers_check_ins_and_the_lanes_own(real_preti
     assert [c["type"] for c in srv.checkins(fresh[1][0])] == ["entry"]  # the first upload, once
 
 
-def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_offline(real_pretix, lane):
+def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_offline(real_pretix, real_pretix_lane):
     """Under `addon_match` pretix checks in the add-on of a scanned ticket: the lane counts that add-on,
     so the ticket scanned again once the server is gone (nothing synced since) is already used."""
     srv = real_pretix
@@ -368,14 +336,14 @@ def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_off
     secret, ids = _order(srv, {"random": True, "addons": [{"product": "Workshop", "random": True}]})
 
     async def run():
-        parts = await build(lane("e2e_addon", "addon"))
+        parts = await build(real_pretix_lane("e2e_addon", "addon"))
         try:
             await parts.backend.sync(parts.store)
             online = await parts.gate.handle(Scan(token=secret, reader="front"))
             await parts.gate.drain()
         finally:
             await parts.close()
-        parts = await build(lane("e2e_addon", "addon", dead=True))
+        parts = await build(real_pretix_lane("e2e_addon", "addon", dead=True))
         try:
             return online, await parts.gate.handle(Scan(token=secret, reader="front"))
         finally:
@@ -389,7 +357,7 @@ def test_an_add_on_checked_in_online_counts_when_its_ticket_is_scanned_again_off
                                                                       "already_redeemed")
 
 
-def test_a_card_whose_only_ticket_was_canceled_alone_is_refused_offline_as_online(real_pretix, lane):
+def test_a_card_whose_only_ticket_was_canceled_alone_is_refused_offline_as_online(real_pretix, real_pretix_lane):
     """pretix's media API leaves canceled tickets off a card, its redeem finds them: pretix says
     `canceled`, gated offline `invalid` ("Medium connected to other event"). Both refuse."""
     srv = real_pretix
@@ -405,7 +373,7 @@ def test_a_card_whose_only_ticket_was_canceled_alone_is_refused_offline_as_onlin
                                            "linked_orderpositions": [canceled], "info": {}})
 
     async def offline():
-        async with _offline_lane(lane, "e2e_card", "card") as parts:
+        async with _offline_lane(real_pretix_lane, "e2e_card", "card") as parts:
             return await parts.gate.handle(Scan(token=card, reader="front"))
 
     mine = asyncio.run(offline())
@@ -414,11 +382,11 @@ def test_a_card_whose_only_ticket_was_canceled_alone_is_refused_offline_as_onlin
     assert (mine.verdict, mine.source, mine.backend_code) == (Verdict.DENY, Source.OFFLINE, "invalid")
 
 
-def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, lane):
+def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, real_pretix_lane):
     srv = real_pretix
     srv.add_list("e2e_annul")
     secret, (pid,) = _order(srv, {"random": True})
-    config = lane("e2e_annul", "annul", extra="[input.passage]\npin = 24\ntimeout_seconds = 0.05\n")
+    config = real_pretix_lane("e2e_annul", "annul", extra="[input.passage]\npin = 24\ntimeout_seconds = 0.05\n")
 
     async def run():
         parts = await build(config)
@@ -436,23 +404,23 @@ def test_nobody_passing_annuls_the_check_in_on_the_real_server(real_pretix, lane
     assert (again.verdict, again.source) == (Verdict.ADMIT, Source.ONLINE)  # so the ticket may enter again
 
 
-def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_pretix, lane):
+def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_pretix, real_pretix_lane):
     srv = real_pretix
     srv.add_list("e2e_upload")
     secret, (pid,) = _order(srv, {"random": True})
     when = time.time() - 900
 
     async def offline_scan():
-        async with _offline_lane(lane, "e2e_upload", "up") as parts:
+        async with _offline_lane(real_pretix_lane, "e2e_upload", "up") as parts:
             parts.decider.clock = lambda: when
             return await parts.gate.handle(Scan(token=secret, reader="front", wall=when))
 
     d = asyncio.run(offline_scan())
     assert (d.verdict, d.source) == (Verdict.ADMIT, Source.OFFLINE)
-    assert asyncio.run(_upload(lane("e2e_upload", "up"))) == 1
+    assert asyncio.run(_upload(real_pretix_lane("e2e_upload", "up"))) == 1
 
     async def replay():  # an answer lost on the way back: the same scan is sent again
-        parts = await build(lane("e2e_upload", "up"))
+        parts = await build(real_pretix_lane("e2e_upload", "up"))
         try:
             rows = await parts.store.call(lambda s: list(s.db.query("SELECT * FROM scans")))
             return await parts.backend.upload(rows)
@@ -465,7 +433,7 @@ def test_offline_check_ins_upload_with_their_time_once_even_when_replayed(real_p
 
 
 def test_the_next_sync_fetches_only_changed_orders_and_sees_other_scanners_check_ins_and_cancellations(
-        real_pretix, lane):
+        real_pretix, real_pretix_lane):
     # The syncer's delta is `orders/?modified_since=`: it relies on pretix changing an order's
     # `last_modified` when one of its tickets is checked in. A cancellation in an event whose tickets
     # are signed revokes the secret, even one of our choosing (`revokedsecrets/?created_since=`).
@@ -474,7 +442,7 @@ def test_the_next_sync_fetches_only_changed_orders_and_sees_other_scanners_check
     entered, canceled, untouched = (_order(srv, {"random": True}) for _ in range(3))
 
     async def sync_then_decide():
-        parts = await build(lane("e2e_delta", "delta"))
+        parts = await build(real_pretix_lane("e2e_delta", "delta"))
         try:
             await parts.backend.sync(parts.store)
             whole = bool(parts.backend.last_reload)  # set by a whole download only

@@ -103,6 +103,10 @@ class Forbidden(Unreachable):
     """pretix answered 403: the device may not read this (its security profile, the event's settings)."""
 
 
+class NotFound(BackendRejected):
+    """pretix answered 404 for a list resource: this pretix has none (an older version)."""
+
+
 class PretixBackend(HttpBackend):
     name = "pretix"
 
@@ -219,7 +223,8 @@ class PretixBackend(HttpBackend):
 
     def offline_count(self, store: Store) -> int | None:
         """The downloaded tickets pretix counts in `position_count`: on this list (product, date), not
-        canceled, the order paid (or pending on an `include_pending` list). None before a download."""
+        canceled, the order paid, or pending on an `include_pending` list or `valid_if_pending`
+        (pretix 2026.8.0's `CheckinList.positions`). None before a download."""
         data = store.get_data(self.offline_name)
         if data is None or not data[0].get("positions"):
             return None
@@ -228,10 +233,11 @@ class PretixBackend(HttpBackend):
         products = None if lst.get("all_products", True) else set(lst.get("limit_products") or [])
         count = 0
         for status, facts in store.ticket_rows(self.positions_name):
-            if status not in orders or not facts:
+            if status not in ("p", "n") or not facts:
                 continue
-            item = json.loads(facts).get("item")
-            count += products is None or item in products
+            ticket = json.loads(facts)
+            if status in orders or ticket.get("pending_ok"):
+                count += products is None or ticket.get("item") in products
         return count
 
     async def lookup(self, token: str) -> list[str] | None:
@@ -242,11 +248,16 @@ class PretixBackend(HttpBackend):
         if response.status_code != 200 or not isinstance(body, dict):
             return [f"HTTP {response.status_code}: {error_text(response, _words, body)}"]
         lines = [f"{body.get('count', 0)} match(es) on check-in list {self.list_id}"]
-        for p in body.get("results", [])[:10]:
-            entries = sum(1 for c in p.get("checkins", []) if c.get("type", "entry") == "entry")
+        results = body.get("results")
+        tickets = [p for p in results if isinstance(p, dict)] if isinstance(results, list) else []
+        for p in tickets[:10]:
+            checkins = p.get("checkins")
+            entries = sum(1 for c in checkins if isinstance(c, dict) and c.get("type", "entry") == "entry") \
+                if isinstance(checkins, list) else 0
             lines.append(f"order {p.get('order')}-{p.get('positionid')}: item {p.get('item')}, "
-                         f"{p.get('attendee_name') or '-'}, {entries} entry check-in(s), secret {redact(p['secret'])}")
-        return lines
+                         f"{p.get('attendee_name') or '-'}, {entries} entry check-in(s), "
+                         f"secret {redact(str(p.get('secret')))}")
+        return [clean(line) for line in lines]  # names from the server reach the terminal
 
     # --- pairing -------------------------------------------------------------------------
 
@@ -351,9 +362,7 @@ class PretixBackend(HttpBackend):
         try:
             rows, generated = await self._get_all(f"{self.org_path}/reusablemedia/", params, "reusable media",
                                                   each=lambda m: _medium_rows(m, self.event))
-        except (Forbidden, BackendRejected) as e:
-            if isinstance(e, BackendRejected) and "HTTP 404" not in str(e):
-                raise
+        except (Forbidden, NotFound) as e:
             if not self._media_refused:
                 self._media_refused = True
                 log.info("pretix does not let this device read reusable media (%s): a card's barcode is decided "
@@ -478,7 +487,7 @@ class PretixBackend(HttpBackend):
         """One page of a list resource: (its results, the next page's path or None, X-Page-Generated)."""
         response = await self._call("GET", path, params=params, timeout=SLOW_CALL_SECONDS, limit=LIST_PAGE_LIMIT)
         if response.status_code != 200:
-            raise BackendRejected(f"{what}: HTTP {response.status_code}")
+            raise (NotFound if response.status_code == 404 else BackendRejected)(f"{what}: HTTP {response.status_code}")
         generated = response.headers.get("X-Page-Generated")
         body = await json_answer(response)
         found = body.get("results") if isinstance(body, dict) else None

@@ -38,8 +38,9 @@ Semantics, from reading pretix 2026.8.0 (`pretix/base/services/checkin.py`, `hel
 The explanation follows pretix's documented approach (`_logic_explain`): each false comparison gets
 a text and a weight (how little the visitor can change it, then how far off it is); the rule is put
 in disjunctive normal form; the way to "true" whose worst failure weighs least, then with the fewest
-failures, is explained. Texts are pretix's English ones; times are shown in the event's zone,
-`HH:MM` within 12 hours of the clock, else `YYYY-MM-DD HH:MM`. pretix words its explanation by the
+failures, is explained (past MAX_WAYS ways, "Unknown reason": pretix would weigh them all). Texts
+are pretix's English ones; times are shown in the event's zone, `HH:MM` within 12 hours of the
+clock, else `YYYY-MM-DD HH:MM`. pretix words its explanation by the
 server's clock at the answer, with `customtime` on that day, even for a check-in sent with an earlier
 `datetime`; `Facts.clock` says which clock (by default the scan's time, the same thing at a gate).
 """
@@ -116,7 +117,7 @@ def evaluate(rules: Any, facts: Facts) -> RuleResult:
         return RuleResult(False, _explain(rules, _Env(facts, clock=facts.clock)))
     except CannotEvaluate as e:
         return RuleResult(False, f"gated cannot evaluate this rule offline: {e}", unsupported=True)
-    except (_Failed, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
+    except (_Failed, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
         return RuleResult(False, EVALUATION_FAILED)
 
 
@@ -285,6 +286,9 @@ COUNT_WEIGHTS = {"minutes_since_first_entry": 80, "minutes_since_last_entry": 90
                  "entries_number": 120, "entries_today": 140, "now_isoweekday": 210}
 OPERATOR_WEIGHTS = {"==": 2, "<": 1, "<=": 1, ">": 1, ">=": 1, "!=": 3}
 UNKNOWN_REASON = "Unknown reason"
+# The ways in that an explanation weighs: each `and` of `or`s multiplies them (twenty of two make a
+# million), and they are weighed on the scan's path. A real list's rules have a few dozen at most.
+MAX_WAYS = 4096
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,8 @@ class _Leaf:
 
 
 def _explain(rules: Any, env: _Env) -> str:
+    if _ways(rules) > MAX_WAYS:
+        return UNKNOWN_REASON
     try:
         paths = [[_leaf(x, env) for x in path] for path in _dnf(rules)]
     except _NoExplanation:
@@ -336,6 +342,18 @@ def _dnf(rule: Any) -> list[list[Any]]:
             others = [a for a in args if a is not spread]
             return [path for alternative in spread["or"] for path in _dnf({"and": [*others, alternative]})]
     return [[rule]]
+
+
+def _ways(rule: Any) -> int:
+    """How many ways to "true" `_dnf` makes of the rule, counted without making them."""
+    if isinstance(rule, dict) and rule:
+        op = next(iter(rule))
+        args = rule[op] if isinstance(rule[op], list) else [rule[op]]
+        if op == "or":
+            return sum(_ways(a) for a in args)
+        if op == "and":
+            return reduce(lambda total, a: total * _ways(a), args, 1)
+    return 1
 
 
 def _leaf(rule: Any, env: _Env) -> _Leaf:

@@ -426,11 +426,17 @@ class PretixSim(_QuickStop):
             return lst
         orders = ("p", "n") if lst["include_pending"] else ("p",)
         with self.lock:
-            count = sum(1 for pos in self.positions.values()
-                        if not pos.canceled and pos.order_status in orders
-                        and (lst["all_products"] or pos.item in lst["limit_products"])
-                        and (not lst["subevent"] or pos.subevent == lst["subevent"]))
+            count = sum(1 for pos in self.positions.values() if self._on_list(pos, lst, orders))
         return Response(200, {"checkin_count": 0, "position_count": count, "inside_count": 0})
+
+    @staticmethod
+    def _on_list(pos: Position, lst: dict[str, Any], statuses: tuple[str, ...]) -> bool:
+        """pretix's `CheckinList.positions`: not canceled, of these order statuses (or pending and
+        `valid_if_pending`), of a product and date of the list."""
+        return (not pos.canceled
+                and (pos.order_status in statuses or (pos.order_status, pos.valid_if_pending) == ("n", True))
+                and (lst["all_products"] or pos.item in lst["limit_products"])
+                and (not lst["subevent"] or pos.subevent == lst["subevent"]))
 
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/orderpositions/")
     def orderpositions(self, req: Request) -> Response:
@@ -446,10 +452,7 @@ class PretixSim(_QuickStop):
             ("n", "p") if lst["include_pending"] else ("p",)
         with self.lock:  # `modified_since` is not one of this resource's filters: pretix ignores it
             items = [self._position_json(p, lst["id"]) for p in self.positions.values()
-                     if not p.canceled
-                     and (p.order_status in statuses or (p.order_status, p.valid_if_pending) == ("n", True))
-                     and (lst["all_products"] or p.item in lst["limit_products"])
-                     and (not lst["subevent"] or p.subevent == lst["subevent"])]
+                     if self._on_list(p, lst, statuses)]
         return self._page(req, items)
 
     @route("GET", r"/api/v1/organizers/(?P<org>[^/]+)/events/(?P<event>[^/]+)/orders/")
@@ -495,10 +498,10 @@ class PretixSim(_QuickStop):
         kind = req.query.get("type", [None])[0]
         with self.lock:
             rows = []
+            by_id = {p.id: p for p in self.positions.values()}
             for m in self.media:
                 if kind and m["type"] != kind:
                     continue
-                by_id = {p.id: p for p in self.positions.values()}
                 linked = [by_id[i] for i in m["_positions"] if i in by_id]
                 rows.append(m | {"linked_orderpositions": [
                     {"id": p.id, "secret": p.secret, "item": p.item, "order": {"code": p.order, "event": self.event}}
@@ -561,8 +564,9 @@ class PretixSim(_QuickStop):
         if pos is None:  # a reusable medium's barcode stands for its (first) ticket while it is active
             medium = next((m for m in self.media if m["identifier"] == secret and m["active"]
                            and (m["expires"] is None or m["expires"] >= datetime.now(UTC))), None)
-            by_id = {p.id: p for p in self.positions.values()}
-            pos = next((by_id[i] for i in medium["_positions"] if i in by_id), None) if medium else None
+            if medium is not None:
+                by_id = {p.id: p for p in self.positions.values()}
+                pos = next((by_id[i] for i in medium["_positions"] if i in by_id), None)
         revoked = next((r for r in self.revoked if r["secret"] == secret), None)
         if pos is None and revoked is not None:
             pos = next(p for p in self.positions.values() if p.id == revoked["_position"])

@@ -216,15 +216,20 @@ def test_refused_device_token_decides_offline_and_says_to_pair_again(sim, paired
 # --- offline data -------------------------------------------------------------------------------
 
 
+async def _decided(parts, *tokens, mode=ScanMode.ENTRY, now=None):
+    """Decide each token from the offline data of `parts` (the store's own thread, as the decider does)."""
+    return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), mode, now or time.time(), True)
+            for t in tokens]
+
+
 def _offline(config, *tokens, now=None):
-    """Decide each token from the synced offline data (the store's own thread, as the decider does)."""
+    """Decide each token from the synced offline data."""
 
     async def run():
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                           now or time.time(), True) for t in tokens]
+            return await _decided(parts, *tokens, now=now)
         finally:
             await parts.close()
     return asyncio.run(run())
@@ -292,15 +297,13 @@ def test_revocations_are_fetched_as_deltas_across_pages_and_unblocking_takes_eff
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            first = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                            time.time(), True) for t in olds + [blocked]]
+            first = await _decided(parts, *olds, blocked)
             for s in olds[3:]:
                 sim.revoke(s)
             sim.block(blocked, False)
             mark = len(sim.requests)
             await parts.backend.sync(parts.store)
-            second = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                             time.time(), True) for t in olds + [blocked]]
+            second = await _decided(parts, *olds, blocked)
             return first, second, sim.requests[mark:]
         finally:
             await parts.close()
@@ -368,8 +371,7 @@ def test_exit_scans_offline_skip_validity_and_entry_limits_but_not_the_order_sta
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            return [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.EXIT,
-                                           time.time(), True) for t in (late, late, canceled)]
+            return await _decided(parts, late, late, canceled, mode=ScanMode.EXIT)
         finally:
             await parts.close()
 
@@ -407,6 +409,28 @@ def test_rules_and_entry_after_exit_count_the_servers_check_ins_with_the_lanes_o
     assert decisions[-1].message.endswith("Maximum number of entries exceeded")
 
 
+@pytest.mark.parametrize("include_pending", [False, True])
+def test_the_downloaded_tickets_are_counted_as_pretix_counts_its_list(sim, paired, include_pending):
+    # `gated ready` compares the two: a difference says the offline data is incomplete.
+    sim.lists[1].update(include_pending=include_pending, all_products=False, limit_products=[1])
+    config = paired()
+    sim.add_position(signed=False)
+    sim.add_position(signed=False, order_status="n", valid_if_pending=True)  # counted on every list
+    sim.add_position(signed=False, order_status="n")
+    sim.add_position(2, signed=False)
+    sim.add_position(signed=False, order_status="c")
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            return await parts.store.call(parts.backend.offline_count), await parts.backend.ticket_count()
+        finally:
+            await parts.close()
+
+    assert asyncio.run(run()) == ((3, 3) if include_pending else (2, 2))
+
+
 def test_deltas_download_only_changed_orders_and_take_effect(sim, paired):
     sim.page_size = 2
     config = paired()
@@ -416,15 +440,13 @@ def test_deltas_download_only_changed_orders_and_take_effect(sim, paired):
         parts = await build(config)
         try:
             await parts.backend.sync(parts.store)
-            before = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                             time.time(), True) for t in secrets[:2]]
+            before = await _decided(parts, *secrets[:2])
             sim.change(secrets[0], order_status="c")
             sim.checkins.append(_server_checkin(sim, secrets[1], "entry", minutes_ago=1))
             sim.positions[secrets[1]].modified = datetime.now(UTC)
             mark = len(sim.requests)
             await parts.backend.sync(parts.store)
-            after = [await parts.store.call(parts.backend.decide_offline, Scan(token=t), ScanMode.ENTRY,
-                                            time.time(), True) for t in secrets[:3]]
+            after = await _decided(parts, *secrets[:3])
             return before, after, sim.requests[mark:]
         finally:
             await parts.close()
@@ -476,8 +498,7 @@ def test_a_whole_download_is_written_by_the_reload_process_page_by_page(sim, pai
         try:
             await parts.backend.sync(parts.store)
             result = dict(parts.backend.last_reload)
-            decided = await parts.store.call(parts.backend.decide_offline, Scan(token=secrets[4]), ScanMode.ENTRY,
-                                             time.time(), True)
+            (decided,) = await _decided(parts, secrets[4])
             # A download that fails on a later page leaves the list in use as it was.
             await parts.store.call(lambda store: store.set(
                 f"pretix:demo/democon:orders_since:1:None:{ROWS_VERSION}", ""))
@@ -590,6 +611,20 @@ def test_lookup_searches_the_check_in_list(sim, paired, capsys):
     assert "1 match(es) on check-in list 1" in out and "Grace Hopper" in out and secret not in out
 
 
+def test_lookup_shows_the_servers_words_on_their_own_line_and_skips_what_is_not_a_ticket(sim, paired, capsys):
+    # An attendee name is anyone's input: it must not write a line of its own (or terminal escapes)
+    # into the operator's output, and a result of another shape must not end the command in a traceback.
+    config = paired()
+    secret = sim.add_position(1, "Grace\n  ticket API: 0 match(es)\x1b[2J")
+    real_page = sim._page
+    sim._page = lambda req, items: real_page(req, [*items, "not a ticket", {"secret": 7}])
+    assert cli.main(["lookup", "--config", config.path, secret]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    (line,) = [x for x in out.splitlines() if "Grace" in x]
+    assert "Grace\\x0a  ticket API: 0 match(es)\\x1b[2J" in line and secret not in out
+
+
 # --- pretixdroid (legacy) -----------------------------------------------------------------------
 
 
@@ -691,8 +726,8 @@ def test_a_check_in_list_in_an_odd_shape_fails_that_sync_and_the_data_before_it_
             sim.lists[1].update(odd)
             with pytest.raises(GatedError, match="check-in list"):
                 await parts.backend.sync(parts.store)
-            return await parts.store.call(parts.backend.decide_offline, Scan(token=secret), ScanMode.ENTRY,
-                                          time.time(), True)
+            (decided,) = await _decided(parts, secret)
+            return decided
         finally:
             await parts.close()
 
@@ -828,13 +863,14 @@ def test_a_medium_of_two_tickets_on_the_list_is_ambiguous_offline_and_of_none_he
     assert decisions[1].message == "Medium connected to other event"
 
 
-def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim, paired, caplog):
+@pytest.mark.parametrize("status", [403, 404])  # a device's profile; a pretix without reusable media
+def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim, paired, caplog, status):
     config = paired()
     ticket = sim.add_position(signed=False)
     sim.add_medium("CARD-9", [ticket])
 
     def refused(req):
-        return Response(403, {"detail": "You do not have permission to perform this action."})
+        return Response(status, {"detail": "You do not have permission to perform this action."})
 
     sim.replace_route(sim.reusablemedia, refused)
     caplog.set_level(logging.INFO, logger="gated")
@@ -842,6 +878,20 @@ def test_a_device_not_allowed_to_read_media_syncs_the_rest_and_says_so_once(sim,
     assert [d.reason for d in first] == [Reason.UNKNOWN, Reason.OK]
     assert [d.reason for d in second] == [Reason.UNKNOWN, Reason.ALREADY_USED]
     assert caplog.text.count("does not let this device read reusable media") == 1
+
+
+def test_a_failing_media_download_fails_the_sync(sim, paired):
+    config = paired()
+    sim.replace_route(sim.reusablemedia, lambda req: Response(400, {"detail": "Bad request"}))
+
+    async def run():
+        parts = await build(config)
+        try:
+            with pytest.raises(BackendRejected, match="reusable media: HTTP 400"):
+                await parts.backend.sync(parts.store)
+        finally:
+            await parts.close()
+    asyncio.run(run())
 
 
 def test_a_card_whose_code_looks_like_a_damaged_signed_secret_is_still_found(sim, paired):

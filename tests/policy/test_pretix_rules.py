@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gated.policy.pretix_rules import EVALUATION_FAILED, CheckIn, Facts, evaluate
+from gated.policy.pretix_rules import EVALUATION_FAILED, UNKNOWN_REASON, CheckIn, Facts, RuleResult, evaluate
 
 BERLIN = ZoneInfo("Europe/Berlin")
 # Wednesday 2026-03-04, 10:30 in Berlin (09:30 UTC).
@@ -216,6 +216,26 @@ def test_what_gated_cannot_evaluate_denies_and_says_what(rule, what):
 def test_a_rule_that_fails_to_evaluate_denies_as_pretix_does():
     naive = {"isAfter": [NOW_VAR, {"buildTime": ["custom", "2026-03-04T09:00:00"]}]}  # no zone
     result = evaluate(naive, facts())
+    assert (result.allowed, result.explanation, result.unsupported) == (False, EVALUATION_FAILED, False)
+
+
+def test_a_rule_with_too_many_ways_in_is_refused_without_naming_one():
+    # Each `and` of `or`s multiplies the ways in that the explanation weighs (2**13 here): on the
+    # store thread's scan path that would hold up every scan, so past MAX_WAYS none is named.
+    either = {"or": [{"==": [{"var": "product"}, 2]}, {"==": [{"var": "gate"}, 3]}]}
+    wide = {"and": [either] * 13}
+    assert evaluate(wide, facts()) == RuleResult(False, UNKNOWN_REASON)
+    small = {"and": [either] * 3}
+    assert evaluate(small, facts()).explanation == "Wrong entrance gate"
+
+
+def test_a_rule_nested_deeper_than_python_evaluates_denies_as_pretix_does():
+    # pretix denies when its evaluation raises, whatever the error; escaping here, a RecursionError
+    # would leave the decider without a decision.
+    rule: dict = {"==": [{"var": "product"}, 1]}
+    for _ in range(2000):
+        rule = {"and": [rule, True]}
+    result = evaluate(rule, facts())
     assert (result.allowed, result.explanation, result.unsupported) == (False, EVALUATION_FAILED, False)
 
 
