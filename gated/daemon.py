@@ -204,8 +204,11 @@ class Daemon:
             return code
         tasks = self._background()
         code = self._start_metrics(tasks)
-        if code is not None:
+        if code is not None:  # what started so far stops as at SIGTERM: the link says "offline"
+            if self.link is not None:
+                await asyncio.to_thread(self.link.stop)
             await self.parts.close()
+            self.syncer.store.close()
             return code
         loop = asyncio.get_running_loop()
         background = [loop.create_task(_keep_running(name, run), name=name) for name, run in tasks]
