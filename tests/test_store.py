@@ -455,7 +455,7 @@ def test_closing_one_store_keeps_the_locks_another_store_of_the_process_holds_on
     first.close()
     # SQLite's unix VFS: the DMS byte of the -shm file sits after its 8 lock bytes, at 120 + 8.
     probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
-             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\nexcept OSError:\n    sys.exit(1)\n")
-    held = subprocess.run([sys.executable, "-c", probe, f"{path}-shm"]).returncode == 1
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\nexcept OSError:\n    sys.exit(3)\n")
+    held = subprocess.run([sys.executable, "-c", probe, f"{path}-shm"]).returncode == 3
     second.close()
     assert held
