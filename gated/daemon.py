@@ -204,8 +204,11 @@ class Daemon:
             return code
         tasks = self._background()
         code = self._start_metrics(tasks)
-        if code is not None:
+        if code is not None:  # what started so far stops as at SIGTERM: the link says "offline"
+            if self.link is not None:
+                await asyncio.to_thread(self.link.stop)
             await self.parts.close()
+            self.syncer.store.close()
             return code
         loop = asyncio.get_running_loop()
         background = [loop.create_task(_keep_running(name, run), name=name) for name, run in tasks]
@@ -269,7 +272,7 @@ class Daemon:
         self.syncer = Syncer(p.backend, StoreThread(c.store.path, "sync", read_only_ok=True),
                              c.backend.sync_interval_seconds)
         if p.backend.online:  # fresh offline data from the API ends a replaced store's fallback
-            self.syncer.on_synced = lambda: self.syncer.store.call(Store.accept_replaced)
+            self.syncer.on_synced = self._accept_replaced
         # Offline-first backends upload as they go. A scan queued because the API just failed waits
         # for the breaker's probe (on_reconnect below): waking now would only fail again.
         p.gate.on_queued = lambda: self.uploader.wake() if p.decider.offline_first else None
@@ -278,6 +281,13 @@ class Daemon:
         if self.link is not None and c.mqtt.status:
             tasks.append(("ready", self._share_ready))
         return tasks
+
+    async def _accept_replaced(self) -> None:
+        """After a sync: a store that replaced a damaged one is trusted again, and the log says so once,
+        as it said at start what was lost (open_store)."""
+        if await self.syncer.store.call(Store.accept_replaced) is not None:
+            log.info("offline data synced from the ticket API into the store that replaced the damaged one: "
+                     "offline decisions follow the offline rules again", extra={"GATED_EVENT": "store_accepted"})
 
     def _start_metrics(self, tasks: list[tuple[str, Callable[[], Awaitable[None]]]]) -> int | None:
         """The Prometheus exporter with [metrics], as one more background task; an exit code when its

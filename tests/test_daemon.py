@@ -196,3 +196,27 @@ def test_a_reload_takes_a_new_capacity_at_once_and_says_metrics_wait_for_a_resta
     assert (code, capacity) == (0, 20)
     assert configured == written == str(tmp_path / "a.prom")  # the running config says what runs
     assert "[metrics] changed; it takes effect at the next restart" in caplog.text
+
+
+def test_a_metrics_address_in_use_is_exit_1_with_everything_started_so_far_closed(
+        load_config, tickets_csv, monkeypatch, caplog):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = load_config(LOCAL.format(tickets=tickets_csv("token\nT-0001\n"))
+                         + f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+
+    async def main():
+        daemon = Daemon(config)
+        return await daemon.run(), daemon
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="gated"):
+            code, daemon = asyncio.run(main())
+    finally:
+        taken.close()
+    assert code == 1 and f"cannot start: [metrics] listen = 127.0.0.1:{port}" in caplog.text
+    assert daemon.parts.store.store is None and daemon.syncer.store.store is None  # both closed

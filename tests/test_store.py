@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import os
 import sqlite3
 import stat
@@ -391,6 +392,7 @@ def test_stores_opened_and_closed_leave_no_descriptor_behind(tmp_path):
     """A lane that switches its store read-only and back, or a command run beside the daemon, opens
     and closes stores for days: every close gives back what the open took, flag descriptors too."""
     def open_fds() -> int:
+        gc.collect()  # earlier tests' Stores left unclosed let their descriptors go when collected
         return len(os.listdir("/proc/self/fd"))
 
     def cycle(i: int) -> None:
@@ -440,3 +442,22 @@ def test_a_damaged_replaced_row_still_means_replaced_and_never_raises(tmp_path, 
     assert info["scans"] is None or (type(info["scans"]) is int and info["scans"] >= 0)
     assert info["at"] is None or 0 <= info["at"] < 1e11
     s.close()
+
+
+def test_closing_one_store_keeps_the_locks_another_store_of_the_process_holds_on_the_wal_index(tmp_path):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it. The daemon has
+    several Stores on one file (scan path, syncer, NFC keys): one closing must not take away the
+    others' SQLite locks on gated.db-shm, whose shared DMS lock tells other processes the WAL index is
+    in use (without it, the next process to open the store would reinitialise it under them)."""
+    path = tmp_path / "gated.db"
+    first, second = Store(path), Store(path)
+    for store in (first, second):
+        store.check_writable()  # as StoreThread does before every call
+        store.get("k")
+    first.close()
+    # SQLite's unix VFS: the DMS byte of the -shm file sits after its 8 lock bytes, at 120 + 8.
+    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\nexcept OSError:\n    sys.exit(3)\n")
+    held = subprocess.run([sys.executable, "-c", probe, f"{path}-shm"]).returncode == 3
+    second.close()
+    assert held

@@ -176,3 +176,22 @@ def test_cli_outputs_test_yes_runs_the_whole_cycle_on_the_configs_mock_pins(writ
     assert cli.main(["outputs", "test", "--yes", "--seconds", "0.01", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[1/4] pulse the relay on GPIO17 for 0.01 s" in out and "[4/4] sound the buzzer on GPIO23" in out
+
+
+def test_a_complete_test_is_recorded_for_gated_ready_and_one_with_an_output_skipped_is_not(load_config, factory):
+    import json
+
+    from gated import ready
+    from gated.store import Store
+
+    config = config_for(load_config)
+    answers = iter(["", "s", "", ""])
+    assert run(config, ask=lambda _: next(answers), say=lambda _: None, pin_factory=factory) == 0
+    store = Store(config.store.path)
+    try:
+        assert store.get(ready.OUTPUTS_TESTED) is None  # led.green was skipped: not every wire is known right
+        assert run(config, yes=True, say=lambda _: None, pin_factory=factory) == 0
+        tested = json.loads(store.get(ready.OUTPUTS_TESTED))
+    finally:
+        store.close()
+    assert tested["boot_id"] == ready.boot_id() and tested["at"] > time.time() - 60

@@ -34,7 +34,7 @@ from gated.policy import wallet
 from gated.policy.decider import EARLIEST_TRUSTED
 from gated.schema import Key, Section
 from gated.secrets import find_credential
-from gated.store import Store
+from gated.store import Store, unwritable
 from gated.tokens import redact
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,6 @@ class _Keys:
         self.store_path = config.store.path if config else None
         self.files: list[tuple[str, bytes]] = []
         self.google_file: tuple[str, bytes] | None = None
-        self.store: Store | None = None
         self.stamp: float | None = None  # `updated` of the Entry row the keys were built from
         self.checked = -math.inf
         self.keys = wallet.WalletKeys()
@@ -123,31 +122,33 @@ class _Keys:
             material = _read_key_file(path, "[wallet.google] private_key_file")
             if material is not None:
                 self.google_file = (path, material)
-        if self.store_path:
-            try:
-                self.store = Store(self.store_path)
-            except StoreError as e:
-                log.warning("reader %s: store unreadable (%s); Entry's NFC keys are not used", self.reader, e)
 
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+    def _entry_row(self) -> tuple[Any, float] | None:
+        """Entry's keys row, through a Store opened for this read only. One kept open would keep its
+        read-write connection, and with it SQLite's one mapping of the WAL index in this process, when
+        the daemon reopens the store read-only on storage gone read-only (Daemon._follow_storage);
+        a write to that mapping there is SIGBUS. For the same reason nothing is opened on such storage."""
+        why = unwritable(self.store_path)
+        try:
+            if why is not None:
+                raise StoreError(why)
+            store = Store(self.store_path)
+            try:
+                return store.get_data(ENTRY_KEYS)
+            finally:
+                store.close()
+        except Exception as e:  # noqa: BLE001 - a locked or damaged store must not stop the reader
+            log.warning("reader %s: Entry NFC keys not read: %s", self.reader, e)
+            return None
 
     def current(self, now: float) -> wallet.WalletKeys:
         if self.loaded and now - self.checked < KEY_REFRESH_SECONDS:
             return self.keys
         self.checked = now
         entry, stamp = None, None
-        if self.store is not None:
-            try:
-                # Checked first: on storage gone read-only a read here would write the mapped WAL index (SIGBUS).
-                self.store.check_writable()
-                row = self.store.get_data(ENTRY_KEYS)
-            except Exception as e:  # a locked or damaged store must not stop the reader
-                log.warning("reader %s: Entry NFC keys not read: %s", self.reader, e)
-                row = None
-            if row is not None:
-                entry, stamp = row
+        row = self._entry_row() if self.store_path else None
+        if row is not None:
+            entry, stamp = row
         if self.loaded and stamp == self.stamp:
             return self.keys
         apple, google = self.apple or {}, self.google
@@ -295,7 +296,6 @@ class NfcWalletReader(Reader):
                 stop.wait(AFTER_TAP_SECONDS)
         finally:
             _close(clf)
-            keys.close()
 
     def _open(self) -> tuple[nfc.ContactlessFrontend | None, str]:
         clf = nfc.ContactlessFrontend()

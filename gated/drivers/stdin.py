@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 SCHEMA: dict = {}
 
 # A line longer than this is passed on cut (and denied as oversize), the rest of it skipped:
-# a pipe without newlines must not grow memory without bound.
+# a pipe without newlines must not grow memory without bound. Not below the largest max_length.
 MAX_LINE_BYTES = 65536
 
 
@@ -29,10 +29,15 @@ def read_lines(stream: BinaryIO, encoding: str = "utf-8", limit: int = MAX_LINE_
     for good. surrogateescape keeps such bytes as lone surrogates, which normalising refuses, so
     that line alone is denied `malformed` and the next one is read.
     """
-    while line := stream.readline(limit):
-        if not line.endswith(b"\n") and len(line) >= limit:
+    while line := stream.readline(limit + 1):  # a line of `limit` bytes and its newline is whole
+        if not line.endswith(b"\n") and len(line) > limit:
             while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
                 pass  # the remainder of an overlong line
+            # Multi-byte text is fewer characters than bytes: padded past `limit`, a cut start is
+            # longer than any max_length, never decided as a shorter code (as serial_qr does).
+            text = line.decode(encoding, "surrogateescape")
+            yield text + "\ufffd" * (limit + 1 - len(text))
+            continue
         yield line.decode(encoding, "surrogateescape")
 
 

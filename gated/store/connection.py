@@ -78,7 +78,7 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
         # With [mqtt] sharing on: the venue-keyed hash of a ticket identity (gated.mqtt), the form
         # in which other lanes' admissions arrive. None: only this lane's admissions count.
         self._shared_hash: Callable[[str], str] | None = None
-        self._shm_fd: int | None = None  # the WAL index, for check_writable()
+        self._shm_fd: int | None = None  # the WAL index, for check_writable(): the process's (flag_fd)
         store_opened(self.path)
 
     def _open_read_only(self) -> None:
@@ -118,9 +118,7 @@ class Store(ScanJournal, Admissions, UploadQueue, TicketLists, WalUpkeep, Writab
                 continue
             listed.close()
         self._lists.clear()
-        if self._shm_fd is not None:
-            os.close(self._shm_fd)
-            self._shm_fd = None
+        self._shm_fd = None  # not closed here: store_closed closes it with the process's last Store
         if skip_checkpoint and must_stay_open(self.db.conn):
             return
         self.db.close()

@@ -97,11 +97,9 @@ class Admissions:
 
     def admissions_near(self, ticket_key: str, direction: str, wall: float, window: float, but: str) -> int:
         """Admissions of a ticket within `window` of `wall`, this lane's and shared ones, other than scan `but`."""
-        local = token_hash(ticket_key)
-        shared = self._shared_hash(ticket_key) if self._shared_hash is not None else local
         return self._one("SELECT count(*) FROM admissions WHERE key_hash IN (?, ?) AND direction = ? "
                          "AND wall BETWEEN ? AND ? AND nonce != ?",
-                         (local, shared, direction, wall - window, wall + window, but))
+                         (*self._identity_keys(ticket_key), direction, wall - window, wall + window, but))
 
     def inside(self, ticket_key: str) -> tuple[int, int]:
         """(entries, exits) recorded for a ticket identity, from every lane that shared it.

@@ -397,18 +397,22 @@ def _remove_list(path: Path) -> None:
             raise StoreError(f"{path}{suffix}: {e.strerror or e}") from e
 
 
+# Rows are tuples in TICKET_COLUMNS' order: the statement that inserts them is made from it too.
+_INSERT_TICKETS = "INSERT OR REPLACE INTO tickets ({}) VALUES ({})".format(  # noqa: S608 (our own column names)
+    ", ".join(TICKET_COLUMNS), ", ".join("?" * len(TICKET_COLUMNS)))
+_MAX_ENTRIES, _DATA = TICKET_COLUMNS.index("max_entries"), TICKET_COLUMNS.index("data")
+
+
 def _ticket_tuple(row: dict[str, Any]) -> tuple:
     values = [row.get(c) for c in TICKET_COLUMNS]
-    values[6] = values[6] if values[6] is not None else 1
-    if values[8] is not None and not isinstance(values[8], str):
-        values[8] = json.dumps(values[8])
+    values[_MAX_ENTRIES] = values[_MAX_ENTRIES] if values[_MAX_ENTRIES] is not None else 1
+    if values[_DATA] is not None and not isinstance(values[_DATA], str):
+        values[_DATA] = json.dumps(values[_DATA])
     return tuple(values)
 
 
 def _insert_tickets(conn: sqlite3.Connection, batch: list[tuple]) -> int:
     if batch:
-        conn.executemany(
-            "INSERT OR REPLACE INTO tickets (token, ticket_key, name, valid_from, valid_until, "
-            "status, max_entries, event_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        conn.executemany(_INSERT_TICKETS, batch)
     return len(batch)
 

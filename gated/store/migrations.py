@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from gated.store.lists import TICKET_COLUMNS, build_list, file_safe, lists_dir
+from gated.store.lists import build_list, file_safe, lists_dir
 
 migrations = Migrations("gated")
 
@@ -92,7 +92,10 @@ def m003_ticket_lists_in_files(db: Database) -> None:
         name = f"{file_safe(key[len('tickets:'):])}.{time.time_ns()}.sqlite"
         cur = db.execute("SELECT token, ticket_key, name, valid_from, valid_until, status, max_entries, "
                          "event_id, data FROM tickets WHERE backend = ?", (generation,))
-        build_list(lists_dir(path), name, (dict(zip(TICKET_COLUMNS, r, strict=True)) for r in cur), 5000, None)
+        # Keyed by the columns read here, history like m001's table, not by the list files' own
+        # (lists.TICKET_COLUMNS, which may change): build_list leaves a column it is not given empty.
+        columns = [c[0] for c in cur.description]
+        build_list(lists_dir(path), name, (dict(zip(columns, r, strict=True)) for r in cur), 5000, None)
         db.execute("UPDATE kv SET value = ? WHERE key = ?", (name, key))
     db.execute("DELETE FROM kv WHERE key LIKE 'loading:%'")
     db.execute("DROP TABLE tickets")

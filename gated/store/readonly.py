@@ -36,9 +36,11 @@ class WritableCheck:
             return
         try:
             readonly = os.statvfs(self.path.parent).f_flag & os.ST_RDONLY
-            if self._shm_fd is None and os.path.exists(f"{self.path}-shm"):
-                # Kept open: SQLite removes the file only when the last connection, ours too, closes.
-                self._shm_fd = os.open(f"{self.path}-shm", os.O_RDONLY | os.O_NOFOLLOW)
+            if self._shm_fd is None:
+                # The process's descriptor (flag_fd), not one of this Store's own: closed with the
+                # Store, that would drop the other Stores' SQLite locks on the file. The same file as
+                # long as this Store is open: its connection keeps SQLite from removing it.
+                self._shm_fd = flag_fd(Path(f"{self.path}-shm"))
             immutable = self._shm_fd is not None and _immutable(self._shm_fd)
         except OSError as e:
             raise StoreError(f"{self.path}: {e.strerror or e}") from e
@@ -67,13 +69,22 @@ def unwritable(store_path: str | os.PathLike[str]) -> str | None:
 
 
 def _file_immutable(path: Path) -> bool:
-    """The immutable flag of a store file (False when it is not there), read through a descriptor
-    kept open: closing any descriptor of a file drops every POSIX lock the process holds on it,
-    SQLite's too, and those tell other processes the store is in use."""
+    """The immutable flag of a store file (False when it is not there)."""
+    fd = flag_fd(path)
+    return fd is not None and _immutable(fd)
+
+
+def flag_fd(path: Path) -> int | None:
+    """The process's one descriptor of a store file, kept open (None when the file is not there).
+
+    Closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's too,
+    and those tell other processes the store is in use: the descriptor is closed only once no
+    Store of the process is open on it (store_closed), or its file is gone.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return False
+        return None
     with _FLAG_FDS_LOCK:
         held = _FLAG_FDS.get(str(path))
         if held is None or held[1:] != (st.st_dev, st.st_ino):
@@ -83,7 +94,7 @@ def _file_immutable(path: Path) -> bool:
                 os.close(held[0])
             held = (os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), st.st_dev, st.st_ino)
             _FLAG_FDS[str(path)] = held
-        return _immutable(held[0])
+        return held[0]
 
 
 def store_opened(store_path: str | os.PathLike[str]) -> None:

@@ -709,3 +709,35 @@ def test_ecp_frame_goes_out_between_two_polls_and_wakes_the_iphone_on_a_pn532():
     assert chip.commands[ecp[0]][1].hex() == "6a01000002e4d2"
     framing = [n for n, (code, data) in enumerate(chip.commands) if code == 0x08 and data[:2] == b"\x63\x3d"]
     assert framing and polls[0] < framing[-1] < ecp[0]  # 8-bit framing restored before the frame
+
+
+def _wal_index_in_use(db: Path) -> bool:
+    """Whether a connection of this process keeps the store's WAL index (-shm) open: SQLite holds its
+    DMS byte (offset 128) locked for as long as one does. Asked from another process, as locks are."""
+    import subprocess
+    import sys
+
+    if not Path(f"{db}-shm").exists():  # the last connection to close removes it
+        return False
+    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\nexcept OSError:\n    sys.exit(3)\n")
+    return subprocess.run([sys.executable, "-c", probe, f"{db}-shm"]).returncode == 3
+
+
+def test_the_reader_reads_entrys_keys_without_keeping_the_store_open_between_refreshes(tmp_path):
+    """The daemon reopens its store read-only when the card turns read-only (Daemon._follow_storage),
+    and first closes every connection of its own: SQLite shares one read-write mapping of the WAL index
+    per process, whose write on such storage is SIGBUS. A reader's own connection kept open would
+    keep that mapping."""
+    from gated.drivers.nfc_wallet import ENTRY_KEYS, _Keys
+
+    db = tmp_path / "gated.db"
+    writer = Store(db)
+    writer.put_data(ENTRY_KEYS, {"nfcKeys": []})
+    writer.close()
+    config = types.SimpleNamespace(wallet_apple=None, wallet_google=None, store=types.SimpleNamespace(path=str(db)))
+    keys = _Keys("nfc", config)
+    keys.open()
+    keys.current(time.time())
+    assert keys.stamp is not None  # the row was read
+    assert not _wal_index_in_use(db)

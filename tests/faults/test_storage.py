@@ -438,3 +438,29 @@ def test_a_store_path_naming_some_other_file_is_refused_not_moved(load_config, t
     with pytest.raises(StoreError, match="not moved aside, it does not look like a store: check \\[store\\] path"):
         asyncio.run(build(cfg))
     assert other.exists() and not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_a_replaced_store_of_an_online_backend_says_when_its_first_sync_ends_the_fallback(
+        make_kit, load_config, caplog, monkeypatch):
+    from tests.drivers.support import until
+    from tests.test_daemon import run_daemon
+
+    kit = make_kit("entry", n_tokens=1)
+    cfg = backends.quick(load_config(kit.toml(kit.sim.url)))
+    db = Path(cfg.store.path)
+    first = Store(db)
+    first.set("k", "v")
+    first.close()
+    data = db.read_bytes()
+    db.write_bytes(data[:100] + os.urandom(4096 - 100) + data[4096:])  # the first page mangled
+    caplog.set_level(logging.INFO, logger="gated")
+
+    async def scenario(daemon, type_line):
+        await until(lambda: any("store_accepted" == getattr(r, "GATED_EVENT", "") for r in caplog.records),
+                    what="the replaced store accepted after the sync", timeout=10)
+        return await daemon.syncer.store.call(Store.replaced)
+
+    code, replaced = run_daemon(cfg, monkeypatch, scenario)
+    assert code == 0 and replaced is None
+    line = next(r.getMessage() for r in caplog.records if getattr(r, "GATED_EVENT", "") == "store_accepted")
+    assert "offline decisions follow the offline rules again" in line
