@@ -943,7 +943,9 @@ def _upload_refusal(response: httpx.Response) -> str | None:
     if status == "ok" or (status == "error" and body.get("reason") == "already_redeemed"):
         return None
     if status == "error":
-        return f"pretix refused it even with force: {body.get('reason')} ({body.get('reason_explanation') or ''})"
+        # Stored with the parked scan and logged: the server's words, cut, as text whatever their type.
+        why = f"{cut(str(body.get('reason')), ID_LIMIT)} ({cut(str(body.get('reason_explanation') or ''))})"
+        return f"pretix refused it even with force: {why}"
     return f"HTTP {response.status_code}: {error_text(response, _words, body)}"
 
 

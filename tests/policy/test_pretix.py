@@ -946,3 +946,34 @@ def test_a_card_updated_in_a_shape_gated_cannot_read_is_never_active_offline(sim
     before, after = _offline_scans(config, sim, ["CARD-44"], between=odd_update)
     assert before[0].reason is Reason.OK
     assert (after[0].reason, after[0].backend_code) == (Reason.UNKNOWN, "invalid")
+
+
+def test_a_refusal_on_upload_is_parked_with_pretixs_words_cut_whatever_their_type(sim, paired):
+    # The parked reason is stored and logged: a server's 50 kB explanation or an object for a reason
+    # must not reach either whole.
+    config = paired()
+    secret = sim.add_position(signed=False)
+    original = sim.redeem
+
+    def verbose(req):
+        return Response(400, {"status": "error", "reason": {"nested": ["x"] * 1000},
+                              "reason_explanation": "y" * 50_000, "require_attention": False, "checkin_texts": [],
+                              "list": {"id": 1, "event": "democon"}, "position": {"id": 1, "attendee_name": "Ada"}})
+
+    async def run():
+        parts = await build(config)
+        try:
+            await parts.backend.sync(parts.store)
+            sim.fail_status = 503
+            decision = await parts.gate.handle(Scan(token=secret, reader="front"))
+            sim.fail_status = None
+            sim.replace_route(original, verbose)
+            rows = await parts.store.call(lambda s: list(s.db.query("SELECT * FROM scans")))
+            return decision, await parts.backend.upload(rows)
+        finally:
+            await parts.close()
+
+    decision, result = asyncio.run(run())
+    assert decision.admitted
+    (why,) = result.parked.values()
+    assert "pretix refused it even with force: " in why and 100 < len(why) < 1000
